@@ -1,0 +1,238 @@
+"""Shared base of the freezing callbacks: layers + engine, resume, DDP sync, logging, timeline.
+
+A subclass decides *when* layers freeze or thaw and calls :meth:`FreezingCallback.transition`; this
+class does the rest in the same way for every callback:
+
+- ``setup``: resolve the layers and freeze the ones the subclass starts frozen, before DDP wraps the
+  model, so DDP never registers them and needs no ``find_unused_parameters``;
+- ``load_state_dict`` (resume): put every layer back in the state it had when the checkpoint was saved,
+  also before DDP wraps the model;
+- ``on_fit_start``: split the user's optimizer into per-layer named groups and adapt its schedulers,
+  before Lightning restores the optimizer and scheduler state, so the saved groups line up;
+- on every transition under DDP: wrap the model in a fresh ``DistributedDataParallel``, so newly thawed
+  parameters are all-reduced and frozen ones cost no communication.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lightning_freeze import optim
+from lightning_freeze.freezing import FreezeEngine
+from lightning_freeze.layers import Layer, select_layers
+
+LayerSpec = str | Sequence[str]
+_MAX_HISTORY_POINTS = 1000
+
+
+class FreezingCallback(Callback):
+    """Base class: owns the layers, the engine and everything shared by the freezing callbacks."""
+
+    def __init__(self, layers: LayerSpec = "auto", norm: str = "eval", plot: bool = True) -> None:
+        super().__init__()
+        if norm not in ("eval", "train"):
+            raise ValueError(f"norm={norm!r} is not supported; use norm='eval' (default) or norm='train'")
+        self.layer_spec = layers
+        self.norm = norm
+        self.plot = plot
+        self.engine: FreezeEngine | None = None
+        self.layers: list[Layer] = []
+        self.events: list[dict[str, Any]] = []
+        self.history: dict[str, Any] = {"step": [], "lr": {}}
+        self._record_every = 1
+
+    # ------------------------------------------------------------------ what subclasses decide
+    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+        """Raise a clear error for settings that cannot work with these layers (called at setup)."""
+
+    def initially_frozen(self, layers: list[Layer]) -> list[str]:
+        """Names of the layers frozen before the first step."""
+        return []
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called at fit start once the optimizer is split into per-layer groups."""
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.layers = select_layers(pl_module, self.layer_spec)
+        self.validate(trainer, self.layers)
+        self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm)
+        self.engine.register()
+        self.events, self.history = [], {"step": [], "lr": {}}
+        self.engine.freeze(self.initially_frozen(self.layers))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self._require_engine()
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs configure_optimizers to return exactly one optimizer, got "
+                f"{len(trainer.optimizers)}"
+            )
+        engine.attach(trainer.optimizers[0], self._schedulers(trainer))
+        total = trainer.estimated_stepping_batches
+        self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
+        self.on_optimizer_attached(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self._record_every == 0 and (not self.history["step"] or self.history["step"][-1] != step):
+            self._record(step)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log_dict(self._stats(pl_module), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer.global_step)
+        # ``log_dir`` is a collective under DDP: every rank asks, rank 0 writes.
+        out_dir = trainer.log_dir or trainer.default_root_dir
+        if self.plot:
+            self._write_timeline(out_dir)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.engine is not None:
+            self.engine.detach()
+            self.engine.unregister()
+
+    def state_dict(self) -> dict[str, Any]:
+        engine = self._require_engine()
+        return {
+            "layers": [layer.name for layer in self.layers],
+            "frozen": [layer.name for layer in self.layers if engine.is_frozen(layer.name)],
+            "events": list(self.events),
+            "history": self.history,
+            **self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        engine = self._require_engine()
+        saved = list(state_dict["layers"])
+        names = [layer.name for layer in self.layers]
+        if saved != names:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was saved with layers {saved}, but this run selects "
+                f"{names}. Resume with the same `layers` setting and model."
+            )
+        frozen = set(state_dict["frozen"])
+        engine.thaw([n for n in names if n not in frozen])
+        engine.freeze([n for n in names if n in frozen])
+        self.events = list(state_dict.get("events", []))
+        self.history = state_dict.get("history", {"step": [], "lr": {}})
+        self.load_extra_state(state_dict)
+
+    # ------------------------------------------------------------------ for subclasses
+    def transition(
+        self,
+        trainer: pl.Trainer,
+        freeze: Iterable[str] = (),
+        thaw: Iterable[str] = (),
+        lr: float | dict[str, float] | None = None,
+        reason: str = "",
+    ) -> list[str]:
+        """Freeze and thaw layers now, on every rank alike; ``lr`` sets the thawed groups' base LR.
+
+        Returns the names whose state changed.
+        """
+        engine = self._require_engine()
+        frozen_now = engine.freeze(freeze)
+        thawed_now = engine.thaw(thaw)
+        if lr is not None and engine.optimizer is not None:
+            schedulers = self._schedulers(trainer)
+            for name in thawed_now:
+                value = lr[name] if isinstance(lr, dict) else lr
+                for index in engine.group_indices(name):
+                    optim.set_base_lr(engine.optimizer, schedulers, index, value)
+        changed = frozen_now + thawed_now
+        if changed:
+            _rewrap_ddp(trainer)
+            step, epoch = trainer.global_step, trainer.current_epoch
+            for name, action in [(n, "freeze") for n in frozen_now] + [(n, "thaw") for n in thawed_now]:
+                self.events.append({"step": step, "epoch": epoch, "layer": name, "action": action, "reason": reason})
+            self._record(step)
+            parts = [f"froze {frozen_now}" if frozen_now else "", f"thawed {thawed_now}" if thawed_now else ""]
+            why = f" ({reason})" if reason else ""
+            rank_zero_info(
+                f"{type(self).__name__}: {' and '.join(p for p in parts if p)} at step {step}, epoch {epoch}{why}"
+            )
+        return changed
+
+    def group_lr(self, name: str) -> float:
+        engine = self._require_engine()
+        assert engine.optimizer is not None
+        return float(engine.optimizer.param_groups[engine.group_indices(name)[0]]["lr"])
+
+    # ------------------------------------------------------------------ internals
+    def _require_engine(self) -> FreezeEngine:
+        if self.engine is None:
+            raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
+        return self.engine
+
+    @staticmethod
+    def _schedulers(trainer: pl.Trainer) -> list[object]:
+        return [config.scheduler for config in trainer.lr_scheduler_configs]
+
+    def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        total = trainable = 0
+        for p in pl_module.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        engine = self._require_engine()
+        return {
+            "freeze/trainable_fraction": trainable / max(total, 1),
+            "freeze/frozen_layers": float(len(engine.frozen)),
+        }
+
+    def _record(self, step: int) -> None:
+        engine = self._require_engine()
+        if engine.optimizer is None:
+            return
+        if self.history["step"] and self.history["step"][-1] == step:
+            for series in self.history["lr"].values():
+                series.pop()
+            self.history["step"].pop()
+        self.history["step"].append(step)
+        for layer in self.layers:
+            lr = None if engine.is_frozen(layer.name) else self.group_lr(layer.name)
+            self.history["lr"].setdefault(layer.name, []).append(lr)
+
+    @rank_zero_only
+    def _write_timeline(self, out_dir: str) -> None:
+        from lightning_freeze.timeline import plot_timeline
+
+        os.makedirs(out_dir, exist_ok=True)
+        data = {"callback": type(self).__name__, "history": self.history, "events": self.events}
+        with open(os.path.join(out_dir, "freeze_timeline.json"), "w") as fh:
+            json.dump(data, fh)
+        path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))
+        if path:
+            rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Wrap the model in a new DistributedDataParallel that covers exactly the trainable parameters."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy):
+        return
+    old = strategy.model
+    if not isinstance(old, torch.nn.parallel.DistributedDataParallel):
+        return
+    # The old reducer's autograd hooks would otherwise still fire and wait for buckets that never fill.
+    del old.reducer
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()

@@ -1,0 +1,59 @@
+"""LayerFreeze: keep chosen layers frozen for the whole fit, or until an epoch or a step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.layers import Layer
+
+
+class LayerFreeze(FreezingCallback):
+    """Freeze ``layers`` before training; thaw them at ``until_epoch`` or ``until_step`` if given.
+
+    Frozen parameters stay bit-identical under any optimizer, norm layers keep their statistics
+    (``norm="eval"``) and dropout inside frozen layers is off. On thaw the layers rejoin the optimizer,
+    with base LR ``lr`` if given (the current scheduler factor still applies), and resume keeps the
+    thaw. Your ``configure_optimizers`` can simply pass ``self.parameters()``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LayerFreeze("backbone.*", until_epoch=2, lr=1e-4)])
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "backbone.*",
+        until_epoch: int | None = None,
+        until_step: int | None = None,
+        norm: str = "eval",
+        lr: float | None = None,
+        plot: bool = True,
+    ) -> None:
+        super().__init__(layers=layers, norm=norm, plot=plot)
+        for name, value in (("until_epoch", until_epoch), ("until_step", until_step)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"LayerFreeze: {name} must be a non-negative integer or None, got {value!r}")
+        if until_epoch is not None and until_step is not None:
+            raise ValueError("LayerFreeze: set until_epoch or until_step, not both")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"LayerFreeze: lr must be positive, got {lr!r}")
+        self.until_epoch = until_epoch
+        self.until_step = until_step
+        self.lr = lr
+
+    def initially_frozen(self, layers: list[Layer]) -> list[str]:
+        return [layer.name for layer in layers]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch:
+            self._thaw_all(trainer, f"until_epoch={self.until_epoch}")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.until_step is not None and trainer.global_step >= self.until_step:
+            self._thaw_all(trainer, f"until_step={self.until_step}")
+
+    def _thaw_all(self, trainer: pl.Trainer, reason: str) -> None:
+        self.transition(trainer, thaw=[layer.name for layer in self.layers], lr=self.lr, reason=reason)

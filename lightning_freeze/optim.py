@@ -1,0 +1,195 @@
+"""Per-layer named param groups, learning-rate control and LR-scheduler bookkeeping.
+
+The user's optimizer is split once, at fit start, into one group per managed layer (named after the
+layer, so ``LearningRateMonitor`` shows readable names) plus the groups for everything else. A group
+keeps existing while its layer is frozen, only its parameter list is emptied, so schedulers always see
+the same number of groups and a frozen group's LR keeps following the schedule. Thawing refills the
+list; an optional new base LR rescales every LR-valued entry of that group in the optimizer and in
+every attached scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as torch_schedulers
+
+from lightning_freeze.layers import Layer
+
+# Scheduler attributes that hold one entry per param group, in torch's own schedulers.
+_PER_GROUP_ATTRS = ("base_lrs", "_last_lr", "min_lrs", "lr_lambdas", "max_lrs", "base_momentums", "max_momentums")
+# Of those, the ones that are learning rates (rescaled when a group gets a new base LR).
+_LR_ATTRS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
+# LR-valued keys that schedulers store inside the param group itself (OneCycleLR, all LRSchedulers).
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+# Attributes of torch's schedulers that are lists but not per group.
+_NOT_PER_GROUP = ("_schedulers", "_milestones", "milestones", "_step_count_history")
+
+
+class SchedulerAdaptError(TypeError):
+    """An LR scheduler whose per-group state the callbacks cannot keep in step with new param groups."""
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Where each new param group came from, so per-group scheduler state can follow it."""
+
+    layer_groups: dict[str, list[int]]  # layer name -> indices of its groups (one per source group)
+    source: list[int]  # new group index -> index of the user's group it copies hyperparameters from
+    param_group: dict[int, int]  # id(param) of a managed param -> index of the group it belongs in
+
+
+def split_into_layer_groups(
+    optimizer: Optimizer,
+    layers: Sequence[Layer],
+    trainable: Iterable[torch.nn.Parameter],
+    schedulers: Sequence[object] = (),
+    param_names: dict[int, str] | None = None,
+) -> GroupPlan:
+    """Rebuild ``optimizer.param_groups`` as named groups per layer, then the user's remaining groups.
+
+    A layer whose parameters sit in one of the user's groups gets one group named after it; one spread
+    over several user groups (say, weight decay off for biases) gets one group per user group, named
+    ``layer/<user group name or index>``. Each copies the hyperparameters of its user group; parameters
+    missing from the optimizer (the user filtered ``requires_grad``) join the layer's first group, or copy
+    the user's first group. Only ``trainable`` parameters are put in; the rest wait for a thaw.
+    Schedulers are adapted in place.
+    """
+    for scheduler in schedulers:
+        check_adaptable(scheduler, len(optimizer.param_groups))
+    old_groups = optimizer.param_groups
+    group_of = {id(p): i for i, g in enumerate(old_groups) for p in g["params"]}
+    managed = {id(p) for layer in layers for p in layer.params}
+    live = {id(p) for p in trainable}
+
+    new_groups: list[dict] = []
+    source: list[int] = []
+    layer_groups: dict[str, list[int]] = {}
+    param_group: dict[int, int] = {}
+    for layer in layers:
+        sources = sorted({group_of[id(p)] for p in layer.params if id(p) in group_of}) or [0]
+        index_of_source = {}
+        for src in sources:
+            group = {k: v for k, v in old_groups[src].items() if k != "params"}
+            suffix = old_groups[src].get("name", str(src))
+            group["name"] = layer.name if len(sources) == 1 else f"{layer.name}/{suffix}"
+            group["params"] = []
+            index_of_source[src] = len(new_groups)
+            new_groups.append(group)
+            source.append(src)
+        for p in layer.params:
+            index = index_of_source[group_of.get(id(p), sources[0])]
+            param_group[id(p)] = index
+            if id(p) in live:
+                new_groups[index]["params"].append(p)
+        layer_groups[layer.name] = list(index_of_source.values())
+    for i, old in enumerate(old_groups):
+        rest = [p for p in old["params"] if id(p) not in managed]
+        if rest:
+            group = dict(old)
+            group["params"] = rest
+            group.setdefault("name", _common_module(rest, param_names or {}) or ("rest" if len(old_groups) == 1 else f"rest/{i}"))
+            new_groups.append(group)
+            source.append(i)
+
+    for p in [p for p in optimizer.state if id(p) in managed and id(p) not in live]:
+        del optimizer.state[p]
+    optimizer.param_groups = new_groups
+    for scheduler in schedulers:
+        _remap_scheduler(scheduler, source)
+    return GroupPlan(layer_groups=layer_groups, source=source, param_group=param_group)
+
+
+def _common_module(params: list[torch.nn.Parameter], param_names: dict[int, str]) -> str:
+    """The deepest module that holds all of ``params`` (``head`` for a classifier head), or ''."""
+    paths = [param_names.get(id(p), "").split(".")[:-1] for p in params]
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def check_adaptable(scheduler: object, n_groups: int) -> None:
+    """Raise :class:`SchedulerAdaptError` for a scheduler with per-group state we do not know how to split."""
+    for child in getattr(scheduler, "_schedulers", ()):
+        check_adaptable(child, n_groups)
+    if type(scheduler).__module__ == torch_schedulers.__name__:
+        return
+    unknown = [
+        name
+        for name, value in vars(scheduler).items()
+        if isinstance(value, (list, tuple))
+        and len(value) == n_groups
+        and name not in _PER_GROUP_ATTRS
+        and name not in _NOT_PER_GROUP
+    ]
+    if unknown:
+        raise SchedulerAdaptError(
+            f"LR scheduler {type(scheduler).__name__} keeps per-param-group state in {unknown}, which the freezing "
+            "callbacks cannot split into per-layer groups. Use one of torch.optim.lr_scheduler's schedulers (or a "
+            "LambdaLR), or store that state in base_lrs/lr_lambdas"
+        )
+
+
+def _remap_scheduler(scheduler: object, source: list[int]) -> None:
+    for child in getattr(scheduler, "_schedulers", ()):
+        _remap_scheduler(child, source)
+    for attr in _PER_GROUP_ATTRS:
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, (list, tuple)):
+            setattr(scheduler, attr, [values[s] for s in source])
+
+
+def schedulers_of(scheduler: object) -> list[object]:
+    """The scheduler and every scheduler nested in it (SequentialLR, ChainedScheduler)."""
+    found = [scheduler]
+    for child in getattr(scheduler, "_schedulers", ()):
+        found.extend(schedulers_of(child))
+    return found
+
+
+def base_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int) -> float:
+    """The group's base LR: what its schedule scales, or its plain LR when nothing schedules it."""
+    for top in schedulers:
+        for scheduler in schedulers_of(top):
+            base = getattr(scheduler, "base_lrs", None)
+            if base is not None:
+                return float(base[index])
+    group = optimizer.param_groups[index]
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def rescale_group_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int, ratio: float) -> None:
+    """Multiply every LR-valued entry of group ``index`` by ``ratio``, in the optimizer and in the schedulers.
+
+    The group then behaves as if it had been created with a base LR ``ratio`` times larger: a scheduler
+    that is part way through its schedule keeps applying the same factor to it.
+    """
+    group = optimizer.param_groups[index]
+    for key in _GROUP_LR_KEYS:
+        if key in group:
+            group[key] = group[key] * ratio
+    for top in schedulers:
+        for scheduler in schedulers_of(top):
+            for attr in _LR_ATTRS:
+                values = getattr(scheduler, attr, None)
+                if isinstance(values, list) and index < len(values):
+                    values[index] = values[index] * ratio
+
+
+def set_base_lr(optimizer: Optimizer, schedulers: Sequence[object], index: int, lr: float) -> None:
+    """Give group ``index`` the base LR ``lr``, keeping whatever factor its schedule currently applies."""
+    current = base_lr(optimizer, schedulers, index)
+    if current == 0:
+        raise ValueError(f"param group {optimizer.param_groups[index].get('name', index)!r} has base LR 0; cannot rescale")
+    rescale_group_lr(optimizer, schedulers, index, lr / current)
+
+
+def group_lrs(optimizer: Optimizer) -> dict[str, float]:
+    """Current LR per named group."""
+    return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
