@@ -39,7 +39,9 @@ class Layer:
         return sum(p.numel() for p in self.params)
 
 
-def select_layers(model: nn.Module, spec: str | Sequence[str] = "auto", example_input: Any = None) -> list[Layer]:
+def select_layers(
+    model: nn.Module, spec: str | Sequence[str] = "auto", example_input: Any = None
+) -> list[Layer]:
     """Resolve ``spec`` on ``model`` into ordered layers.
 
     ``auto`` needs one forward pass: pass ``example_input`` or set ``model.example_input_array``.
@@ -50,7 +52,9 @@ def select_layers(model: nn.Module, spec: str | Sequence[str] = "auto", example_
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
-        raise LayerSpecError("layers: the spec is empty; give a glob such as 'backbone.*', 're:...' or 'auto'")
+        raise LayerSpecError(
+            "layers: the spec is empty; give a glob such as 'backbone.*', 're:...' or 'auto'"
+        )
     named = dict(model.named_modules())
     layers: list[Layer] = []
     for one in specs:
@@ -58,12 +62,12 @@ def select_layers(model: nn.Module, spec: str | Sequence[str] = "auto", example_
             raise LayerSpecError(f"layers: each spec must be a string, got {one!r}")
         auto = _AUTO.match(one.strip())
         if auto:
-            names = _sliced(auto_blocks(model, example_input), auto.groups(), one)
+            found = _sliced(_auto_layers(model, example_input), auto.groups(), one)
         else:
-            names = _matching_names(named, one)
-        if not names:
+            found = [_make_layer(name, named[name]) for name in _matching_names(named, one)]
+        if not found:
             raise LayerSpecError(_no_match_message(one, named))
-        layers.extend(_make_layer(name, named[name]) for name in names)
+        layers.extend(found)
     _check_disjoint(layers)
     return layers
 
@@ -96,19 +100,25 @@ def _owns_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _sliced(names: list[str], groups: tuple[str | None, ...], spec: str) -> list[str]:
+def _sliced(names: list[Layer], groups: tuple[str | None, ...], spec: str) -> list[Layer]:
     if groups == (None, None, None):
         return names
     start, stop, step = (int(g) if g not in (None, "") else None for g in groups)
     if groups[1] is None:  # auto[i]: a single index
         if start is None or not -len(names) <= start < len(names):
-            raise LayerSpecError(f"layers: {spec!r} is out of range; auto found {len(names)} blocks: {names}")
+            found = [layer.name for layer in names]
+            raise LayerSpecError(f"layers: {spec!r} is out of range; auto found {len(names)} blocks: {found}")
         return [names[start]]
     return names[slice(start, stop, step)]
 
 
 def auto_blocks(model: nn.Module, example_input: Any = None) -> list[str]:
-    """Names of the parameter-owning blocks of ``model``, in the order the forward pass first calls them.
+    """Names of the layers ``auto`` selects; see :func:`_auto_layers`."""
+    return [layer.name for layer in _auto_layers(model, example_input)]
+
+
+def _auto_layers(model: nn.Module, example_input: Any = None) -> list[Layer]:
+    """The parameter-owning blocks of ``model``, in the order the forward pass first calls them.
 
     Containers (Sequential, ModuleList, ModuleDict) and single-child wrappers are opened up; any other
     module that owns parameters is one block. Parameters held directly by an opened module form a block
@@ -121,12 +131,21 @@ def auto_blocks(model: nn.Module, example_input: Any = None) -> list[str]:
             "layers='auto' needs one forward pass to find the execution order: set `example_input_array` "
             "on your LightningModule, or name the layers explicitly (e.g. layers='backbone.*')"
         )
-    candidates = _candidate_blocks(model, "")
+    candidates = _candidate_blocks(model, "", force_open=True)
+    # A model that is one big block (a LightningModule holding ``self.model = ResNet()``) is opened up.
+    while (
+        len(candidates) == 1
+        and not candidates[0][2]
+        and any(_owns_params(c) for c in candidates[0][1].children())
+    ):
+        candidates = _candidate_blocks(candidates[0][1], candidates[0][0], force_open=True)
     order: dict[str, int] = {}
     handles = []
-    for name, module in candidates:
+    for name, module, _ in candidates:
+
         def hook(mod, args, name=name):  # noqa: ARG001 - signature fixed by torch
             order.setdefault(name, len(order))
+
         handles.append(module.register_forward_pre_hook(hook))
     was_training = {m: m.training for m in model.modules()}
     try:
@@ -138,7 +157,13 @@ def auto_blocks(model: nn.Module, example_input: Any = None) -> list[str]:
             handle.remove()
         for module, mode in was_training.items():
             module.training = mode
-    return sorted(order, key=order.__getitem__)
+    layers = {
+        name: Layer(name or "<root>", (), tuple(module.parameters(recurse=False)))
+        if own_only
+        else _make_layer(name, module)
+        for name, module, own_only in candidates
+    }
+    return [layers[name] for name in sorted(order, key=order.__getitem__)]
 
 
 def _call_forward(model: nn.Module, example_input: Any) -> None:
@@ -162,20 +187,19 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _candidate_blocks(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+def _candidate_blocks(
+    module: nn.Module, prefix: str, force_open: bool = False
+) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module, own_only) per block; own_only blocks hold just the module's direct parameters."""
     children = [(n, c) for n, c in module.named_children() if _owns_params(c)]
     own = next(module.parameters(recurse=False), None) is not None
-    is_root = prefix == ""
-    opened = is_root or isinstance(module, _CONTAINERS) or (len(children) == 1 and not own)
+    opened = force_open or isinstance(module, _CONTAINERS) or (len(children) == 1 and not own)
     if not opened:
-        return [(prefix, module)]
-    found: list[tuple[str, nn.Module]] = []
-    if own and not is_root:
-        found.append((prefix, module))
+        return [(prefix, module, False)]
+    # Parameters held directly by an opened module form a block of their own (no submodules: no mode to manage).
+    found: list[tuple[str, nn.Module, bool]] = [(prefix, module, True)] if own else []
     for name, child in children:
         found.extend(_candidate_blocks(child, f"{prefix}.{name}" if prefix else name))
-    if own and is_root:
-        found.append((prefix, module))
     return found
 
 

@@ -20,7 +20,15 @@ from torch.optim import lr_scheduler as torch_schedulers
 from lightning_freeze.layers import Layer
 
 # Scheduler attributes that hold one entry per param group, in torch's own schedulers.
-_PER_GROUP_ATTRS = ("base_lrs", "_last_lr", "min_lrs", "lr_lambdas", "max_lrs", "base_momentums", "max_momentums")
+_PER_GROUP_ATTRS = (
+    "base_lrs",
+    "_last_lr",
+    "min_lrs",
+    "lr_lambdas",
+    "max_lrs",
+    "base_momentums",
+    "max_momentums",
+)
 # Of those, the ones that are learning rates (rescaled when a group gets a new base LR).
 _LR_ATTRS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
 # LR-valued keys that schedulers store inside the param group itself (OneCycleLR, all LRSchedulers).
@@ -91,7 +99,10 @@ def split_into_layer_groups(
         if rest:
             group = dict(old)
             group["params"] = rest
-            group.setdefault("name", _common_module(rest, param_names or {}) or ("rest" if len(old_groups) == 1 else f"rest/{i}"))
+            group.setdefault(
+                "name",
+                _common_module(rest, param_names or {}) or ("rest" if len(old_groups) == 1 else f"rest/{i}"),
+            )
             new_groups.append(group)
             source.append(i)
 
@@ -154,13 +165,19 @@ def schedulers_of(scheduler: object) -> list[object]:
 
 
 def base_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int) -> float:
-    """The group's base LR: what its schedule scales, or its plain LR when nothing schedules it."""
+    """The group's nominal LR: the number a user would write for it.
+
+    That is OneCycleLR's peak (``max_lr``, kept in the group), else what the schedule scales
+    (``base_lrs``), else the group's plain LR when nothing schedules it.
+    """
+    group = optimizer.param_groups[index]
+    if "max_lr" in group:
+        return float(group["max_lr"])
     for top in schedulers:
         for scheduler in schedulers_of(top):
             base = getattr(scheduler, "base_lrs", None)
             if base is not None:
                 return float(base[index])
-    group = optimizer.param_groups[index]
     return float(group.get("initial_lr", group["lr"]))
 
 
@@ -186,7 +203,9 @@ def set_base_lr(optimizer: Optimizer, schedulers: Sequence[object], index: int, 
     """Give group ``index`` the base LR ``lr``, keeping whatever factor its schedule currently applies."""
     current = base_lr(optimizer, schedulers, index)
     if current == 0:
-        raise ValueError(f"param group {optimizer.param_groups[index].get('name', index)!r} has base LR 0; cannot rescale")
+        raise ValueError(
+            f"param group {optimizer.param_groups[index].get('name', index)!r} has base LR 0; cannot rescale"
+        )
     rescale_group_lr(optimizer, schedulers, index, lr / current)
 
 

@@ -87,9 +87,14 @@ class FreezingCallback(Callback):
                 f"{len(trainer.optimizers)}"
             )
         engine.attach(trainer.optimizers[0], self._schedulers(trainer))
+        self.on_optimizer_attached(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in on_fit_start: asking for the step count there loads the train dataloader before Lightning
+        # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
+        _load_pending_loader_state(trainer)
         total = trainer.estimated_stepping_batches
         self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
-        self.on_optimizer_attached(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -163,9 +168,14 @@ class FreezingCallback(Callback):
             _rewrap_ddp(trainer)
             step, epoch = trainer.global_step, trainer.current_epoch
             for name, action in [(n, "freeze") for n in frozen_now] + [(n, "thaw") for n in thawed_now]:
-                self.events.append({"step": step, "epoch": epoch, "layer": name, "action": action, "reason": reason})
+                self.events.append(
+                    {"step": step, "epoch": epoch, "layer": name, "action": action, "reason": reason}
+                )
             self._record(step)
-            parts = [f"froze {frozen_now}" if frozen_now else "", f"thawed {thawed_now}" if thawed_now else ""]
+            parts = [
+                f"froze {frozen_now}" if frozen_now else "",
+                f"thawed {thawed_now}" if thawed_now else "",
+            ]
             why = f" ({reason})" if reason else ""
             rank_zero_info(
                 f"{type(self).__name__}: {' and '.join(p for p in parts if p)} at step {step}, epoch {epoch}{why}"
@@ -222,6 +232,21 @@ class FreezingCallback(Callback):
         path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))
         if path:
             rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
+
+
+def _load_pending_loader_state(trainer: pl.Trainer) -> None:
+    """Apply a checkpoint's dataloader state that Lightning skipped.
+
+    Lightning loads a resumable train loader's state only inside ``FitLoop.setup_data``. When something
+    reads ``trainer.estimated_stepping_batches`` before the checkpoint is restored (a ``configure_optimizers``
+    that sizes a OneCycleLR, say), the loader is set up early, the saved state is never applied, and the
+    resumed epoch silently starts over. Load it now and restart the iterator, before the first batch.
+    """
+    loop = trainer.fit_loop
+    pending = getattr(loop, "_combined_loader_states_to_load", None)
+    if pending and loop.restarting and loop._combined_loader is not None and loop._data_fetcher is not None:
+        loop._load_combined_loader_states()
+        iter(loop._data_fetcher)
 
 
 def _rewrap_ddp(trainer: pl.Trainer) -> None:

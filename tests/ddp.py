@@ -1,0 +1,32 @@
+"""Run a DDP script from tests/ddp_scripts in real processes and collect each rank's JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_scripts")
+
+
+def run_ddp_script(name: str, out_dir, *args: str, world_size: int = 2, timeout: int = 180) -> list[dict]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, name), str(out_dir), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    reports = []
+    for rank in range(world_size):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
+            reports.append(json.load(fh))
+    return reports

@@ -1,0 +1,193 @@
+"""LayerFreeze on a real Trainer: bit-identical frozen weights and statistics, modes, param groups, thaw."""
+
+import warnings
+
+import pytest
+import torch
+from models import Net, loaders, snapshot, trainer
+
+from lightning_freeze import LayerFreeze
+from lightning_freeze.optim import SchedulerAdaptError
+
+
+def fit(model, callback, tmp_path, **kwargs):
+    t = trainer(callbacks=[callback], default_root_dir=tmp_path, **kwargs)
+    t.fit(model, *loaders())
+    return t
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_frozen_layers_stay_bit_identical_and_the_rest_trains(optimizer, tmp_path):
+    torch.manual_seed(0)
+    model = Net(optimizer)
+    before_backbone, before_head = snapshot(model.backbone), snapshot(model.head)
+    t = fit(model, LayerFreeze("backbone.*"), tmp_path)
+    after = snapshot(model.backbone)
+    # Weights, biases, BN running stats and num_batches_tracked: all bit for bit.
+    assert before_backbone.keys() == after.keys()
+    assert all(torch.equal(before_backbone[k], after[k]) for k in after)
+    assert any(not torch.equal(before_head[k], v) for k, v in snapshot(model.head).items())
+    opt = t.optimizers[0]
+    assert [g["name"] for g in opt.param_groups] == ["backbone.0", "backbone.1", "backbone.2", "head"]
+    frozen = [p for p in model.backbone.parameters()]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(p not in opt.state for p in frozen)
+    assert all(len(g["params"]) == 0 for g in opt.param_groups[:3])
+
+
+def test_frozen_modules_stay_in_eval_through_validation_without_lightning_warning(tmp_path):
+    torch.manual_seed(0)
+    model = Net(dropout=0.5)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, a: None)
+    model.backbone[0][3].register_forward_hook(
+        lambda m, a, out: seen.append((m.training, torch.equal(a[0], out)))
+    )
+    model.backbone[0][1].register_forward_hook(lambda m, a, out: seen.append((m.training, None)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, LayerFreeze("backbone.*"), tmp_path, max_epochs=2, limit_val_batches=2)
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    # Every call of the frozen dropout and BN ran in eval mode; dropout was the identity.
+    assert seen and all(training is False for training, _ in seen)
+    assert all(same for _, same in seen if same is not None)
+    assert model.head.training
+
+
+def test_norm_train_keeps_norm_layers_training_like_fastai(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    bn = model.backbone[0][1]
+    linear_before = model.backbone[0][0].weight.detach().clone()
+    stats_before = bn.running_mean.clone()
+    bn_weight_before = bn.weight.detach().clone()
+    t = fit(model, LayerFreeze("backbone.*", norm="train"), tmp_path, max_epochs=1)
+    assert torch.equal(model.backbone[0][0].weight, linear_before)
+    assert not torch.equal(bn.running_mean, stats_before)
+    assert not torch.equal(bn.weight.detach(), bn_weight_before)
+    assert bn.weight in t.optimizers[0].param_groups[0]["params"]
+
+
+def test_user_frozen_parameter_is_never_thawed(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    model.backbone[1][0].bias.requires_grad_(False)
+    kept = model.backbone[1][0].bias.detach().clone()
+    fit(model, LayerFreeze("backbone.*", until_step=2), tmp_path, max_epochs=1)
+    assert not model.backbone[1][0].bias.requires_grad
+    assert torch.equal(model.backbone[1][0].bias, kept)
+    assert model.backbone[1][0].weight.requires_grad
+
+
+class FilteringNet(Net):
+    """configure_optimizers that only hands trainable parameters to the optimizer."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+
+def test_thaw_adds_parameters_the_optimizer_never_had(tmp_path):
+    torch.manual_seed(0)
+    model = FilteringNet()
+    before = snapshot(model.backbone)
+    t = fit(model, LayerFreeze("backbone.*", until_epoch=1, lr=0.01), tmp_path, max_epochs=2)
+    groups = {g["name"]: g for g in t.optimizers[0].param_groups}
+    assert groups["backbone.0"]["lr"] == pytest.approx(0.01) and groups["head"]["lr"] == pytest.approx(0.05)
+    assert len(groups["backbone.0"]["params"]) == 4
+    assert any(not torch.equal(before[k], v) for k, v in snapshot(model.backbone).items())
+
+
+@pytest.mark.parametrize("when", [{"until_epoch": 1}, {"until_step": 5}])
+@pytest.mark.parametrize("scheduler", ["step", "onecycle", "plateau"])
+def test_thaw_with_scheduler_follows_the_schedule(scheduler, when, tmp_path):
+    """After the thaw each backbone group keeps the head's schedule factor, scaled to its own base LR."""
+    torch.manual_seed(0)
+    model = Net("sgd", scheduler, lr=0.05, total_steps=24)
+    lrs = []
+
+    class Record(torch.nn.Module):
+        pass
+
+    import lightning.pytorch as pl
+
+    class RecordLRs(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+    t = trainer(
+        callbacks=[LayerFreeze("backbone.*", lr=0.01, **when), RecordLRs()],
+        default_root_dir=tmp_path,
+        max_epochs=3,
+    )
+    t.fit(model, *loaders())
+    after_thaw = lrs[-8:]
+    for row in after_thaw:
+        assert row["backbone.0"] == pytest.approx(row["head"] * 0.01 / 0.05, rel=1e-9)
+    if scheduler != "plateau":
+        assert len({round(r["head"], 12) for r in lrs}) > 3, "the schedule should move"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Custom(torch.optim.lr_scheduler.LRScheduler):
+    """A user scheduler with per-group state the callbacks cannot know about."""
+
+    def __init__(self, optimizer):
+        self.per_group_floor = [1e-4 for _ in optimizer.param_groups]
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [max(g["lr"] * 0.9, f) for g, f in zip(self.optimizer.param_groups, self.per_group_floor)]
+
+
+class CustomSchedulerNet(Net):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        return {"optimizer": opt, "lr_scheduler": Custom(opt)}
+
+
+def test_unadaptable_scheduler_fails_at_fit_start(tmp_path):
+    model = CustomSchedulerNet()
+    t = trainer(callbacks=[LayerFreeze("backbone.*", until_epoch=1)], default_root_dir=tmp_path)
+    with pytest.raises(SchedulerAdaptError, match="per_group_floor"):
+        t.fit(model, *loaders())
+    assert t.global_step == 0
+
+
+def test_bad_arguments_fail_before_training():
+    with pytest.raises(ValueError, match="until_epoch"):
+        LayerFreeze(until_epoch=-1)
+    with pytest.raises(ValueError, match="not both"):
+        LayerFreeze(until_epoch=1, until_step=3)
+    with pytest.raises(ValueError, match="norm"):
+        LayerFreeze(norm="frozen")
+    with pytest.raises(ValueError, match="lr"):
+        LayerFreeze(lr=0)
+
+
+def test_spec_that_matches_nothing_fails_at_setup(tmp_path):
+    t = trainer(callbacks=[LayerFreeze("encoder.*")], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="closest|Closest"):
+        t.fit(Net(), *loaders())
+
+
+def test_timeline_and_trainable_fraction_are_written(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    t = trainer(
+        callbacks=[LayerFreeze("backbone.*", until_step=4)],
+        logger=CSVLogger(tmp_path),
+        max_epochs=1,
+        log_every_n_steps=1,
+    )
+    t.fit(Net(), *loaders())
+    import csv
+    import json
+    import os
+
+    data = json.load(open(os.path.join(t.log_dir, "freeze_timeline.json")))
+    assert [e["action"] for e in data["events"]] == ["thaw"] * 3 and data["events"][0]["step"] == 4
+    assert os.path.getsize(os.path.join(t.log_dir, "freeze_timeline.png")) > 1000
+    rows = list(csv.DictReader(open(os.path.join(t.log_dir, "metrics.csv"))))
+    fractions = [float(r["freeze/trainable_fraction"]) for r in rows if r.get("freeze/trainable_fraction")]
+    assert fractions[0] < 0.2 and fractions[-1] == 1.0

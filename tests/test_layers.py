@@ -1,0 +1,149 @@
+"""Layer specs: globs, regexes, auto (forward order, slicing) and the errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_freeze import select_layers
+from lightning_freeze.layers import LayerSpecError
+
+
+class OutOfOrder(nn.Module):
+    """Registers head, then decoder, then encoder; forward runs encoder -> decoder -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.decoder = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+        self.encoder = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6))
+        self.unused = nn.Linear(2, 2)
+        self.example_input_array = torch.zeros(1, 3)
+
+    def forward(self, x):
+        return self.head(self.decoder(self.encoder(x)))
+
+
+class Wrapped(nn.Module):
+    """A single-child wrapper is opened up: auto sees the inner blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = OutOfOrder()
+        self.example_input_array = torch.zeros(1, 3)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def names(layers):
+    return [layer.name for layer in layers]
+
+
+def test_glob_takes_top_most_matches_in_registration_order():
+    model = OutOfOrder()
+    assert names(select_layers(model, "decoder.*")) == ["decoder.0", "decoder.2"]
+    assert names(select_layers(model, "*coder")) == ["decoder", "encoder"]
+    layer = select_layers(model, "decoder")[0]
+    assert layer.modules == (model.decoder,)
+    assert [id(p) for p in layer.params] == [id(p) for p in model.decoder.parameters()]
+    assert layer.numel == sum(p.numel() for p in model.decoder.parameters())
+
+
+def test_glob_character_class_and_list_spec():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
+    assert names(select_layers(model, "[0-3]")) == ["0", "1", "2", "3"]
+    assert names(select_layers(model, ["4", "re:[05]"])) == ["4", "0", "5"]
+
+
+def test_regex_is_a_full_match():
+    model = OutOfOrder()
+    assert names(select_layers(model, r"re:(en|de)coder\.\d")) == [
+        "decoder.0",
+        "decoder.2",
+        "encoder.0",
+        "encoder.1",
+    ]
+    with pytest.raises(LayerSpecError, match="matches no"):
+        select_layers(model, "re:coder")
+
+
+def test_auto_follows_forward_order_not_registration_order():
+    model = OutOfOrder()
+    assert names(select_layers(model, "auto")) == ["encoder.0", "encoder.1", "decoder.0", "decoder.2", "head"]
+
+
+def test_auto_slices_and_single_index():
+    model = OutOfOrder()
+    assert names(select_layers(model, "auto[:-1]")) == ["encoder.0", "encoder.1", "decoder.0", "decoder.2"]
+    assert names(select_layers(model, "auto[1:3]")) == ["encoder.1", "decoder.0"]
+    assert names(select_layers(model, "auto[-1]")) == ["head"]
+    assert names(select_layers(model, "auto[::2]")) == ["encoder.0", "decoder.0", "head"]
+    with pytest.raises(LayerSpecError, match="out of range"):
+        select_layers(model, "auto[7]")
+
+
+def test_auto_opens_single_child_wrappers_and_leaves_modes_and_rng_alone():
+    model = Wrapped()
+    model.train()
+    model.model.encoder.eval()
+    state = torch.get_rng_state()
+    assert names(select_layers(model, "auto"))[0] == "model.encoder.0"
+    assert torch.equal(state, torch.get_rng_state())
+    assert model.training and not model.model.encoder.training and model.model.head.training
+
+
+def test_auto_without_example_input_says_what_to_set():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(LayerSpecError, match="example_input_array"):
+        select_layers(model, "auto")
+    assert names(select_layers(model, "auto", example_input=torch.zeros(1, 2))) == ["0", "1"]
+
+
+def test_no_match_names_the_closest_modules():
+    with pytest.raises(LayerSpecError) as err:
+        select_layers(OutOfOrder(), "decodr.*")
+    assert "'decodr.*' matches no" in str(err.value)
+    assert "decoder" in str(err.value)
+
+
+def test_overlapping_specs_are_an_error():
+    with pytest.raises(LayerSpecError, match="share parameters"):
+        select_layers(OutOfOrder(), ["decoder", "decoder.0"])
+    with pytest.raises(LayerSpecError, match="more than once"):
+        select_layers(OutOfOrder(), ["head", "head"])
+
+
+def test_shared_parameters_across_modules_are_an_error():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].weight = model[0].weight
+    with pytest.raises(LayerSpecError, match="share parameters"):
+        select_layers(model, "*")
+
+
+def test_bad_specs():
+    with pytest.raises(LayerSpecError, match="bad regex"):
+        select_layers(OutOfOrder(), "re:(")
+    with pytest.raises(LayerSpecError, match="empty"):
+        select_layers(OutOfOrder(), [])
+
+
+class WithOwnParams(nn.Module):
+    """Direct parameters of an opened module form their own block, without its children."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.blocks = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+        self.example_input_array = torch.zeros(1, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x * self.scale
+
+
+def test_auto_gives_direct_parameters_a_block_of_their_own():
+    model = WithOwnParams()
+    layers = select_layers(model, "auto")
+    assert names(layers) == ["<root>", "blocks.0", "blocks.1"]
+    assert layers[0].params == (model.scale,) and layers[0].modules == ()
