@@ -1,0 +1,217 @@
+"""FreezeOut (Brock et al. 2017): a per-layer cosine learning rate that reaches zero at the layer's own
+freeze time ``t_i``, after which the layer is frozen and leaves the backward pass.
+
+The schedule math lives in :mod:`lightning_freeze.schedules`; this module is the Lightning glue.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.layers import Layer
+from lightning_freeze.schedules import GroupSchedule, check_args, freezeout_schedule, progress
+
+
+class FreezeOut(FreezingCallback):
+    """Anneal each layer's LR to zero at its own time ``t_i``, then freeze it (FreezeOut).
+
+    The managed layers (``layers``, default ``"auto"``: the parameter-owning blocks in forward order)
+    are the groups ``i = 0..L`` of the schedule, and the last group is the head, with ``t_L = 1``:
+
+    - ``tau_i = t0 + (1 - t0) * i / L``; ``t_i`` is ``tau_i``, ``tau_i**2`` or ``tau_i**3`` for
+      ``schedule`` = ``linear``, ``squared`` or ``cubic`` (``t0=0.8``, cubic: first layer at 0.512);
+    - every optimizer step, group ``i`` gets ``lr = 0.5 * lr0_i * (1 + cos(pi * t / t_i))`` with
+      ``t = global_step / trainer.estimated_stepping_batches``; ``lr0_i = base_lr / t_i`` when
+      ``scale_lr`` (``base_lr``: the group's LR in your optimizer);
+    - from ``t >= t_i`` on the layer is frozen: ``requires_grad=False``, no ``.grad``, optimizer state
+      freed, norm/dropout in eval mode, and under DDP it no longer takes part in the all-reduce. Layers
+      freeze in order, so the frozen part is always a prefix and the backward pass stops before it.
+
+    Which group is the head: if some trainable parameters lie outside ``layers`` (say
+    ``layers="backbone.*"``), they are the head (``i = L``) and every managed layer freezes; otherwise
+    the last managed layer is the head. The head follows the same cosine to zero at ``t = 1`` and is
+    never frozen early. FreezeOut *is* the LR schedule: an ``lr_scheduler`` returned by
+    ``configure_optimizers`` is rejected at fit start (two schedules would fight over ``group["lr"]``).
+    Weight decay, momentum, betas and the base LR come from your optimizer.
+
+    Example::
+
+        trainer = Trainer(max_epochs=20, callbacks=[FreezeOut(t0=0.8, schedule="cubic")])
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "auto",
+        t0: float = 0.8,
+        schedule: str = "cubic",
+        scale_lr: bool = True,
+        norm: str = "eval",
+        plot: bool = True,
+    ) -> None:
+        super().__init__(layers=layers, norm=norm, plot=plot)
+        check_args(t0, schedule)
+        if not isinstance(scale_lr, bool):
+            raise ValueError(f"FreezeOut: scale_lr must be true or false, got {scale_lr!r}")
+        self.t0 = float(t0)
+        self.schedule = schedule
+        self.scale_lr = scale_lr
+        self.total_steps: int | None = None
+        self.group_schedules: list[GroupSchedule] = []  # per optimizer param group
+        self.base_lrs: list[float] = []  # per optimizer param group
+        self._layer_schedules: dict[str, GroupSchedule] = {}
+        self._has_rest = False
+        self._saved: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ schedule
+    def layer_times(self) -> dict[str, float]:
+        """Freeze time ``t_i`` of each managed layer (1.0: the head, never frozen early)."""
+        return {name: s.t for name, s in self._layer_schedules.items()}
+
+    def freeze_steps(self) -> dict[str, int | None]:
+        """The optimizer step at which each managed layer freezes (None: never), for this fit's length."""
+        from lightning_freeze.schedules import freeze_step
+
+        assert self.total_steps is not None, "known once the fit has started"
+        return {name: freeze_step(s.t, self.total_steps) for name, s in self._layer_schedules.items()}
+
+    # ------------------------------------------------------------------ FreezingCallback hooks
+    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+        model = trainer.lightning_module
+        managed = {id(p) for layer in layers for p in layer.params}
+        self._has_rest = any(p.requires_grad and id(p) not in managed for p in model.parameters())
+        n_groups = len(layers) + int(self._has_rest)
+        if n_groups < 2:
+            raise ValueError(
+                f"FreezeOut needs at least 2 layers (layers to freeze, then the head that trains to the end), "
+                f"but layers={self.layer_spec!r} gives {[layer.name for layer in layers]} and no other trainable "
+                "parameters. Use a model with more blocks or a finer layer spec (e.g. 're:backbone\\.\\d+')."
+            )
+        schedules = freezeout_schedule(n_groups, self.t0, self.schedule, self.scale_lr)
+        self._layer_schedules = {layer.name: s for layer, s in zip(layers, schedules, strict=False)}
+
+    def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedulers = self._schedulers(trainer)
+        if schedulers:
+            raise ValueError(
+                f"FreezeOut sets every param group's learning rate itself (a cosine per layer that reaches zero "
+                f"at the layer's freeze time; the head's reaches zero at the end of training), but "
+                f"configure_optimizers also returned {[type(s).__name__ for s in schedulers]}. Two schedules "
+                "would overwrite each other's group['lr']: return only the optimizer. Its lr is the base LR."
+            )
+        engine = self._require_engine()
+        assert engine.optimizer is not None
+        groups = engine.optimizer.param_groups
+        head = freezeout_schedule(
+            len(self._layer_schedules) + int(self._has_rest), self.t0, self.schedule, self.scale_lr
+        )[-1]
+        per_group = [head] * len(groups)
+        for name, sched in self._layer_schedules.items():
+            for index in engine.group_indices(name):
+                per_group[index] = sched
+        self.group_schedules = per_group
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
+        self.total_steps = None  # known in on_train_start (asking earlier breaks mid-epoch resume)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "freezeout": {
+                "t0": self.t0,
+                "schedule": self.schedule,
+                "scale_lr": self.scale_lr,
+                "total_steps": self.total_steps,
+                "base_lrs": list(self.base_lrs),
+            }
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._saved = state.get("freezeout")
+
+    def _check_resumed(self, saved: dict[str, Any]) -> None:
+        """Resume: keep the base LRs of the run that saved the checkpoint; warn if the schedule changed."""
+        mine = {
+            "t0": self.t0,
+            "schedule": self.schedule,
+            "scale_lr": self.scale_lr,
+            "total_steps": self.total_steps,
+        }
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if changed:
+            rank_zero_warn(
+                f"FreezeOut: resuming with different settings than the checkpoint (checkpoint, now): {changed}. "
+                "The freeze times follow the new settings; layers already frozen stay frozen."
+            )
+        if len(saved.get("base_lrs", [])) == len(self.base_lrs):
+            self.base_lrs = [float(x) for x in saved["base_lrs"]]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # The step count is read here, not at fit start: asking earlier sets the train dataloader up before
+        # Lightning restores the checkpoint, and a resumable loader would restart its epoch.
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"FreezeOut needs a finite training length to place the freeze times, but the trainer "
+                f"estimates {total} optimizer steps: set max_epochs or max_steps."
+            )
+        self.total_steps = int(total)
+        if self._saved is not None:
+            self._check_resumed(self._saved)
+            self._saved = None
+        # After a resume the optimizer's groups hold the saved LRs; set this step's and catch up on freezes.
+        self._apply(trainer, freeze=True)
+        self._record(trainer.global_step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._apply(trainer, freeze=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Set the next step's LRs now as well, so a LearningRateMonitor placed before us in the callback
+        # list (it reads group["lr"] in on_train_batch_start) logs the LR that step will really use.
+        self._apply(trainer, freeze=False)
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    # ------------------------------------------------------------------ internals
+    def _record(self, step: int) -> None:
+        # The base records the managed layers; add the groups outside them (the head), so the timeline
+        # shows every schedule FreezeOut runs.
+        super()._record(step)
+        engine = self.engine
+        if (
+            engine is None
+            or engine.optimizer is None
+            or not self.history["step"]
+            or self.history["step"][-1] != step
+        ):
+            return
+        managed = {i for layer in self.layers for i in engine.group_indices(layer.name)}
+        for index, group in enumerate(engine.optimizer.param_groups):
+            if index not in managed:
+                series = self.history["lr"].setdefault(str(group.get("name", index)), [])
+                series.extend([None] * (len(self.history["step"]) - 1 - len(series)))
+                series.append(float(group["lr"]))
+
+    def _apply(self, trainer: pl.Trainer, freeze: bool) -> None:
+        """Freeze the layers whose time has come (in layer order) and set every group's LR for this step."""
+        engine = self._require_engine()
+        if engine.optimizer is None or self.total_steps is None:
+            return
+        t = progress(trainer.global_step, self.total_steps)
+        if freeze:
+            due = [
+                layer.name
+                for layer in self.layers
+                if self._layer_schedules[layer.name].frozen_at(t) and not engine.is_frozen(layer.name)
+            ]
+            if due:
+                times = ", ".join(f"{n}: t_i={self._layer_schedules[n].t:.4g}" for n in due)
+                self.transition(trainer, freeze=due, reason=f"t={t:.4g} >= {times}")
+        for group, sched, base in zip(
+            engine.optimizer.param_groups, self.group_schedules, self.base_lrs, strict=True
+        ):
+            group["lr"] = base * sched.factor(t)
