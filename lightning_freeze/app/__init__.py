@@ -1,0 +1,1 @@
+"""The Hydra application: ``lightning-freeze`` / ``python -m lightning_freeze`` (see ``app.main``)."""

@@ -1,0 +1,28 @@
+"""Records the trainable-parameter count at the start and the end of training."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+
+def count_params(module: pl.LightningModule) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class TrainableFraction(Callback):
+    """``at_start``/``at_end``: ``(trainable, total)`` parameters when training starts and ends.
+
+    Measured in ``on_train_end``, before callbacks' ``teardown`` could thaw anything.
+    """
+
+    def __init__(self) -> None:
+        self.at_start: tuple[int, int] | None = None
+        self.at_end: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_start = count_params(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_end = count_params(pl_module)

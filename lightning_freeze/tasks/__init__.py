@@ -1,0 +1,1 @@
+"""Built-in tasks (data + model) for the app and the examples: ``digits``."""

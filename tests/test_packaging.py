@@ -1,0 +1,76 @@
+"""Packaging: the wheel ships the Hydra configs and the search-path plugin, and the app installed
+from the wheel finds its configs without the source checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = out.glob("lightning_freeze-*.whl")
+    return wheel
+
+
+def test_wheel_contains_configs_plugin_and_entry_point(wheel: Path):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = sorted(p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml"))
+    assert (
+        "config.yaml" in configs and "task/digits.yaml" in configs and "freeze/layer_freeze.yaml" in configs
+    )
+    missing = [c for c in configs if f"lightning_freeze/conf/{c}" not in names]
+    assert not missing, f"configs missing from the wheel: {missing}"
+    assert "hydra_plugins/lightning_freeze_searchpath/searchpath.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package shared with other plugins
+    assert "lightning_freeze/py.typed" in names
+    assert "lightning_freeze/tasks/digits.py" in names and "lightning_freeze/__main__.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/", ".dev/")) for n in names)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lightning-freeze = lightning_freeze.app.main:main" in text
+
+
+def test_wheel_metadata_has_extras_and_runtime_deps(wheel: Path):
+    (metadata,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")]
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    for extra in ("dev", "examples", "bench"):
+        assert f"Provides-Extra: {extra}" in text
+    for dep in ("torch", "lightning", "torchmetrics", "hydra-core"):
+        assert f"Requires-Dist: {dep}" in text
+
+
+def test_installed_wheel_finds_its_configs(wheel: Path, tmp_path: Path):
+    """Unpack the wheel as a site dir ahead of the checkout: the installed app composes its config
+    from the wheel's lightning_freeze/conf (Hydra's `--info all` shows the search path and config)."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_freeze", "--info", "all", "freeze=none"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel_conf = (site / "lightning_freeze" / "conf").resolve()
+    (main_row,) = [line for line in proc.stdout.splitlines() if line.startswith("| main ")]
+    assert f"file://{wheel_conf} " in main_row + " "
+    assert str(REPO_ROOT / "conf") not in proc.stdout  # nothing comes from the checkout
+    assert "lightning_freeze.tasks.digits.DigitsClassifier" in proc.stdout
+    assert "split: holdout" in proc.stdout
