@@ -30,7 +30,9 @@ def plot_timeline(data: dict[str, Any], path: str) -> str | None:
         name = event["layer"]
         marker = "x" if event["action"] == "freeze" else "^"
         ax.axvline(event["step"], color=colors.get(name, "grey"), alpha=0.25, linewidth=1)
-        ax.plot([event["step"]], [0], marker=marker, color=colors.get(name, "grey"), markersize=8, clip_on=False)
+        ax.plot(
+            [event["step"]], [0], marker=marker, color=colors.get(name, "grey"), markersize=8, clip_on=False
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title(f"{data.get('callback', 'freezing')}: learning rate per layer (x = frozen, ^ = thawed)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics, run_app
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parent / "ddp_scripts"
 REPORT = "+hydra.callbacks.report={_target_: lightning_freeze.splitrun.report.SweepSummary}"
 FAST = [
     "task.model.pretrained=false",

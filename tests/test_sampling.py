@@ -20,7 +20,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_freeze.splitrun.sampling import EvalShardSampler, ResumableDataLoader, TrainShardSampler
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parent / "ddp_scripts"
 
 
 @settings(max_examples=50, deadline=None)

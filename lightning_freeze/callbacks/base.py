@@ -116,7 +116,9 @@ class FreezingCallback(Callback):
             self.engine.unregister()
 
     def state_dict(self) -> dict[str, Any]:
-        engine = self._require_engine()
+        engine = self.engine
+        if engine is None:  # a checkpoint saved outside fit (trainer.validate/test) has nothing of ours
+            return {}
         return {
             "layers": [layer.name for layer in self.layers],
             "frozen": [layer.name for layer in self.layers if engine.is_frozen(layer.name)],
@@ -126,6 +128,8 @@ class FreezingCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
         engine = self._require_engine()
         saved = list(state_dict["layers"])
         names = [layer.name for layer in self.layers]

@@ -1,0 +1,70 @@
+"""2-process DDP on CPU (gloo): the same fit without and with FrozenPrefixCache; report per rank.
+
+Run as ``python cache_ddp.py OUT_DIR``; Lightning's launcher starts rank 1 by re-running this script,
+which then runs both fits too. The train loader carries its own ``DistributedSampler(shuffle=False)``
+(Lightning keeps it; its default sampler would reshuffle the whole data set across ranks every epoch),
+so every rank has a fixed shard and should cache only its own half. Each rank writes ``rank<r>.json``.
+"""
+
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import Net, make_data, trainer  # noqa: E402
+
+from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze  # noqa: E402
+
+
+def flat(model):
+    return torch.cat([v.detach().flatten().double() for v in model.state_dict().values()])
+
+
+def run(out_dir, cache, make_freezer):
+    pl.seed_everything(0, verbose=False)
+    model = Net("adam", dropout=0.2)
+    callbacks = [make_freezer()] + ([cache] if cache is not None else [])
+    t = trainer(
+        callbacks=callbacks,
+        max_epochs=3,
+        strategy="ddp",
+        devices=2,
+        default_root_dir=out_dir,
+        deterministic=False,
+    )
+    train = make_data(64, 0)
+    shard = DistributedSampler(
+        train, num_replicas=2, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False
+    )
+    t.fit(model, DataLoader(train, batch_size=8, sampler=shard), DataLoader(make_data(24, 1), batch_size=4))
+    weights = flat(model)
+    gathered = [torch.zeros_like(weights) for _ in range(t.world_size)]
+    torch.distributed.all_gather(gathered, weights)
+    return t, model, weights, all(torch.equal(gathered[0], g) for g in gathered)
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    result = {}
+    freezers = {
+        "layer_freeze": lambda: LayerFreeze("backbone.*", plot=False),
+        # FreezeOut re-wraps DDP at every freeze: the broadcast from rank 0 must not invalidate the cache
+        "freezeout": lambda: FreezeOut(layers="backbone.*", t0=0.3, plot=False),
+    }
+    for name, make_freezer in freezers.items():
+        _, ref, ref_weights, ref_equal = run(out_dir, None, make_freezer)
+        cache = FrozenPrefixCache()
+        t, model, weights, equal = run(out_dir, cache, make_freezer)
+        result["rank"], result["world_size"] = t.global_rank, t.world_size
+        result[name] = {
+            "replicas_equal": ref_equal and equal,
+            "same_as_uncached": torch.equal(ref_weights, weights) and ref.losses == model.losses,
+            "history": cache.history,
+            "events": cache.events,
+        }
+    with open(os.path.join(out_dir, f"rank{t.global_rank}.json"), "w") as fh:
+        json.dump(result, fh)
