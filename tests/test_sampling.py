@@ -24,13 +24,17 @@ SCRIPTS = Path(__file__).parent / "ddp_scripts"
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 300), world=st.integers(1, 5), epoch=st.integers(0, 3), pad=st.booleans())
-def test_train_shards_are_disjoint_equal_and_cover(n, world, epoch, pad):
+@given(
+    n=st.integers(1, 300), world=st.integers(1, 5), epoch=st.integers(0, 3), pad=st.booleans(), fixed=st.booleans()
+)
+def test_train_shards_are_disjoint_equal_and_cover(n, world, epoch, pad, fixed):
     indices = np.arange(1000, 1000 + n)
     remainder = "pad" if pad else "drop"
     shards = []
     for rank in range(world):
-        s = TrainShardSampler(indices, num_replicas=world, rank=rank, seed=7, remainder=remainder)
+        s = TrainShardSampler(
+            indices, num_replicas=world, rank=rank, seed=7, remainder=remainder, fixed_shards=fixed
+        )
         s.set_epoch(epoch)
         shards.append(list(s))
         assert len(shards[-1]) == len(s)
@@ -50,6 +54,22 @@ def test_train_shards_reshuffle_per_epoch_deterministically():
     b.set_epoch(1)
     assert list(a) == list(b) != e0
     assert list(TrainShardSampler(100, shuffle=False)) == list(range(100))
+
+
+def test_fixed_shards_keep_each_rank_on_the_same_samples_in_a_new_order():
+    """What a per-rank cache needs: rank r sees the same sample set every epoch, shuffled within it."""
+    for rank in range(2):
+        s = TrainShardSampler(101, num_replicas=2, rank=rank, seed=4, fixed_shards=True)
+        epochs = []
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            epochs.append(list(s))
+        assert set(epochs[0]) == set(epochs[1]) == set(epochs[2]) and len(epochs[0]) == 50
+        assert epochs[0] != epochs[1] != epochs[2]
+    moving = TrainShardSampler(101, num_replicas=2, rank=0, seed=4)
+    first = set(moving)
+    moving.set_epoch(1)
+    assert set(moving) != first
 
 
 @settings(max_examples=50, deadline=None)

@@ -70,6 +70,9 @@ class SplitRunDataModule(pl.LightningDataModule):
         test_ratio: a fixed test part carved before the folds (``kfold``) or arms (``arms``).
         arms, arm, by, column, val_ratio, shared_val: A/B arms (see :func:`~.splits.arms_split`); ``arm`` is
             the arm this run trains on.
+        fixed_shards: under DDP, deal the training samples to ranks once and only shuffle within each
+            rank's shard per epoch (a rank then sees the same samples every epoch: a FrozenPrefixCache per
+            rank holds about 1/world_size of the data). Default: reshuffle across ranks every epoch.
         return_indices: append the dataset index to every sample (off by default; the batch format is
             otherwise the dataset's own).
         manifest_dir: where ``split_manifest.json`` goes (default ``trainer.default_root_dir``).
@@ -100,6 +103,7 @@ class SplitRunDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         shuffle_seed: int | None = None,
         remainder: str = "drop",
+        fixed_shards: bool = False,
         drop_last: bool = False,
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
@@ -128,6 +132,7 @@ class SplitRunDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.shuffle, self.remainder, self.drop_last = shuffle, remainder, drop_last
+        self.fixed_shards = bool(fixed_shards)
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.pin_memory, self.persistent_workers, self.collate_fn = pin_memory, persistent_workers, collate_fn
         self.return_indices = return_indices
@@ -346,6 +351,7 @@ class SplitRunDataModule(pl.LightningDataModule):
             shuffle=self.shuffle,
             seed=self.shuffle_seed,
             remainder=self.remainder,
+            fixed_shards=self.fixed_shards,
         )
         if len(sampler) == 0:
             raise SplitSpecError(

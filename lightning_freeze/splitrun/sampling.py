@@ -95,6 +95,10 @@ class ShardSampler(DistributedSampler):
 class TrainShardSampler(ShardSampler):
     """Equal-length, disjoint, per-epoch reshuffled shards of ``indices`` (see the module docstring).
 
+    ``fixed_shards=True`` deals the samples to ranks once (from ``seed``) and then only shuffles each
+    rank's own shard every epoch: a rank sees the same samples every epoch, which is what lets a
+    per-rank cache of them (FrozenPrefixCache) hold about ``1/world_size`` of the data.
+
     ``start`` (set by :class:`ResumableDataLoader` after a restore) skips that many samples of this rank's
     shard in the next iteration only.
     """
@@ -108,11 +112,13 @@ class TrainShardSampler(ShardSampler):
         shuffle: bool = True,
         seed: int = 0,
         remainder: str = "drop",
+        fixed_shards: bool = False,
     ) -> None:
         super().__init__(indices, num_replicas=num_replicas, rank=rank, seed=seed)
         if remainder not in ("drop", "pad"):
             raise ValueError(f"remainder must be 'drop' or 'pad', got {remainder!r}")
         self.shuffle = bool(shuffle)
+        self.fixed_shards = bool(fixed_shards)
         self.remainder = remainder
         self.drop_last = remainder == "drop"
         self._start = 0  # one-shot skip for the next __iter__
@@ -142,11 +148,16 @@ class TrainShardSampler(ShardSampler):
     def shard(self, epoch: int | None = None) -> np.ndarray:
         """This rank's indices for ``epoch``: ``order[rank : total_size : world]``."""
         world, rank = self._check()
-        order = self.epoch_order(epoch)
+        epoch = self.epoch if epoch is None else epoch
+        # Fixed shards: deal once (the order of epoch 0), then shuffle within the shard per epoch.
+        order = self.epoch_order(0 if self.fixed_shards else epoch)
         total = self.total_size
         if total > order.size:  # pad by wrapping around
             order = np.resize(order, total)
-        return order[rank:total:world]
+        shard = order[rank:total:world]
+        if self.fixed_shards and self.shuffle and epoch > 0:
+            shard = shard[np.random.default_rng([self.seed, epoch, rank]).permutation(shard.size)]
+        return shard
 
     def skip_next(self, samples: int, epoch: int) -> None:
         """Skip ``samples`` of this rank's shard the next time ``epoch`` is iterated."""

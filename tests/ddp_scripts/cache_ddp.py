@@ -1,9 +1,9 @@
 """2-process DDP on CPU (gloo): the same fit without and with FrozenPrefixCache; report per rank.
 
 Run as ``python cache_ddp.py OUT_DIR``; Lightning's launcher starts rank 1 by re-running this script,
-which then runs both fits too. The train loader carries its own ``DistributedSampler(shuffle=False)``
-(Lightning keeps it; its default sampler would reshuffle the whole data set across ranks every epoch),
-so every rank has a fixed shard and should cache only its own half. Each rank writes ``rank<r>.json``.
+which then runs both fits too. The train loader shuffles within fixed per-rank shards
+(``TrainShardSampler(fixed_shards=True)``; Lightning's default sampler would reshuffle the whole data set
+across ranks every epoch), so every rank should cache only its own half. Each rank writes ``rank<r>.json``.
 """
 
 import json
@@ -12,12 +12,13 @@ import sys
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import Net, make_data, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze  # noqa: E402
+from lightning_freeze.splitrun.sampling import ResumableDataLoader, TrainShardSampler  # noqa: E402
 
 
 def flat(model):
@@ -37,10 +38,9 @@ def run(out_dir, cache, make_freezer):
         deterministic=False,
     )
     train = make_data(64, 0)
-    shard = DistributedSampler(
-        train, num_replicas=2, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False
-    )
-    t.fit(model, DataLoader(train, batch_size=8, sampler=shard), DataLoader(make_data(24, 1), batch_size=4))
+    shard = TrainShardSampler(len(train), shuffle=True, seed=0, fixed_shards=True)
+    loader = ResumableDataLoader(train, batch_size=8, sampler=shard)
+    t.fit(model, loader, DataLoader(make_data(24, 1), batch_size=4))
     weights = flat(model)
     gathered = [torch.zeros_like(weights) for _ in range(t.world_size)]
     torch.distributed.all_gather(gathered, weights)
