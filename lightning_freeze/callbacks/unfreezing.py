@@ -1,0 +1,368 @@
+"""ProgressiveUnfreezing: ULMFiT's gradual unfreezing with discriminative learning rates.
+
+The schedule itself (which layers thaw when, the LR of each) is pure logic in
+:mod:`lightning_freeze.phases`; this module applies it from Lightning hooks:
+
+- time-triggered thaws (``every_n_epochs``, ``every_n_steps``, phases with ``at_epoch`` / ``at_step``) are
+  applied at the first ``on_train_batch_start`` / ``on_train_epoch_start`` at or after their time, so a
+  resumed run applies exactly the thaws an uninterrupted one would;
+- metric-driven thaws are *decided* in ``on_validation_end`` (on rank 0's value of the metric, broadcast
+  to every rank, so all ranks decide alike) and *applied* at the next training batch, when the model is
+  back in training mode (thawing in the middle of Lightning's eval/train toggling would leave the
+  thawed modules in eval mode);
+- a thawed layer's warm-up multiplier is applied only around ``optimizer.step()`` (torch step pre/post
+  hooks), so chainable schedulers that read ``group["lr"]`` never see it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_freeze import optim
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.layers import Layer
+from lightning_freeze.phases import (
+    Phase,
+    PhaseError,
+    PlateauTracker,
+    ThawPlan,
+    build_plan,
+    growth_factor,
+    plain,
+)
+from lightning_freeze.phases import target_lr as plan_target_lr
+from lightning_freeze.phases import warmup_factor as plan_warmup_factor
+
+
+class ProgressiveUnfreezing(FreezingCallback):
+    """Train the head first, then thaw the layers below it from the top down, each at a smaller LR.
+
+    At fit start every managed layer but the last one (the head) is frozen. Then one layer (or
+    ``groups_per_step``) thaws every ``every_n_epochs`` epochs, or every ``every_n_steps`` steps, or
+    whenever ``monitor`` has not improved for ``patience`` validations, or as an explicit list of
+    ``phases`` (``[{layers: "backbone.2", at_epoch: 1, lr: 1e-3}, ...]``; keys ``layers``, ``at_epoch`` |
+    ``at_step`` (none with ``monitor``), ``lr`` | ``lr_ratio``; layers no phase names train from the start).
+
+    Learning rates are discriminative: the layer ``k`` places below the head gets base LR
+    ``head_lr / lr_decay**k`` (``head_lr``: the head group's LR from ``configure_optimizers`` unless given);
+    any LR scheduler keeps applying its current factor to it. A thawed layer can warm up linearly over
+    ``warmup_steps`` optimizer steps, or ramp by ``lr_growth`` per epoch up to its target
+    (Lightning's ``BackboneFinetuning``). With ``restore_best=True`` (needs ``monitor``), the weights of
+    the best validation of the finished phase are loaded before the next phase thaws (weights and
+    buffers only: the optimizer state carries on).
+
+    Example::
+
+        trainer = Trainer(callbacks=[ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1)])
+        # metric-driven, restoring the phase's best weights before each thaw
+        ProgressiveUnfreezing(["backbone.*", "head"], monitor="val/loss", patience=2, restore_best=True)
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "auto",
+        every_n_epochs: int | None = 1,
+        lr_decay: float = 2.6,
+        *,
+        every_n_steps: int | None = None,
+        groups_per_step: int = 1,
+        phases: Any = None,
+        monitor: str | None = None,
+        patience: int = 1,
+        mode: str = "min",
+        min_delta: float = 0.0,
+        restore_best: bool = False,
+        warmup_steps: int = 0,
+        lr_growth: float | None = None,
+        head_lr: float | None = None,
+        norm: str = "eval",
+        plot: bool = True,
+    ) -> None:
+        super().__init__(layers=plain(layers), norm=norm, plot=plot)
+        name = type(self).__name__
+        if not (_number(lr_decay) and lr_decay > 0):
+            raise ValueError(
+                f"{name}: lr_decay must be a positive number (ULMFiT uses 2.6), got {lr_decay!r}"
+            )
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"{name}: warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+        if lr_growth is not None and not (_number(lr_growth) and lr_growth > 0):
+            raise ValueError(f"{name}: lr_growth must be a positive number or None, got {lr_growth!r}")
+        if head_lr is not None and not (_number(head_lr) and head_lr > 0):
+            raise ValueError(f"{name}: head_lr must be a positive number or None, got {head_lr!r}")
+        if restore_best and monitor is None:
+            raise ValueError(f"{name}: restore_best=True needs monitor=... (the metric that defines 'best')")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ValueError(f"{name}: monitor must be a metric name, got {monitor!r}")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.groups_per_step = groups_per_step
+        self.phases = plain(phases)
+        self.lr_decay = float(lr_decay)
+        self.monitor = monitor
+        self.restore_best = restore_best
+        self.warmup_steps = warmup_steps
+        self.lr_growth = None if lr_growth is None else float(lr_growth)
+        self.head_lr = None if head_lr is None else float(head_lr)
+        # Checked here too, so a bad mode/patience fails at construction.
+        self.tracker = PlateauTracker(mode=mode, patience=patience, min_delta=min_delta)
+        self.plan: ThawPlan | None = None
+        self._reset_run_state()
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------------ run state
+    def _reset_run_state(self) -> None:
+        self._done: set[int] = set()
+        self._pending: list[int] = []
+        self._thawed_at: dict[str, tuple[int, int]] = {}  # layer -> (global step, epoch) of its thaw
+        self._start_lr: dict[str, float] = {}
+        self._cap_lr: dict[str, float] = {}
+        self._head_lr_value: float | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._warm: dict[int, float] = {}
+        self._saved_lr: dict[int, float] = {}
+        self.tracker.reset()
+
+    # ------------------------------------------------------------------ FreezingCallback interface
+    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+        names = [layer.name for layer in layers]
+        try:
+            self.plan = build_plan(
+                names,
+                every_n_epochs=self.every_n_epochs,
+                every_n_steps=self.every_n_steps,
+                groups_per_step=self.groups_per_step,
+                phases=self.phases,
+                monitor=self.monitor,
+            )
+        except PhaseError as err:
+            raise PhaseError(f"{type(self).__name__}: {err}") from None
+        self._reset_run_state()
+        managed = {id(p) for layer in layers for p in layer.params}
+        initial = set(self.plan.initial)
+        trains = any(
+            p.requires_grad for layer in layers if layer.name in initial for p in layer.params
+        ) or any(p.requires_grad and id(p) not in managed for p in trainer.lightning_module.parameters())
+        if not trains:
+            raise PhaseError(
+                f"{type(self).__name__}: nothing would train before the first thaw ({self.plan.signature()}); "
+                "leave at least one layer (usually the head) out of the phases, or give it at_epoch: 0"
+            )
+
+    def initially_frozen(self, layers: list[Layer]) -> list[str]:
+        assert self.plan is not None
+        return self.plan.initially_frozen
+
+    def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self._require_engine()
+        plan = self._require_plan()
+        optimizer = engine.optimizer
+        assert optimizer is not None
+        for group in optimizer.param_groups:
+            # ReduceLROnPlateau (and no scheduler) keep no base LR: record it, so a later thaw can keep
+            # the factor a plateau scheduler has applied so far.
+            group.setdefault("initial_lr", group["lr"])
+        schedulers = self._schedulers(trainer)
+        head = plan.layers[-1]
+        if self._head_lr_value is None:  # not restored from a checkpoint
+            self._head_lr_value = self.head_lr or optim.base_lr(
+                optimizer, schedulers, engine.group_indices(head)[0]
+            )
+        for name in plan.initial:
+            lr = self._target(name, plan.phase_of(name))
+            for index in engine.group_indices(name):
+                if optim.base_lr(optimizer, schedulers, index) != lr:
+                    optim.set_base_lr(optimizer, schedulers, index, lr)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._scale_for_warmup),
+            optimizer.register_step_post_hook(self._restore_after_warmup),
+        ]
+
+    def extra_state(self) -> dict[str, Any]:
+        plan = self._require_plan()
+        return {
+            "unfreezing": {
+                "plan": plan.signature(),
+                "done": sorted(self._done),
+                "pending": list(self._pending),
+                "thawed_at": {k: list(v) for k, v in self._thawed_at.items()},
+                "start_lr": dict(self._start_lr),
+                "cap_lr": dict(self._cap_lr),
+                "head_lr": self._head_lr_value,
+                "tracker": self.tracker.state_dict(),
+                "best_weights": self._best_weights,
+            }
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        plan = self._require_plan()
+        saved = state.get("unfreezing")
+        if saved is None:
+            raise ValueError(f"{type(self).__name__}: the checkpoint holds no progressive-unfreezing state")
+        if saved["plan"] != plan.signature():
+            raise PhaseError(
+                f"{type(self).__name__}: the checkpoint was saved with the thaw plan {saved['plan']}, but this run "
+                f"plans {plan.signature()}. Resume with the same settings."
+            )
+        self._done = set(saved["done"])
+        self._pending = list(saved["pending"])
+        self._thawed_at = {k: (int(v[0]), int(v[1])) for k, v in saved["thawed_at"].items()}
+        self._start_lr = dict(saved["start_lr"])
+        self._cap_lr = dict(saved["cap_lr"])
+        self._head_lr_value = saved["head_lr"]
+        self.tracker.load_state_dict(saved["tracker"])
+        self._best_weights = saved["best_weights"]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_due(trainer, pl_module)
+        self._apply_growth(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._apply_due(trainer, pl_module)
+        self._set_warmup(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or self.plan is None or self.engine is None:
+            return
+        if trainer.state.fn != "fit":
+            return
+        waiting = self._done | set(self._pending)
+        if self.plan.next_monitor_phase(waiting) is None:
+            return  # every phase has thawed or is about to: nothing left to decide
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: monitor={self.monitor!r} was not logged during validation; logged "
+                f"metrics are {sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in "
+                "validation_step"
+            )
+        # Every rank takes rank 0's value, so every rank reaches the same decision.
+        value = float(trainer.strategy.broadcast(float(value), src=0))
+        improved, plateaued = self.tracker.update(value)
+        if improved and self.restore_best:
+            self._best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
+            }
+        if plateaued:
+            nxt = self.plan.next_monitor_phase(waiting)
+            if nxt is not None:
+                self._pending.append(nxt)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            self._restore_after_warmup()
+        super().teardown(trainer, pl_module, stage)
+
+    # ------------------------------------------------------------------ transitions
+    def _apply_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plan = self._require_plan()
+        due = plan.due(trainer.current_epoch, trainer.global_step, self._done) + self._pending
+        for index in sorted(set(due)):
+            self._thaw_phase(trainer, pl_module, index)
+        self._pending = []
+
+    def _thaw_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        plan = self._require_plan()
+        phase = plan.phases[index]
+        reason = {
+            "epoch": f"at_epoch={phase.at_epoch}",
+            "step": f"at_step={phase.at_step}",
+            "monitor": f"{self.monitor} plateaued for {self.tracker.patience} validation(s)",
+        }[phase.trigger]
+        if phase.trigger == "monitor" and self.restore_best and self._best_weights is not None:
+            pl_module.load_state_dict(self._best_weights)
+            reason += f", restored the phase's best weights ({self.monitor}={self.tracker.best:.6g})"
+        lrs = {}
+        for name in phase.layers:
+            cap = self._target(name, None)
+            start = self._target(name, phase)  # the phase's lr / lr_ratio, else the discriminative LR
+            self._start_lr[name], self._cap_lr[name] = start, max(cap, start)
+            lrs[name] = start
+        thawed = self.transition(trainer, thaw=phase.layers, lr=lrs, reason=reason)
+        for name in thawed:
+            self._thawed_at[name] = (trainer.global_step, trainer.current_epoch)
+        self._done.add(index)
+        if phase.trigger == "monitor":
+            self.tracker.reset()
+            self._best_weights = None
+
+    def _target(self, name: str, phase: Phase | None) -> float:
+        assert self._head_lr_value is not None
+        return plan_target_lr(self._require_plan(), name, self._head_lr_value, self.lr_decay, phase)
+
+    def _apply_growth(self, trainer: pl.Trainer) -> None:
+        if self.lr_growth is None or not self._thawed_at:
+            return
+        engine = self._require_engine()
+        if engine.optimizer is None:
+            return
+        schedulers = self._schedulers(trainer)
+        for name, (_, epoch) in self._thawed_at.items():
+            lr = growth_factor(
+                trainer.current_epoch - epoch, self.lr_growth, self._start_lr[name], self._cap_lr[name]
+            )
+            for index in engine.group_indices(name):
+                if optim.base_lr(engine.optimizer, schedulers, index) != lr:
+                    optim.set_base_lr(engine.optimizer, schedulers, index, lr)
+
+    # ------------------------------------------------------------------ warm-up around optimizer.step()
+    def _set_warmup(self, trainer: pl.Trainer) -> None:
+        self._warm = {}
+        if self.warmup_steps <= 0 or not self._thawed_at:
+            return
+        engine = self._require_engine()
+        for name, (step, _) in self._thawed_at.items():
+            factor = plan_warmup_factor(trainer.global_step - step, self.warmup_steps)
+            if factor < 1.0:
+                for index in engine.group_indices(name):
+                    self._warm[index] = factor
+
+    def warmup_factor(self, name: str, global_step: int) -> float:
+        """The multiplier the layer's LR gets at the optimizer step ``global_step`` (1 outside its warm-up)."""
+        if name not in self._thawed_at:
+            return 1.0
+        return plan_warmup_factor(global_step - self._thawed_at[name][0], self.warmup_steps)
+
+    def _scale_for_warmup(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        self._restore_after_warmup(optimizer)
+        for index, factor in self._warm.items():
+            group = optimizer.param_groups[index]
+            self._saved_lr[index] = group["lr"]
+            group["lr"] = group["lr"] * factor
+
+    def _restore_after_warmup(self, optimizer: torch.optim.Optimizer | None = None, *args: Any) -> None:
+        if not self._saved_lr:
+            return
+        optimizer = optimizer or (self.engine.optimizer if self.engine is not None else None)
+        if optimizer is not None:
+            for index, lr in self._saved_lr.items():
+                optimizer.param_groups[index]["lr"] = lr
+        self._saved_lr = {}
+
+    # ------------------------------------------------------------------ logging
+    def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        stats = super()._stats(pl_module)
+        engine = self._require_engine()
+        stats["freeze/thawed_groups"] = float(len(engine.layers) - len(engine.frozen))
+        return stats
+
+    def _require_plan(self) -> ThawPlan:
+        if self.plan is None:
+            raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
+        return self.plan
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+__all__ = ["ProgressiveUnfreezing", "PhaseError"]
