@@ -38,6 +38,15 @@ def engine_for(model: nn.Module) -> FreezeEngine | None:
     return _ENGINES.get(model)
 
 
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter elements of ``model``."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
 def _keep_eval(module: nn.Module, args: object) -> None:
     if module.training:
         module.training = False

@@ -30,3 +30,15 @@ def run_ddp_script(name: str, out_dir, *args: str, world_size: int = 2, timeout:
         with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
             reports.append(json.load(fh))
     return reports
+
+
+def replicas_equal(module) -> bool:
+    """Inside a DDP run, on every rank: do all ranks hold bit-identical floating-point state?"""
+    import torch
+
+    flat = torch.cat(
+        [v.detach().flatten().double() for v in module.state_dict().values() if v.is_floating_point()]
+    )
+    gathered = [torch.zeros_like(flat) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-
-def count_params(module: pl.LightningModule) -> tuple[int, int]:
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+from lightning_freeze.freezing import trainable_counts as count_params
 
 
 class TrainableFraction(Callback):

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_freeze import optim
-from lightning_freeze.freezing import FreezeEngine
+from lightning_freeze.freezing import FreezeEngine, trainable_counts
 from lightning_freeze.layers import Layer, select_layers
 
 LayerSpec = str | Sequence[str]
@@ -202,10 +202,7 @@ class FreezingCallback(Callback):
         return [config.scheduler for config in trainer.lr_scheduler_configs]
 
     def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        total = trainable = 0
-        for p in pl_module.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+        trainable, total = trainable_counts(pl_module)
         engine = self._require_engine()
         return {
             "freeze/trainable_fraction": trainable / max(total, 1),

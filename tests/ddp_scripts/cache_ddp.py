@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp import replicas_equal  # noqa: E402
 from models import Net, make_data, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze  # noqa: E402
@@ -41,10 +42,7 @@ def run(out_dir, cache, make_freezer):
     shard = TrainShardSampler(len(train), shuffle=True, seed=0, fixed_shards=True)
     loader = ResumableDataLoader(train, batch_size=8, sampler=shard)
     t.fit(model, loader, DataLoader(make_data(24, 1), batch_size=4))
-    weights = flat(model)
-    gathered = [torch.zeros_like(weights) for _ in range(t.world_size)]
-    torch.distributed.all_gather(gathered, weights)
-    return t, model, weights, all(torch.equal(gathered[0], g) for g in gathered)
+    return t, model, flat(model), replicas_equal(model)
 
 
 if __name__ == "__main__":

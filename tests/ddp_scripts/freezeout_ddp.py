@@ -14,6 +14,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp import replicas_equal  # noqa: E402
 from models import Net, loaders, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut  # noqa: E402
@@ -53,15 +54,10 @@ class Report(pl.Callback):
         self.steps[-1]["allreduced"] = sum(REDUCED)
 
     def on_train_end(self, trainer, pl_module):
-        flat = torch.cat(
-            [p.detach().flatten() for p in pl_module.state_dict().values() if p.is_floating_point()]
-        )
-        gathered = [torch.zeros_like(flat) for _ in range(trainer.world_size)]
-        torch.distributed.all_gather(gathered, flat)
         result = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "replicas_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            "replicas_equal": replicas_equal(pl_module),
             "events": trainer.callbacks[0].events,
             "total_steps": trainer.callbacks[0].total_steps,
             "steps": self.steps,

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp import replicas_equal  # noqa: E402
 from models import Net, loaders, trainer  # noqa: E402
 
 from lightning_freeze import LayerFreeze  # noqa: E402
@@ -41,7 +42,7 @@ class Report(pl.Callback):
         result = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "replicas_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            "replicas_equal": replicas_equal(pl_module),
             "events": trainer.callbacks[0].events,
             "ddp_params": self.ddp_params,
             "groups": [[g["name"], len(g["params"])] for g in trainer.optimizers[0].param_groups],
