@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0 -c constraints.txt $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	$(PY) -m pip install --quiet -e '.[dev,bench]' -c constraints.txt
 	@rm -f $(VENV)/.lightning-freeze-setup-*
 	@touch $@
 

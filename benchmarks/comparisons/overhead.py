@@ -1,0 +1,167 @@
+"""Overhead of our callbacks during steps where nothing changes (goal: at most 2% of a step).
+
+Each case is a Trainer *with* one of our callbacks, configured so that the measured steps are no-op
+steps, against the same Trainer *without* it, where the same static state is set up by hand (e.g. the
+backbone frozen by hand with ``torch.no_grad()`` + eval mode).  The difference is what the callback
+costs per step: its hooks, its per-layer parameter groups, its bookkeeping.
+
+Adding a case for another callback (FreezeOut, ProgressiveUnfreezing, FrozenPrefixCache, ...) is one
+call in that callback's own benchmark module (``benchmarks/comparisons/<yours>.py``)::
+
+    from benchmarks.comparisons.overhead import OverheadCase, register_overhead_case
+
+    register_overhead_case(OverheadCase(
+        name="FreezeOut (between freezes)",
+        make_callbacks=lambda module: [FreezeOut(layers="backbone.*", t0=0.99, plot=False)],
+        baseline="nothing_frozen",        # or "hand_frozen": which hand-written run has the same state
+        note="t0 so late that no layer freezes during the measured steps",
+    ))
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from benchmarks import peers
+from benchmarks.harness import (
+    BenchContext,
+    Contender,
+    Result,
+    Table,
+    alternate,
+    comparison,
+    fmt_num,
+)
+from benchmarks.lit import BenchModule, fit_round, frozen_prefix_report
+from benchmarks.models import NetSpec, SplitNet, make_batches, make_blocks, pick_prefix
+
+Baseline = Literal["hand_frozen", "nothing_frozen"]
+BASELINE_NAMES: dict[str, str] = {
+    "hand_frozen": "Lightning, backbone frozen by hand (no callback)",
+    "nothing_frozen": "Lightning, nothing frozen (no callback)",
+}
+
+
+@dataclass(frozen=True)
+class OverheadCase:
+    """One of our callbacks in a no-op configuration, and the hand-written run it must match.
+
+    ``make_callbacks(module)`` returns the callbacks for a fresh :class:`BenchModule` (whose
+    ``backbone`` is the first ~70% of the network's blocks, then ``trunk`` and ``head``; the optimizer
+    is SGD over ``self.parameters()``, unfiltered).  ``baseline`` names the callback-free run with the
+    same static state.
+    """
+
+    name: str
+    make_callbacks: Callable[[BenchModule], list]
+    baseline: Baseline = "hand_frozen"
+    note: str = ""
+    module_kw: dict = field(default_factory=dict)
+
+
+OVERHEAD_CASES: dict[str, OverheadCase] = {}
+
+
+def register_overhead_case(case: OverheadCase) -> OverheadCase:
+    if case.baseline not in BASELINE_NAMES:
+        raise ValueError(f"baseline must be one of {list(BASELINE_NAMES)}, got {case.baseline!r}")
+    OVERHEAD_CASES[case.name] = case
+    return case
+
+
+def _layer_freeze(module: BenchModule) -> list:
+    from lightning_freeze import LayerFreeze
+
+    return [LayerFreeze(layers="backbone", plot=False)]
+
+
+register_overhead_case(OverheadCase(
+    name="LayerFreeze (ours), frozen throughout",
+    make_callbacks=peers.layer_freeze,
+    baseline="hand_frozen",
+    note='LayerFreeze(layers="backbone", plot=False), no until_*: every measured step is a no-op step',
+))
+
+
+@comparison("overhead", "Overhead of our callbacks on no-op steps", order=20)
+def run(ctx: BenchContext) -> Result:
+    spec = ctx.pick(NetSpec(width=16, blocks_per_stage=5, batch=8), NetSpec(width=16, blocks_per_stage=6, batch=16))
+    skip = ctx.pick(3, 5)
+    measured = ctx.pick(20, 60)
+    rounds = ctx.n_rounds(5, 9)
+    device = torch.device(ctx.device)
+    blocks = make_blocks(spec, seed=0)
+    k, flop_share = pick_prefix(blocks, spec, 0.7)
+    batches = make_batches(spec, skip + measured, device=device, seed=1)
+
+    def make_net() -> SplitNet:
+        return SplitNet.from_blocks(blocks, k, spec.num_classes)
+
+    def lightning(name: str, module_kw: dict, make_callbacks: Callable[[BenchModule], list], note: str):
+        info: dict[str, str] = {}
+
+        def run_round() -> float:
+            module = BenchModule(make_net(), **module_kw)
+            before = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+
+            def check(trainer, mod):
+                info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
+
+            return fit_round(lambda: module, batches, make_callbacks(module), skip=skip, device=device,
+                             after_fit=check)
+
+        return Contender(name, run_round, note=note, info=info)
+
+    used = {case.baseline for case in OVERHEAD_CASES.values()}
+    contenders = [
+        lightning(BASELINE_NAMES["hand_frozen"], {"hand_frozen": True}, lambda m: [],
+                  "no_grad + eval backbone, optimizer over trainable params"),
+        lightning(BASELINE_NAMES["nothing_frozen"], {}, lambda m: [], "plain Lightning"),
+    ]
+    contenders = [c for c, kind in zip(contenders, BASELINE_NAMES, strict=True) if kind in used]
+    for case in OVERHEAD_CASES.values():
+        contenders.append(lightning(case.name, case.module_kw, case.make_callbacks, case.note))
+    ctx.log(f"  {len(OVERHEAD_CASES)} case(s), {measured} measured steps per round, {rounds} rounds")
+    ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    by_name = {m.name: m for m in ms}
+
+    result = Result(
+        "overhead", "Overhead of our callbacks on no-op steps",
+        description=(
+            "Per-step time of a Trainer with one of our callbacks, during steps where the callback changes "
+            "nothing, against the same Trainer without it and the same state set up by hand. Goal: the "
+            "callback costs at most 2% of a step (ratio ≤ 1.02×). Model: the benchmark ResNet with "
+            f"{k} of {len(blocks)} blocks ({flop_share:.0%} of forward FLOPs) as the backbone, small batch "
+            "so that per-step overhead is visible."),
+        config={"net": spec.to_json(), "backbone_blocks": k, "warmup_steps_per_round": skip,
+                "measured_steps_per_round": measured, "rounds": rounds, "device": str(device),
+                "cases": {n: {"baseline": c.baseline, "note": c.note} for n, c in OVERHEAD_CASES.items()}},
+    )
+    for kind in BASELINE_NAMES:
+        cases = [c for c in OVERHEAD_CASES.values() if c.baseline == kind]
+        if not cases:
+            continue
+        base = by_name[BASELINE_NAMES[kind]]
+        rows = [base] + [by_name[c.name] for c in cases]
+        for m in rows[1:]:
+            if m.error is None and base.error is None:
+                diffs = [(a - b) * 1e6 for a, b in zip(m.values(), base.values(), strict=True)]
+                m.extra["overhead_us"] = statistics.median(diffs)
+                r = statistics.median(a / b for a, b in zip(m.values(), base.values(), strict=True))
+                m.extra["goal"] = "met" if r <= 1.02 else f"missed ({(r - 1) * 100:+.1f}%)"
+        result.tables.append(Table.build(
+            f"Against: {base.name}", rows, baseline=base.name, unit="ms", scale=1e3, label="step time",
+            extra_columns={
+                "overhead per step (µs, median of per-round differences)":
+                    lambda m: fmt_num(m.extra["overhead_us"]) if "overhead_us" in m.extra else "—",
+                "≤ 2% goal": lambda m: m.extra.get("goal", "—" if m.error is None else "n/a"),
+                "backbone bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
+            },
+            notes=[f"{measured} measured steps per round after {skip} warm-up steps."]))
+    return result
+

@@ -1,0 +1,188 @@
+"""Lightning glue for benchmarks: a LightningModule around :class:`SplitNet`, a quiet timing Trainer, and
+a step timer, so that a Lightning contender's round is one short ``fit`` of N steps.
+
+Example (one round of our callback on pre-generated batches)::
+
+    from benchmarks.lit import BenchModule, fit_round
+    step_s = fit_round(lambda: BenchModule(net_factory()), batches, callbacks=[LayerFreeze("backbone")],
+                       skip=2, device=ctx.device)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.harness import median_step_time, now
+from benchmarks.models import SplitNet
+
+
+class BenchModule(L.LightningModule):
+    """``head(trunk(backbone(x)))`` with plain SGD, written the way a user would write it.
+
+    - ``filter_trainable``: the optimizer gets only ``requires_grad`` parameters (what Lightning's
+      ``BackboneFinetuning`` asks its users to do); otherwise it gets ``self.parameters()`` unfiltered
+      (what the ``LayerFreeze`` contract lets users do).
+    - ``hand_frozen``: the hand-written optimum inside Lightning: the backbone runs under
+      ``torch.no_grad()`` in eval mode, its parameters have ``requires_grad=False`` and the optimizer
+      holds only the trainable parameters.
+    """
+
+    def __init__(self, net: SplitNet, lr: float = 0.05, momentum: float = 0.9, filter_trainable: bool = False,
+                 hand_frozen: bool = False, example_input: torch.Tensor | None = None):
+        super().__init__()
+        net.train()  # Lightning keeps the train/eval mode it finds; start like a fresh model
+        self.backbone = net.backbone
+        self.trunk = net.trunk
+        self.head = net.head
+        self.lr, self.momentum = lr, momentum
+        self.filter_trainable = filter_trainable or hand_frozen
+        self.hand_frozen = hand_frozen
+        if hand_frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()  # Lightning keeps submodule modes as it finds them (and restores them)
+        if example_input is not None:
+            self.example_input_array = example_input
+
+    def train(self, mode: bool = True):  # in case anything calls module.train() on the whole model
+        super().train(mode)
+        if self.hand_frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hand_frozen:
+            with torch.no_grad():
+                x = self.backbone(x)
+        else:
+            x = self.backbone(x)
+        return self.head(self.trunk(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        params = self.parameters()
+        if self.filter_trainable:
+            params = [p for p in params if p.requires_grad]
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
+def frozen_prefix_report(before: dict[str, torch.Tensor], module: torch.nn.Module) -> str:
+    """"yes" when no backbone tensor (parameter or buffer) differs from ``before``; else what changed."""
+    after = module.backbone.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k].to(v.device))]
+    if not changed:
+        return "yes"
+    kinds = sorted({k.rsplit(".", 1)[-1] for k in changed})
+    return f"no: {len(changed)}/{len(before)} tensors changed ({', '.join(kinds)})"
+
+
+class BatchList(Dataset):
+    """Pre-generated batches served as-is (``DataLoader(batch_size=None)``): no collation, no copies."""
+
+    def __init__(self, batches: Sequence):
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+class StepTimer(Callback):
+    """Records a device-synchronised timestamp at every ``on_train_batch_start``.
+
+    The interval between consecutive starts is one whole training step as the user pays for it:
+    data fetch, forward, backward, optimizer step, zero_grad and every callback hook.
+    """
+
+    def __init__(self, device=None):
+        self.device = device
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(now(self.device))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= (trainer.max_steps or 0) > 0:
+            self.starts.append(now(self.device))  # closes the last step
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+
+
+@contextmanager
+def quiet():
+    """Silence Lightning's informational logging and the warnings a timing setup provokes."""
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric",
+                                               "lightning.pytorch.utilities.rank_zero", "finetuning_scheduler")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def accelerator_for(device) -> tuple[str, list[int] | int]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "gpu", [dev.index or 0]
+    return "cpu", 1
+
+
+def make_trainer(steps: int, callbacks: Sequence[Callback], device="cpu", root_dir: str | None = None,
+                 **overrides) -> L.Trainer:
+    """A Trainer for timing: no progress bar, logger, checkpointing, model summary or validation."""
+    accelerator, devices = accelerator_for(device)
+    kwargs = dict(
+        max_steps=steps, max_epochs=1, accelerator=accelerator, devices=devices, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root_dir, deterministic=False,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(callbacks=list(callbacks), **kwargs)
+
+
+def fit_round(
+    make_module: Callable[[], L.LightningModule],
+    batches: Sequence,
+    callbacks: Sequence[Callback] = (),
+    *,
+    skip: int,
+    device="cpu",
+    trainer_overrides: dict | None = None,
+    after_fit: Callable[[L.Trainer, L.LightningModule], None] | None = None,
+) -> float:
+    """One round of a Lightning contender: ``fit`` over ``batches`` (one step each) and return the median
+    step time (seconds) after skipping the first ``skip`` steps.  ``after_fit`` may check the outcome.
+    """
+    module = make_module()
+    timer = StepTimer(torch.device(device))
+    with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-") as tmp:
+        trainer = make_trainer(len(batches), [timer, *callbacks], device=device, root_dir=tmp,
+                               **(trainer_overrides or {}))
+        loader = DataLoader(BatchList(batches), batch_size=None, shuffle=False, num_workers=0)
+        trainer.fit(module, train_dataloaders=loader)
+        if after_fit is not None:
+            after_fit(trainer, module)
+    times = timer.step_times()
+    if len(times) < len(batches) - 1:
+        raise RuntimeError(f"only {len(times)} steps were timed out of {len(batches)}: the fit stopped early")
+    return median_step_time(times, skip)
