@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze
-from lightning_freeze.callbacks.cache import _Store, find_plan, parse_bytes, should_switch_off
+from lightning_freeze.cache_store import RowStore, parse_bytes, should_switch_off
+from lightning_freeze.callbacks.cache import find_plan
 from lightning_freeze.fingerprint import Fingerprinter, self_test, signature
 from lightning_freeze.freezing import FreezeEngine
 from lightning_freeze.layers import select_layers
@@ -100,7 +101,7 @@ def test_plan_whole_module_segment_and_refusals():
 
 
 def test_store_budget_and_transform():
-    store = _Store(budget=10 * 4 * 4, pin=False)  # room for 10 rows of 4 floats
+    store = RowStore(budget=10 * 4 * 4, pin=False)  # room for 10 rows of 4 floats
     sig = ("s",)
     rows = torch.arange(48, dtype=torch.float32).reshape(12, 4)
     keys = [bytes([i]) * 16 for i in range(12)]
