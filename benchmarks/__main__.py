@@ -19,15 +19,27 @@ from benchmarks.report import write_readme, write_result
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and few rounds (a few minutes on 2 cores)")
-    p.add_argument("--only", action="append", metavar="NAME", default=[],
-                   help="run only this comparison (repeatable; see --list)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes and few rounds (a few minutes on 2 cores)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        default=[],
+        help="run only this comparison (repeatable; see --list)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
-    p.add_argument("--rounds", type=int, default=None, help="override every comparison's number of recorded rounds")
-    p.add_argument("--threads", default="auto",
-                   help="torch intra-op threads: a number, 'default' (torch's choice: one per core), or 'auto' "
-                        "(the default: 1 when the machine is already busy, i.e. 1-minute load average >= cores, "
-                        "because multi-threaded kernels on oversubscribed cores stall; torch's choice otherwise)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="override every comparison's number of recorded rounds"
+    )
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch intra-op threads: a number, 'default' (torch's choice: one per core), or 'auto' "
+        "(the default: 1 when the machine is already busy, i.e. 1-minute load average >= cores, "
+        "because multi-threaded kernels on oversubscribed cores stall; torch's choice otherwise)",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where json files and README.md go")
     p.add_argument("--list", action="store_true", help="list the comparisons and exit")
     p.add_argument("--readme-only", action="store_true", help="only regenerate README.md from the json files")
@@ -91,8 +103,13 @@ def main(argv=None) -> int:
             payload = result.to_json(ctx, machine, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - one broken comparison must not hide the others
             failures += 1
-            payload = {"name": comp.name, "title": comp.title, "mode": ctx.mode, "machine": machine,
-                       "error": f"the comparison itself failed: {format_error(exc)}"}
+            payload = {
+                "name": comp.name,
+                "title": comp.title,
+                "mode": ctx.mode,
+                "machine": machine,
+                "error": f"the comparison itself failed: {format_error(exc)}",
+            }
             ctx.log(f"  FAILED: {payload['error']}")
         payload["machine"]["load_avg_1_5_15_end"] = machine_info(device)["load_avg_1_5_15"]
         path = write_result(payload, args.results_dir)

@@ -86,8 +86,13 @@ class Measurement:
             self.samples.setdefault(key, []).append(float(value))
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "samples": self.samples, "error": self.error, "note": self.note,
-                "extra": self.extra}
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "error": self.error,
+            "note": self.note,
+            "extra": self.extra,
+        }
 
 
 def format_error(exc: BaseException) -> str:
@@ -140,7 +145,9 @@ def alternate(
             if recorded:
                 result.add(sample)
         if log:
-            label = f"round {r - warmup_rounds + 1}/{rounds}" if recorded else f"warm-up {r + 1}/{warmup_rounds}"
+            label = (
+                f"round {r - warmup_rounds + 1}/{rounds}" if recorded else f"warm-up {r + 1}/{warmup_rounds}"
+            )
             log(f"    {label} done")
     for contender, result in zip(contenders, results, strict=True):
         result.extra.update(contender.info)
@@ -172,7 +179,14 @@ class Summary:
         return cls(int(v.size), float(med), float(q1), float(q3), float(v.min()), float(v.max()))
 
     def to_json(self) -> dict[str, float]:
-        return {"n": self.n, "median": self.median, "q1": self.q1, "q3": self.q3, "min": self.min, "max": self.max}
+        return {
+            "n": self.n,
+            "median": self.median,
+            "q1": self.q1,
+            "q3": self.q3,
+            "min": self.min,
+            "max": self.max,
+        }
 
 
 def pairwise_ratios(values: Sequence[float], baseline: Sequence[float]) -> list[float]:
@@ -202,7 +216,7 @@ def fmt_num(x: float, digits: int = 3) -> str:
     if x == 0:
         return "0"
     mag = abs(x)
-    if mag >= 10 ** digits:
+    if mag >= 10**digits:
         return f"{x:,.0f}"
     decimals = max(0, digits - 1 - int(np.floor(np.log10(mag))))
     return f"{x:.{decimals}f}"
@@ -223,8 +237,13 @@ class Table:
     data: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "columns": self.columns, "rows": self.rows, "notes": self.notes,
-                "data": self.data}
+        return {
+            "title": self.title,
+            "columns": self.columns,
+            "rows": self.rows,
+            "notes": self.notes,
+            "data": self.data,
+        }
 
     @classmethod
     def build(
@@ -250,8 +269,15 @@ class Table:
         label = label or metric
         u = f" ({unit})" if unit else ""
         extra_columns = dict(extra_columns or {})
-        columns = ["contender", f"{label} median{u}", f"IQR{u}", f"min – max{u}",
-                   f"÷ {baseline} (median of per-round ratios)", "ratio IQR", *extra_columns]
+        columns = [
+            "contender",
+            f"{label} median{u}",
+            f"IQR{u}",
+            f"min – max{u}",
+            f"÷ {baseline} (median of per-round ratios)",
+            "ratio IQR",
+            *extra_columns,
+        ]
         base = next((m for m in measurements if m.name == baseline), None)
         if base is None:
             raise ValueError(f"baseline {baseline!r} is not among {[m.name for m in measurements]}")
@@ -261,8 +287,15 @@ class Table:
         for m in measurements:
             vals = m.values(metric)
             extras = [fn(m) for fn in extra_columns.values()]
-            entry: dict[str, Any] = {"contender": m.name, "metric": metric, "unit_scale": scale,
-                                     "samples": vals, "error": m.error, "note": m.note, "extra": m.extra}
+            entry: dict[str, Any] = {
+                "contender": m.name,
+                "metric": metric,
+                "unit_scale": scale,
+                "samples": vals,
+                "error": m.error,
+                "note": m.note,
+                "extra": m.extra,
+            }
             if m.error is not None or not vals:
                 reason = m.error or "no samples"
                 rows.append([m.name, "—", "—", "—", f"could not run: {reason}", "—", *extras])
@@ -270,8 +303,12 @@ class Table:
                 continue
             s = Summary.of(v * scale for v in vals)
             entry["summary"] = s.to_json()
-            cells = [m.name, fmt_num(s.median), f"{fmt_num(s.q1)} – {fmt_num(s.q3)}",
-                     f"{fmt_num(s.min)} – {fmt_num(s.max)}"]
+            cells = [
+                m.name,
+                fmt_num(s.median),
+                f"{fmt_num(s.q1)} – {fmt_num(s.q3)}",
+                f"{fmt_num(s.min)} – {fmt_num(s.max)}",
+            ]
             if m.name == baseline:
                 cells += ["1 (baseline)", "—"]
             elif base.error is not None or len(base_vals) != len(vals):
@@ -285,9 +322,11 @@ class Table:
             rows.append(cells + extras)
             data.append(entry)
         notes = list(notes)
-        notes.append(f"{'Lower' if lower_is_better else 'Higher'} is better. Ratios are taken per round "
-                     f"(contender ÷ {baseline} in the same round), then their median; n = "
-                     f"{len(base_vals)} recorded rounds.")
+        notes.append(
+            f"{'Lower' if lower_is_better else 'Higher'} is better. Ratios are taken per round "
+            f"(contender ÷ {baseline} in the same round), then their median; n = "
+            f"{len(base_vals)} recorded rounds."
+        )
         return cls(title, columns, rows, notes, data)
 
 
@@ -477,9 +516,12 @@ def discover() -> dict[str, Comparison]:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
         except Exception as exc:  # noqa: BLE001 - one broken module must not take the suite down
             if info.name not in COMPARISONS:
-                COMPARISONS[info.name] = Comparison(info.name, f"{info.name} (module failed to import)",
-                                                    _raiser(f"importing benchmarks/comparisons/{info.name}.py "
-                                                            f"failed: {format_error(exc)}"), order=1000)
+                COMPARISONS[info.name] = Comparison(
+                    info.name,
+                    f"{info.name} (module failed to import)",
+                    _raiser(f"importing benchmarks/comparisons/{info.name}.py failed: {format_error(exc)}"),
+                    order=1000,
+                )
     return dict(sorted(COMPARISONS.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 

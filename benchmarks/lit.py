@@ -37,8 +37,15 @@ class BenchModule(L.LightningModule):
       holds only the trainable parameters.
     """
 
-    def __init__(self, net: SplitNet, lr: float = 0.05, momentum: float = 0.9, filter_trainable: bool = False,
-                 hand_frozen: bool = False, example_input: torch.Tensor | None = None):
+    def __init__(
+        self,
+        net: SplitNet,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        filter_trainable: bool = False,
+        hand_frozen: bool = False,
+        example_input: torch.Tensor | None = None,
+    ):
         super().__init__()
         net.train()  # Lightning keeps the train/eval mode it finds; start like a fresh model
         self.backbone = net.backbone
@@ -79,7 +86,7 @@ class BenchModule(L.LightningModule):
 
 
 def frozen_prefix_report(before: dict[str, torch.Tensor], module: torch.nn.Module) -> str:
-    """"yes" when no backbone tensor (parameter or buffer) differs from ``before``; else what changed."""
+    """ "yes" when no backbone tensor (parameter or buffer) differs from ``before``; else what changed."""
     after = module.backbone.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k].to(v.device))]
     if not changed:
@@ -126,8 +133,16 @@ class StepTimer(Callback):
 @contextmanager
 def quiet():
     """Silence Lightning's informational logging and the warnings a timing setup provokes."""
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric",
-                                               "lightning.pytorch.utilities.rank_zero", "finetuning_scheduler")]
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "lightning",
+            "lightning.pytorch",
+            "lightning.fabric",
+            "lightning.pytorch.utilities.rank_zero",
+            "finetuning_scheduler",
+        )
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -147,14 +162,24 @@ def accelerator_for(device) -> tuple[str, list[int] | int]:
     return "cpu", 1
 
 
-def make_trainer(steps: int, callbacks: Sequence[Callback], device="cpu", root_dir: str | None = None,
-                 **overrides) -> L.Trainer:
+def make_trainer(
+    steps: int, callbacks: Sequence[Callback], device="cpu", root_dir: str | None = None, **overrides
+) -> L.Trainer:
     """A Trainer for timing: no progress bar, logger, checkpointing, model summary or validation."""
     accelerator, devices = accelerator_for(device)
     kwargs = dict(
-        max_steps=steps, max_epochs=1, accelerator=accelerator, devices=devices, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root_dir, deterministic=False,
+        max_steps=steps,
+        max_epochs=1,
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root_dir,
+        deterministic=False,
     )
     kwargs.update(overrides)
     return L.Trainer(callbacks=list(callbacks), **kwargs)
@@ -176,8 +201,9 @@ def fit_round(
     module = make_module()
     timer = StepTimer(torch.device(device))
     with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-") as tmp:
-        trainer = make_trainer(len(batches), [timer, *callbacks], device=device, root_dir=tmp,
-                               **(trainer_overrides or {}))
+        trainer = make_trainer(
+            len(batches), [timer, *callbacks], device=device, root_dir=tmp, **(trainer_overrides or {})
+        )
         loader = DataLoader(BatchList(batches), batch_size=None, shuffle=False, num_workers=0)
         trainer.fit(module, train_dataloaders=loader)
         if after_fit is not None:

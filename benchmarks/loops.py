@@ -17,7 +17,9 @@ from benchmarks.harness import median_step_time, now
 from benchmarks.models import SplitNet
 
 
-def make_optimizer(net: SplitNet, frozen: bool, lr: float = 0.05, momentum: float = 0.9) -> torch.optim.Optimizer:
+def make_optimizer(
+    net: SplitNet, frozen: bool, lr: float = 0.05, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     if frozen:
         net.backbone.requires_grad_(False)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -26,7 +28,9 @@ def make_optimizer(net: SplitNet, frozen: bool, lr: float = 0.05, momentum: floa
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
-def train_step(net: SplitNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, frozen: bool) -> None:
+def train_step(
+    net: SplitNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, frozen: bool
+) -> None:
     if frozen:
         with torch.no_grad():
             f = net.backbone(x)

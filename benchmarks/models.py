@@ -29,9 +29,9 @@ from torch.nn import functional as F
 class NetSpec:
     """Size of the benchmark network and its synthetic batches."""
 
-    width: int = 32            # channels of the first stage (doubled per stage)
+    width: int = 32  # channels of the first stage (doubled per stage)
     blocks_per_stage: int = 6  # basic residual blocks per stage (3 stages)
-    image: int = 32            # input resolution (square, 3 channels)
+    image: int = 32  # input resolution (square, 3 channels)
     batch: int = 64
     num_classes: int = 10
 
@@ -58,7 +58,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -70,10 +72,12 @@ def make_blocks(spec: NetSpec, seed: int = 0) -> list[nn.Module]:
     """The network as an ordered list of blocks: stem, then ``3 * blocks_per_stage`` residual blocks."""
     torch.manual_seed(seed)
     w = spec.width
-    blocks: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())]
+    blocks: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+    ]
     c = w
     for stage in range(3):
-        c_out = w * 2 ** stage
+        c_out = w * 2**stage
         for i in range(spec.blocks_per_stage):
             stride = 2 if (stage > 0 and i == 0) else 1
             blocks.append(BasicBlock(c, c_out, stride))
@@ -116,7 +120,9 @@ def _out_channels(blocks: Sequence[nn.Module]) -> int:
     return convs[-1].out_channels
 
 
-def make_batches(spec: NetSpec, n: int, device="cpu", seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    spec: NetSpec, n: int, device="cpu", seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` synthetic (images, labels) batches, generated once and kept in memory on ``device``."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -182,5 +188,3 @@ def measured_time_share(net: SplitNet, batch: torch.Tensor, reps: int = 5, devic
             t2 = now(device)
             shares.append((t1 - t0) / (t2 - t0))
     return statistics.median(shares)
-
-

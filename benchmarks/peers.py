@@ -14,10 +14,10 @@ if TYPE_CHECKING:  # keeps `import benchmarks.peers` free of Lightning (memory w
 NOTES = {
     "layer_freeze": 'LayerFreeze(layers="backbone", plot=False); optimizer gets self.parameters() unfiltered',
     "backbone_finetuning": "frozen phase (unfreeze_backbone_at_epoch=10000); optimizer filtered on requires_grad "
-                           "as its docs ask; its freeze keeps BatchNorm trainable (train_bn=True), so gradients "
-                           "still flow through the backbone",
+    "as its docs ask; its freeze keeps BatchNorm trainable (train_bn=True), so gradients "
+    "still flow through the backbone",
     "finetuning_scheduler": "explicit schedule (phase 0 = trunk + head), epoch_transitions_only, restore_best=False; "
-                            "frozen BatchNorm stays in train mode, so running statistics keep changing",
+    "frozen BatchNorm stays in train mode, so running statistics keep changing",
 }
 
 
@@ -40,15 +40,25 @@ def fts_schedule(module: BenchModule, max_transition_epoch: int = 10_000) -> dic
     """
     names = [n for n, _ in module.named_parameters()]
     return {
-        0: {"params": [n for n in names if not n.startswith("backbone.")],
-            "max_transition_epoch": max_transition_epoch},
-        1: {"params": [n for n in names if n.startswith("backbone.")],
-            "max_transition_epoch": max_transition_epoch + 1},
+        0: {
+            "params": [n for n in names if not n.startswith("backbone.")],
+            "max_transition_epoch": max_transition_epoch,
+        },
+        1: {
+            "params": [n for n in names if n.startswith("backbone.")],
+            "max_transition_epoch": max_transition_epoch + 1,
+        },
     }
 
 
 def finetuning_scheduler(module: BenchModule) -> list:
     from finetuning_scheduler import FinetuningScheduler
 
-    return [FinetuningScheduler(ft_schedule=fts_schedule(module), epoch_transitions_only=True,
-                                restore_best=False, logging_level=40)]
+    return [
+        FinetuningScheduler(
+            ft_schedule=fts_schedule(module),
+            epoch_transitions_only=True,
+            restore_best=False,
+            logging_level=40,
+        )
+    ]

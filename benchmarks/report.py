@@ -53,10 +53,12 @@ def _machine_line(m: Mapping[str, Any]) -> str:
     commit = str(m.get("git_commit", "?"))
     commit = commit[:12] if len(commit) == 40 else commit
     dirty = " + uncommitted changes" if m.get("git_dirty") else ""
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads{threads}), "
-            f"device {dev}, torch {m.get('torch', '?')}, lightning {m.get('lightning', '?')}, "
-            f"python {m.get('python', '?')}; load average (1/5/15 min) at start {load}, at end {load_end}; "
-            f"{m.get('date_utc', '?')} UTC; commit {commit}{dirty}")
+    return (
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads{threads}), "
+        f"device {dev}, torch {m.get('torch', '?')}, lightning {m.get('lightning', '?')}, "
+        f"python {m.get('python', '?')}; load average (1/5/15 min) at start {load}, at end {load_end}; "
+        f"{m.get('date_utc', '?')} UTC; commit {commit}{dirty}"
+    )
 
 
 def _escape(cell: str) -> str:
@@ -65,9 +67,12 @@ def _escape(cell: str) -> str:
 
 def render_table(table: Mapping[str, Any]) -> str:
     cols = table["columns"]
-    lines = [f"#### {table['title']}", "",
-             "| " + " | ".join(_escape(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
+    lines = [
+        f"#### {table['title']}",
+        "",
+        "| " + " | ".join(_escape(c) for c in cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
     for row in table["rows"]:
         lines.append("| " + " | ".join(_escape(c) for c in row) + " |")
     lines.append("")
@@ -82,8 +87,10 @@ def render_result(res: Mapping[str, Any]) -> str:
     parts = [f"## {res.get('title', res['name'])} (`{res['name']}`)", ""]
     if res.get("error"):
         return "\n".join(parts + [f"**{res['error']}**", ""])
-    parts.append(f"*Mode: **{res.get('mode', '?')}**; took {res.get('elapsed_s', '?')} s. "
-                 f"Machine: {_machine_line(res.get('machine', {}))}.*")
+    parts.append(
+        f"*Mode: **{res.get('mode', '?')}**; took {res.get('elapsed_s', '?')} s. "
+        f"Machine: {_machine_line(res.get('machine', {}))}.*"
+    )
     parts.append("")
     if res.get("description"):
         parts += [res["description"], ""]
@@ -92,8 +99,16 @@ def render_result(res: Mapping[str, Any]) -> str:
     if res.get("notes"):
         parts += [*(f"- {n}" for n in res["notes"]), ""]
     if res.get("config"):
-        parts += ["<details><summary>configuration</summary>", "", "```json",
-                  json.dumps(res["config"], indent=1, default=str), "```", "", "</details>", ""]
+        parts += [
+            "<details><summary>configuration</summary>",
+            "",
+            "```json",
+            json.dumps(res["config"], indent=1, default=str),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -104,7 +119,9 @@ def write_readme(results_dir: Path = RESULTS_DIR, order: Mapping[str, int] | Non
     results.sort(key=lambda r: (order.get(r.get("name", ""), 100), r.get("name", "")))
     body = [README_HEADER]
     if results:
-        body.append("Contents: " + ", ".join(f"[{r.get('title', r['name'])}](#{_anchor(r)})" for r in results))
+        body.append(
+            "Contents: " + ", ".join(f"[{r.get('title', r['name'])}](#{_anchor(r)})" for r in results)
+        )
         body.append("")
     body += [render_result(r) for r in results]
     path = results_dir / "README.md"

@@ -37,9 +37,12 @@ def test_alternate_runs_warmup_then_abab_and_keeps_only_recorded_rounds():
         def run():
             calls.append(name)
             return value
+
         return run
 
-    ms = alternate([Contender("a", make("a", 1.0)), Contender("b", make("b", 2.0))], rounds=3, warmup_rounds=2)
+    ms = alternate(
+        [Contender("a", make("a", 1.0)), Contender("b", make("b", 2.0))], rounds=3, warmup_rounds=2
+    )
     assert calls == ["a", "b"] * 5
     assert [m.values() for m in ms] == [[1.0] * 3, [2.0] * 3]
 
@@ -47,14 +50,19 @@ def test_alternate_runs_warmup_then_abab_and_keeps_only_recorded_rounds():
 def test_pairwise_ratios_cancel_noise_common_to_a_round():
     # A machine that gets 10x slower in round 2 slows both contenders alike: the paired ratio is unchanged.
     speed = iter([1.0, 1.0, 10.0, 10.0, 1.5, 1.5])
-    ms = alternate([Contender("base", lambda: next(speed) * 2.0), Contender("x", lambda: next(speed) * 3.0)],
-                   rounds=3, warmup_rounds=0)
+    ms = alternate(
+        [Contender("base", lambda: next(speed) * 2.0), Contender("x", lambda: next(speed) * 3.0)],
+        rounds=3,
+        warmup_rounds=0,
+    )
     base, x = ms
     assert pairwise_ratios(x.values(), base.values()) == pytest.approx([1.5, 1.5, 1.5])
     table = Table.build("t", ms, baseline="base", unit="s")
     row = next(d for d in table.data if d["contender"] == "x")
     assert row["ratio_summary"]["median"] == pytest.approx(1.5)
-    assert row["ratio_summary"]["q1"] == pytest.approx(1.5) and row["ratio_summary"]["q3"] == pytest.approx(1.5)
+    assert row["ratio_summary"]["q1"] == pytest.approx(1.5) and row["ratio_summary"]["q3"] == pytest.approx(
+        1.5
+    )
     # while the raw medians are spread by the noise
     assert row["summary"]["max"] / row["summary"]["min"] == pytest.approx(10.0)
 
@@ -71,8 +79,11 @@ def test_failing_contender_is_reported_with_its_reason_and_the_others_go_on():
     def boom():
         raise RuntimeError("peer cannot run this case")
 
-    ms = alternate([Contender("base", lambda: 1.0), Contender("bad", boom), Contender("ok", lambda: 2.0)],
-                   rounds=2, warmup_rounds=1)
+    ms = alternate(
+        [Contender("base", lambda: 1.0), Contender("bad", boom), Contender("ok", lambda: 2.0)],
+        rounds=2,
+        warmup_rounds=1,
+    )
     bad = ms[1]
     assert bad.error.startswith("RuntimeError: peer cannot run this case")
     assert ms[2].values() == [2.0, 2.0]
@@ -82,8 +93,14 @@ def test_failing_contender_is_reported_with_its_reason_and_the_others_go_on():
 
 
 def test_multi_metric_samples_and_result_files(tmp_path):
-    ms = alternate([Contender("a", lambda: {"rss": 10.0, "bytes": 4.0}),
-                    Contender("b", lambda: {"rss": 5.0, "bytes": 1.0})], rounds=2, warmup_rounds=0)
+    ms = alternate(
+        [
+            Contender("a", lambda: {"rss": 10.0, "bytes": 4.0}),
+            Contender("b", lambda: {"rss": 5.0, "bytes": 1.0}),
+        ],
+        rounds=2,
+        warmup_rounds=0,
+    )
     assert ms[1].values("rss") == [5.0, 5.0] and ms[1].values("bytes") == [1.0, 1.0]
     table = Table.build("mem", ms, baseline="a", metric="rss", unit="MiB")
     res = Result("demo_cmp", "Demo comparison", description="desc", tables=[table], config={"n": 1})
@@ -93,7 +110,9 @@ def test_multi_metric_samples_and_result_files(tmp_path):
     path = write_result(res.to_json(BenchContext(quick=True), machine_info(), 1.0), tmp_path)
     payload = json.loads(path.read_text())
     assert payload["name"] == "demo_cmp" and payload["mode"] == "quick"
-    assert {"cpu", "cores", "torch", "lightning", "device", "date_utc", "git_commit"} <= set(payload["machine"])
+    assert {"cpu", "cores", "torch", "lightning", "device", "date_utc", "git_commit"} <= set(
+        payload["machine"]
+    )
     # a second result written later (another helper's comparison) shows up in the same README
     write_result({"name": "zz_other", "title": "Other", "tables": [], "machine": {}}, tmp_path)
     readme = write_readme(tmp_path).read_text()
@@ -138,8 +157,13 @@ def test_lightning_round_times_every_step_and_layer_freeze_keeps_prefix(tmp_path
     module = BenchModule(SplitNet.from_blocks(blocks, 2, TINY.num_classes))
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     seen = {}
-    step_s = fit_round(lambda: module, make_batches(TINY, 5), [LayerFreeze(layers="backbone", plot=False)],
-                       skip=1, after_fit=lambda tr, m: seen.update(steps=tr.global_step))
+    step_s = fit_round(
+        lambda: module,
+        make_batches(TINY, 5),
+        [LayerFreeze(layers="backbone", plot=False)],
+        skip=1,
+        after_fit=lambda tr, m: seen.update(steps=tr.global_step),
+    )
     assert step_s > 0 and seen["steps"] == 5
     assert frozen_prefix_report(before, module) == "yes"
 
@@ -150,7 +174,9 @@ def test_hand_frozen_lightning_baseline_really_keeps_the_backbone_in_eval_mode()
     module = BenchModule(SplitNet.from_blocks(make_blocks(TINY), 2, TINY.num_classes), hand_frozen=True)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     modes = []
-    module.on_train_batch_start = lambda batch, i: modes.append((module.backbone.training, module.trunk.training))
+    module.on_train_batch_start = lambda batch, i: modes.append(
+        (module.backbone.training, module.trunk.training)
+    )
     fit_round(lambda: module, make_batches(TINY, 3), skip=0)
     assert modes == [(False, True)] * 3
     assert frozen_prefix_report(before, module) == "yes"

@@ -25,7 +25,11 @@ SCRIPTS = Path(__file__).parent / "ddp_scripts"
 
 @settings(max_examples=50, deadline=None)
 @given(
-    n=st.integers(1, 300), world=st.integers(1, 5), epoch=st.integers(0, 3), pad=st.booleans(), fixed=st.booleans()
+    n=st.integers(1, 300),
+    world=st.integers(1, 5),
+    epoch=st.integers(0, 3),
+    pad=st.booleans(),
+    fixed=st.booleans(),
 )
 def test_train_shards_are_disjoint_equal_and_cover(n, world, epoch, pad, fixed):
     indices = np.arange(1000, 1000 + n)

@@ -156,12 +156,20 @@ def _lightning(make_callbacks: Callable[[Any], list], **module_kw) -> MemoryFn:
         from benchmarks.lit import BenchModule, fit_round
 
         net, batches, device = setup_from_config(cfg)
-        module = BenchModule(net, **module_kw).to(device)  # weights on the device before measuring, as in _plain
+        module = BenchModule(net, **module_kw).to(
+            device
+        )  # weights on the device before measuring, as in _plain
         got = {}
 
         def train():
-            fit_round(lambda: module, batches, make_callbacks(module), skip=0, device=device,
-                      after_fit=lambda trainer, mod: got.setdefault("opt", trainer.optimizers[0]))
+            fit_round(
+                lambda: module,
+                batches,
+                make_callbacks(module),
+                skip=0,
+                device=device,
+                after_fit=lambda trainer, mod: got.setdefault("opt", trainer.optimizers[0]),
+            )
             return list(module.parameters()), got["opt"]
 
         return measure(cfg, train)
@@ -173,11 +181,14 @@ register_memory_contender("PyTorch, nothing frozen", "all parameters trained")(_
 register_memory_contender("PyTorch, hand-frozen (optimum)", "prefix under no_grad + eval")(_plain(True))
 register_memory_contender("Lightning, nothing frozen")(_lightning(lambda m: []))
 register_memory_contender("Lightning + LayerFreeze (ours)", peers.NOTES["layer_freeze"])(
-    _lightning(peers.layer_freeze))
+    _lightning(peers.layer_freeze)
+)
 register_memory_contender("Lightning + BackboneFinetuning", peers.NOTES["backbone_finetuning"])(
-    _lightning(peers.backbone_finetuning, filter_trainable=True))
+    _lightning(peers.backbone_finetuning, filter_trainable=True)
+)
 register_memory_contender("Lightning + finetuning-scheduler (phase 0)", peers.NOTES["finetuning_scheduler"])(
-    _lightning(peers.finetuning_scheduler))
+    _lightning(peers.finetuning_scheduler)
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,8 +204,14 @@ def run_worker(name: str, cfg: dict[str, Any], timeout: float = 600) -> dict[str
     # on allocation history (we saw 150 vs 63 MiB for the same run); a fixed threshold hands big
     # buffers back to the OS on free, and the peak then follows live memory (repeatable to 0.1 MiB).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_worker", name, json.dumps(cfg)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory_worker", name, json.dumps(cfg)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
@@ -211,14 +228,18 @@ def _mb(x: float) -> str:
 
 @comparison("memory", "Memory: full vs frozen training", order=30)
 def run(ctx: BenchContext) -> Result:
-    spec = ctx.pick(NetSpec(width=16, blocks_per_stage=5, batch=64), NetSpec(width=16, blocks_per_stage=6, batch=128))
+    spec = ctx.pick(
+        NetSpec(width=16, blocks_per_stage=5, batch=64), NetSpec(width=16, blocks_per_stage=6, batch=128)
+    )
     rounds = ctx.n_rounds(1, 3)
     steps = ctx.pick(3, 5)
     device = torch.device(ctx.device)
     k, flop_share = pick_prefix(make_blocks(spec, seed=0), spec, 0.7)
     cfg = {"net": spec.to_json(), "k": k, "steps": steps, "device": str(device)}
-    contenders = [Contender(name, (lambda name=name: run_worker(name, cfg)), note=note)
-                  for name, (_, note) in MEMORY_CONTENDERS.items()]
+    contenders = [
+        Contender(name, (lambda name=name: run_worker(name, cfg)), note=note)
+        for name, (_, note) in MEMORY_CONTENDERS.items()
+    ]
     ctx.log(f"  {len(contenders)} contenders x {rounds} rounds, one fresh process each")
     ms = alternate(contenders, rounds=rounds, warmup_rounds=0, log=ctx.log)
     by_name = {m.name: m for m in ms}
@@ -236,7 +257,8 @@ def run(ctx: BenchContext) -> Result:
         return _mb(sorted(vals)[len(vals) // 2]) if vals else "n/a (CPU run)"
 
     result = Result(
-        "memory", "Memory: full vs frozen training",
+        "memory",
+        "Memory: full vs frozen training",
         description=(
             f"{steps} training steps of the benchmark ResNet (batch {spec.batch}) with the first {k} blocks "
             f"({flop_share:.0%} of forward FLOPs) frozen, each contender in a fresh process per round. "
@@ -244,20 +266,45 @@ def run(ctx: BenchContext) -> Result:
             "memory just before them (activations, gradients, optimizer state, allocator slack). "
             "'Grads + optimizer state' is counted exactly from the live `.grad` tensors and `optimizer.state` "
             "after the last step. Workers run with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers go "
-            "back to the OS and the peak follows live memory."),
-        config={**cfg, "rounds": rounds,
-                "worker_env": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}},
+            "back to the OS and the peak follows live memory."
+        ),
+        config={
+            **cfg,
+            "rounds": rounds,
+            "worker_env": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")},
+        },
     )
-    extra = {"grads + optimizer state (MiB, exact)": exact, "peak RSS, whole process (MiB)": peak,
-             "peak CUDA memory growth (MiB)": cuda}
+    extra = {
+        "grads + optimizer state (MiB, exact)": exact,
+        "peak RSS, whole process (MiB)": peak,
+        "peak CUDA memory growth (MiB)": cuda,
+    }
     plain = [by_name[n] for n in MEMORY_CONTENDERS if n.startswith("PyTorch")]
     lit = [by_name[n] for n in MEMORY_CONTENDERS if not n.startswith("PyTorch")]
     if plain:
-        result.tables.append(Table.build("Plain PyTorch", plain, baseline=plain[0].name, metric="peak_rss_growth",
-                                         unit="MiB", scale=1 / 2**20, label="peak RSS growth",
-                                         extra_columns=extra))
+        result.tables.append(
+            Table.build(
+                "Plain PyTorch",
+                plain,
+                baseline=plain[0].name,
+                metric="peak_rss_growth",
+                unit="MiB",
+                scale=1 / 2**20,
+                label="peak RSS growth",
+                extra_columns=extra,
+            )
+        )
     if lit:
-        result.tables.append(Table.build("Lightning", lit, baseline=lit[0].name, metric="peak_rss_growth",
-                                         unit="MiB", scale=1 / 2**20, label="peak RSS growth",
-                                         extra_columns=extra))
+        result.tables.append(
+            Table.build(
+                "Lightning",
+                lit,
+                baseline=lit[0].name,
+                metric="peak_rss_growth",
+                unit="MiB",
+                scale=1 / 2**20,
+                label="peak RSS growth",
+                extra_columns=extra,
+            )
+        )
     return result

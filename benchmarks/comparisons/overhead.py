@@ -80,17 +80,21 @@ def _layer_freeze(module: BenchModule) -> list:
     return [LayerFreeze(layers="backbone", plot=False)]
 
 
-register_overhead_case(OverheadCase(
-    name="LayerFreeze (ours), frozen throughout",
-    make_callbacks=peers.layer_freeze,
-    baseline="hand_frozen",
-    note='LayerFreeze(layers="backbone", plot=False), no until_*: every measured step is a no-op step',
-))
+register_overhead_case(
+    OverheadCase(
+        name="LayerFreeze (ours), frozen throughout",
+        make_callbacks=peers.layer_freeze,
+        baseline="hand_frozen",
+        note='LayerFreeze(layers="backbone", plot=False), no until_*: every measured step is a no-op step',
+    )
+)
 
 
 @comparison("overhead", "Overhead of our callbacks on no-op steps", order=20)
 def run(ctx: BenchContext) -> Result:
-    spec = ctx.pick(NetSpec(width=16, blocks_per_stage=5, batch=8), NetSpec(width=16, blocks_per_stage=6, batch=16))
+    spec = ctx.pick(
+        NetSpec(width=16, blocks_per_stage=5, batch=8), NetSpec(width=16, blocks_per_stage=6, batch=16)
+    )
     skip = ctx.pick(3, 5)
     measured = ctx.pick(20, 60)
     rounds = ctx.n_rounds(5, 9)
@@ -112,15 +116,20 @@ def run(ctx: BenchContext) -> Result:
             def check(trainer, mod):
                 info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
 
-            return fit_round(lambda: module, batches, make_callbacks(module), skip=skip, device=device,
-                             after_fit=check)
+            return fit_round(
+                lambda: module, batches, make_callbacks(module), skip=skip, device=device, after_fit=check
+            )
 
         return Contender(name, run_round, note=note, info=info)
 
     used = {case.baseline for case in OVERHEAD_CASES.values()}
     contenders = [
-        lightning(BASELINE_NAMES["hand_frozen"], {"hand_frozen": True}, lambda m: [],
-                  "no_grad + eval backbone, optimizer over trainable params"),
+        lightning(
+            BASELINE_NAMES["hand_frozen"],
+            {"hand_frozen": True},
+            lambda m: [],
+            "no_grad + eval backbone, optimizer over trainable params",
+        ),
         lightning(BASELINE_NAMES["nothing_frozen"], {}, lambda m: [], "plain Lightning"),
     ]
     contenders = [c for c, kind in zip(contenders, BASELINE_NAMES, strict=True) if kind in used]
@@ -131,16 +140,24 @@ def run(ctx: BenchContext) -> Result:
     by_name = {m.name: m for m in ms}
 
     result = Result(
-        "overhead", "Overhead of our callbacks on no-op steps",
+        "overhead",
+        "Overhead of our callbacks on no-op steps",
         description=(
             "Per-step time of a Trainer with one of our callbacks, during steps where the callback changes "
             "nothing, against the same Trainer without it and the same state set up by hand. Goal: the "
             "callback costs at most 2% of a step (ratio ≤ 1.02×). Model: the benchmark ResNet with "
             f"{k} of {len(blocks)} blocks ({flop_share:.0%} of forward FLOPs) as the backbone, small batch "
-            "so that per-step overhead is visible."),
-        config={"net": spec.to_json(), "backbone_blocks": k, "warmup_steps_per_round": skip,
-                "measured_steps_per_round": measured, "rounds": rounds, "device": str(device),
-                "cases": {n: {"baseline": c.baseline, "note": c.note} for n, c in OVERHEAD_CASES.items()}},
+            "so that per-step overhead is visible."
+        ),
+        config={
+            "net": spec.to_json(),
+            "backbone_blocks": k,
+            "warmup_steps_per_round": skip,
+            "measured_steps_per_round": measured,
+            "rounds": rounds,
+            "device": str(device),
+            "cases": {n: {"baseline": c.baseline, "note": c.note} for n, c in OVERHEAD_CASES.items()},
+        },
     )
     for kind in BASELINE_NAMES:
         cases = [c for c in OVERHEAD_CASES.values() if c.baseline == kind]
@@ -154,14 +171,24 @@ def run(ctx: BenchContext) -> Result:
                 m.extra["overhead_us"] = statistics.median(diffs)
                 r = statistics.median(a / b for a, b in zip(m.values(), base.values(), strict=True))
                 m.extra["goal"] = "met" if r <= 1.02 else f"missed ({(r - 1) * 100:+.1f}%)"
-        result.tables.append(Table.build(
-            f"Against: {base.name}", rows, baseline=base.name, unit="ms", scale=1e3, label="step time",
-            extra_columns={
-                "overhead per step (µs, median of per-round differences)":
-                    lambda m: fmt_num(m.extra["overhead_us"]) if "overhead_us" in m.extra else "—",
-                "≤ 2% goal": lambda m: m.extra.get("goal", "—" if m.error is None else "n/a"),
-                "backbone bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
-            },
-            notes=[f"{measured} measured steps per round after {skip} warm-up steps."]))
+        result.tables.append(
+            Table.build(
+                f"Against: {base.name}",
+                rows,
+                baseline=base.name,
+                unit="ms",
+                scale=1e3,
+                label="step time",
+                extra_columns={
+                    "overhead per step (µs, median of per-round differences)": lambda m: (
+                        fmt_num(m.extra["overhead_us"]) if "overhead_us" in m.extra else "—"
+                    ),
+                    "≤ 2% goal": lambda m: m.extra.get("goal", "—" if m.error is None else "n/a"),
+                    "backbone bit-identical after fit": lambda m: m.extra.get(
+                        "frozen_prefix_unchanged", "n/a"
+                    ),
+                },
+                notes=[f"{measured} measured steps per round after {skip} warm-up steps."],
+            )
+        )
     return result
-

@@ -25,7 +25,7 @@ def make_labels(n: int, seed: int = 0) -> np.ndarray:
 
 
 def check_folds(folds, labels: np.ndarray, k: int = K) -> str:
-    """"ok" when the folds partition 0..n-1 and each holds floor/ceil of n_c/k of every class c."""
+    """ "ok" when the folds partition 0..n-1 and each holds floor/ceil of n_c/k of every class c."""
     n = labels.shape[0]
     if len(folds) != k:
         return f"wrong: {len(folds)} folds"
@@ -75,21 +75,37 @@ def run(ctx: BenchContext) -> Result:
         return Contender(name, run_round, note=note, info=info)
 
     contenders = [
-        timed("lightning_freeze stratified_kfold (ours)", ours,
-              "lightning_freeze.splitrun.splits.stratified_kfold(labels, 5, seed=0)"),
-        timed("scikit-learn StratifiedKFold", sklearn,
-              "list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, labels))"),
+        timed(
+            "lightning_freeze stratified_kfold (ours)",
+            ours,
+            "lightning_freeze.splitrun.splits.stratified_kfold(labels, 5, seed=0)",
+        ),
+        timed(
+            "scikit-learn StratifiedKFold",
+            sklearn,
+            "list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, labels))",
+        ),
     ]
     ctx.log(f"  {n:,} labels, {rounds} rounds")
     ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
     result = Result(
-        "splits", "Splits: stratified 5-fold of many labels",
-        description=(f"Time to compute all {K} (train, validation) index pairs of a stratified {K}-fold split "
-                     f"of {n:,} integer labels (10 classes, skewed frequencies)."
-                     + (" Quick mode uses 1 million labels; the full suite uses 10 million." if ctx.quick else "")),
+        "splits",
+        "Splits: stratified 5-fold of many labels",
+        description=(
+            f"Time to compute all {K} (train, validation) index pairs of a stratified {K}-fold split "
+            f"of {n:,} integer labels (10 classes, skewed frequencies)."
+            + (" Quick mode uses 1 million labels; the full suite uses 10 million." if ctx.quick else "")
+        ),
         config={"n_labels": n, "k": K, "classes": N_CLASSES, "rounds": rounds, "warmup_rounds": 1},
     )
-    result.tables.append(Table.build(
-        f"{n:,} labels", ms, baseline="scikit-learn StratifiedKFold", unit="s", label="time",
-        extra_columns={"output check": lambda m: m.extra.get("check", "n/a"), "call": lambda m: m.note}))
+    result.tables.append(
+        Table.build(
+            f"{n:,} labels",
+            ms,
+            baseline="scikit-learn StratifiedKFold",
+            unit="s",
+            label="time",
+            extra_columns={"output check": lambda m: m.extra.get("check", "n/a"), "call": lambda m: m.note},
+        )
+    )
     return result

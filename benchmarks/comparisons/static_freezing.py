@@ -32,8 +32,16 @@ TARGET_SHARES = (0.30, 0.70, 0.85)
 BASELINE = "PyTorch, hand-frozen (optimum)"
 
 
-def _lightning_contender(name: str, make_net: Callable[[], SplitNet], batches, skip: int, device,
-                         callbacks: Callable[[BenchModule], list], note: str, **module_kw) -> Contender:
+def _lightning_contender(
+    name: str,
+    make_net: Callable[[], SplitNet],
+    batches,
+    skip: int,
+    device,
+    callbacks: Callable[[BenchModule], list],
+    note: str,
+    **module_kw,
+) -> Contender:
     """A contender whose round is one short fit; it also records whether the backbone stayed unchanged."""
     info: dict[str, str] = {}
 
@@ -44,7 +52,9 @@ def _lightning_contender(name: str, make_net: Callable[[], SplitNet], batches, s
         def check(trainer, mod):
             info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
 
-        return fit_round(lambda: module, batches, callbacks(module), skip=skip, device=device, after_fit=check)
+        return fit_round(
+            lambda: module, batches, callbacks(module), skip=skip, device=device, after_fit=check
+        )
 
     return Contender(name, run, note=note, info=info)
 
@@ -60,22 +70,53 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             info["frozen_prefix_unchanged"] = frozen_prefix_report(before, net)
             return step_s
 
-        name, note = (BASELINE, "prefix under no_grad + eval; optimizer holds trainable params only") if frozen \
+        name, note = (
+            (BASELINE, "prefix under no_grad + eval; optimizer holds trainable params only")
+            if frozen
             else ("PyTorch, nothing frozen", "all parameters trained")
+        )
         return Contender(name, run, note=note, info=info)
 
     return [
         plain(False),
         plain(True),
-        _lightning_contender("Lightning, nothing frozen", make_net, batches, skip, device, lambda m: [],
-                             note="Lightning's own loop cost, no freezing"),
-        _lightning_contender("Lightning + LayerFreeze (ours)", make_net, batches, skip, device,
-                             peers.layer_freeze, note=peers.NOTES["layer_freeze"]),
-        _lightning_contender("Lightning + BackboneFinetuning", make_net, batches, skip, device,
-                             peers.backbone_finetuning, note=peers.NOTES["backbone_finetuning"],
-                             filter_trainable=True),
-        _lightning_contender("Lightning + finetuning-scheduler (phase 0)", make_net, batches, skip, device,
-                             peers.finetuning_scheduler, note=peers.NOTES["finetuning_scheduler"]),
+        _lightning_contender(
+            "Lightning, nothing frozen",
+            make_net,
+            batches,
+            skip,
+            device,
+            lambda m: [],
+            note="Lightning's own loop cost, no freezing",
+        ),
+        _lightning_contender(
+            "Lightning + LayerFreeze (ours)",
+            make_net,
+            batches,
+            skip,
+            device,
+            peers.layer_freeze,
+            note=peers.NOTES["layer_freeze"],
+        ),
+        _lightning_contender(
+            "Lightning + BackboneFinetuning",
+            make_net,
+            batches,
+            skip,
+            device,
+            peers.backbone_finetuning,
+            note=peers.NOTES["backbone_finetuning"],
+            filter_trainable=True,
+        ),
+        _lightning_contender(
+            "Lightning + finetuning-scheduler (phase 0)",
+            make_net,
+            batches,
+            skip,
+            device,
+            peers.finetuning_scheduler,
+            note=peers.NOTES["finetuning_scheduler"],
+        ),
     ]
 
 
@@ -89,15 +130,24 @@ def run(ctx: BenchContext) -> Result:
     blocks = make_blocks(spec, seed=0)
     batches = make_batches(spec, skip + measured, device=device, seed=1)
     result = Result(
-        "static_freezing", "Static freezing: time per training step",
+        "static_freezing",
+        "Static freezing: time per training step",
         description=(
             "A ResNet-style CNN (stem + 3 stages of basic residual blocks with BatchNorm) on synthetic "
             "in-memory batches, SGD with momentum. The first blocks form the frozen prefix `backbone`. "
             "Each row is the median over rounds of the per-round median step time (time between consecutive "
             "step starts: forward, backward, optimizer step, zero_grad, hooks, data fetch). Baseline: "
-            "hand-written PyTorch with the prefix under `torch.no_grad()` in eval mode."),
-        config={"net": spec.to_json(), "warmup_steps_per_round": skip, "measured_steps_per_round": measured,
-                "rounds": rounds, "warmup_rounds": 1, "device": str(device), "optimizer": "SGD(lr=0.05, momentum=0.9)"},
+            "hand-written PyTorch with the prefix under `torch.no_grad()` in eval mode."
+        ),
+        config={
+            "net": spec.to_json(),
+            "warmup_steps_per_round": skip,
+            "measured_steps_per_round": measured,
+            "rounds": rounds,
+            "warmup_rounds": 1,
+            "device": str(device),
+            "optimizer": "SGD(lr=0.05, momentum=0.9)",
+        },
     )
     for target in TARGET_SHARES:
         k, flop_share = pick_prefix(blocks, spec, target)
@@ -106,25 +156,45 @@ def run(ctx: BenchContext) -> Result:
             return SplitNet.from_blocks(blocks, k, spec.num_classes)
 
         time_share = measured_time_share(make_net(), batches[0][0], reps=ctx.pick(5, 15), device=device)
-        ctx.log(f"  prefix ~{target:.0%}: {k}/{len(blocks)} blocks, FLOPs share {flop_share:.1%}, "
-                f"time share {time_share:.1%}")
+        ctx.log(
+            f"  prefix ~{target:.0%}: {k}/{len(blocks)} blocks, FLOPs share {flop_share:.1%}, "
+            f"time share {time_share:.1%}"
+        )
         contenders = build_contenders(make_net, batches, skip, device)
         ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
-        title = (f"Frozen prefix ≈ {target:.0%} of forward compute (measured: {flop_share:.1%} of forward FLOPs, "
-                 f"{time_share:.1%} of no-grad forward time; {k} of {len(blocks)} blocks)")
-        table = Table.build(title, ms, baseline=BASELINE, metric="value", unit="ms", scale=1e3,
-                            label="step time",
-                            extra_columns={"prefix bit-identical after fit": lambda m: m.extra.get(
-                                "frozen_prefix_unchanged", "n/a"),
-                                           "how": lambda m: m.note})
+        title = (
+            f"Frozen prefix ≈ {target:.0%} of forward compute (measured: {flop_share:.1%} of forward FLOPs, "
+            f"{time_share:.1%} of no-grad forward time; {k} of {len(blocks)} blocks)"
+        )
+        table = Table.build(
+            title,
+            ms,
+            baseline=BASELINE,
+            metric="value",
+            unit="ms",
+            scale=1e3,
+            label="step time",
+            extra_columns={
+                "prefix bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
+                "how": lambda m: m.note,
+            },
+        )
         base = next(m for m in ms if m.name == BASELINE)
         full = next(m for m in ms if m.name == "PyTorch, nothing frozen")
         if not base.error and not full.error:
             saving = 1 - statistics.median(pairwise_ratios(base.values(), full.values()))
-            table.notes.append(f"The hand-written optimum saves {fmt_num(saving * 100, 2)}% of a full step here "
-                               f"(median of per-round ratios).")
+            table.notes.append(
+                f"The hand-written optimum saves {fmt_num(saving * 100, 2)}% of a full step here "
+                f"(median of per-round ratios)."
+            )
         result.tables.append(table)
         result.extra.setdefault("prefix", []).append(
-            {"target": target, "blocks": k, "of_blocks": len(blocks), "flop_share": flop_share,
-             "time_share": time_share})
+            {
+                "target": target,
+                "blocks": k,
+                "of_blocks": len(blocks),
+                "flop_share": flop_share,
+                "time_share": time_share,
+            }
+        )
     return result
