@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
-from benchmarks.lit import accelerator_for, quiet
+from benchmarks.lit import make_trainer, quiet
 from lightning_freeze.schedules import cosine_factor, freezeout_schedule
 
 T0S = (0.5, 0.8, 0.9)
@@ -219,11 +219,14 @@ def cnn_task(ctx: BenchContext) -> Task:
 
     from benchmarks.models import Head, NetSpec, make_blocks
 
-    spec = NetSpec(width=12, blocks_per_stage=3, image=16, batch=32, num_classes=10)
+    # full mode: about 100 ms a step on 2 cores; quick mode: a smaller net for a smoke run
+    spec = NetSpec(
+        width=ctx.pick(12, 20), blocks_per_stage=3, image=ctx.pick(16, 24), batch=32, num_classes=10
+    )
     g = torch.Generator().manual_seed(1234)
     coarse = torch.randn(spec.num_classes, 3, 4, 4, generator=g)
     templates = F.interpolate(coarse, size=(spec.image, spec.image), mode="bilinear", align_corners=False)
-    noise = 2.0
+    noise = 3.0
     n_train = 640
     train_x, train_y = synthetic_images(n_train, templates, noise, seed=1)
     val_x, val_y = synthetic_images(2000, templates, noise, seed=2)
@@ -277,8 +280,6 @@ def cnn_task(ctx: BenchContext) -> Task:
 def _contenders(ctx: BenchContext, task: Task, seeds: list[int]) -> list[Contender]:
     from lightning_freeze import FreezeOut
 
-    accelerator, devices = accelerator_for(ctx.device)
-
     def fit_once(t0: float | None, seed: int, epochs: int | None = None) -> dict[str, float]:
         import lightning.pytorch as pl
 
@@ -293,19 +294,7 @@ def _contenders(ctx: BenchContext, task: Task, seeds: list[int]) -> list[Contend
             else [FreezeOut(task.layers, t0=t0, schedule="cubic", scale_lr=True, plot=False), clock]
         )
         with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-freezeout-") as tmp:
-            trainer = pl.Trainer(
-                max_epochs=epochs,
-                accelerator=accelerator,
-                devices=devices,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-                default_root_dir=tmp,
-                callbacks=callbacks,
-            )
+            trainer = make_trainer(-1, callbacks, ctx.device, root_dir=tmp, max_epochs=epochs)
             loader = task.train(seed)
             start = time.perf_counter()
             trainer.fit(model, loader)
@@ -365,7 +354,11 @@ def _frozen_share(n_groups: int, t0: float) -> float:
 
 
 def _paired(m, base, metric: str) -> list[float]:
-    return [a / b for a, b in zip(m.values(metric), base.values(metric), strict=True)]
+    """Per-seed ratio to the baseline; a baseline of 0 (no validation error) gives 1 for a tie, else inf."""
+    return [
+        a / b if b else (1.0 if a == b else math.inf)
+        for a, b in zip(m.values(metric), base.values(metric), strict=True)
+    ]
 
 
 def _headline(task: Task, ms, n_groups: int) -> Table:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.harness import median_step_time, now
+from benchmarks.harness import Contender, median_step_time, now
 from benchmarks.models import SplitNet
 
 
@@ -212,3 +212,30 @@ def fit_round(
     if len(times) < len(batches) - 1:
         raise RuntimeError(f"only {len(times)} steps were timed out of {len(batches)}: the fit stopped early")
     return median_step_time(times, skip)
+
+
+def lightning_contender(
+    name: str,
+    make_net: Callable[[], SplitNet],
+    batches,
+    skip: int,
+    device,
+    callbacks: Callable[[BenchModule], list],
+    note: str,
+    **module_kw,
+) -> Contender:
+    """A contender whose round is one short fit; it also records whether the backbone stayed unchanged."""
+    info: dict[str, str] = {}
+
+    def run() -> float:
+        module = BenchModule(make_net(), **module_kw)
+        before = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+
+        def check(trainer, mod):
+            info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
+
+        return fit_round(
+            lambda: module, batches, callbacks(module), skip=skip, device=device, after_fit=check
+        )
+
+    return Contender(name, run, note=note, info=info)

@@ -30,14 +30,13 @@ import torch
 from benchmarks import peers
 from benchmarks.harness import (
     BenchContext,
-    Contender,
     Result,
     Table,
     alternate,
     comparison,
     fmt_num,
 )
-from benchmarks.lit import BenchModule, fit_round, frozen_prefix_report
+from benchmarks.lit import BenchModule, lightning_contender
 from benchmarks.models import NetSpec, SplitNet, make_batches, make_blocks, pick_prefix
 
 Baseline = Literal["hand_frozen", "nothing_frozen"]
@@ -107,20 +106,7 @@ def run(ctx: BenchContext) -> Result:
         return SplitNet.from_blocks(blocks, k, spec.num_classes)
 
     def lightning(name: str, module_kw: dict, make_callbacks: Callable[[BenchModule], list], note: str):
-        info: dict[str, str] = {}
-
-        def run_round() -> float:
-            module = BenchModule(make_net(), **module_kw)
-            before = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
-
-            def check(trainer, mod):
-                info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
-
-            return fit_round(
-                lambda: module, batches, make_callbacks(module), skip=skip, device=device, after_fit=check
-            )
-
-        return Contender(name, run_round, note=note, info=info)
+        return lightning_contender(name, make_net, batches, skip, device, make_callbacks, note, **module_kw)
 
     used = {case.baseline for case in OVERHEAD_CASES.values()}
     contenders = [

@@ -24,39 +24,12 @@ from benchmarks.harness import (
     fmt_num,
     pairwise_ratios,
 )
-from benchmarks.lit import BenchModule, fit_round, frozen_prefix_report
+from benchmarks.lit import frozen_prefix_report, lightning_contender
 from benchmarks.loops import plain_step_round
 from benchmarks.models import NetSpec, SplitNet, make_batches, make_blocks, measured_time_share, pick_prefix
 
 TARGET_SHARES = (0.30, 0.70, 0.85)
 BASELINE = "PyTorch, hand-frozen (optimum)"
-
-
-def _lightning_contender(
-    name: str,
-    make_net: Callable[[], SplitNet],
-    batches,
-    skip: int,
-    device,
-    callbacks: Callable[[BenchModule], list],
-    note: str,
-    **module_kw,
-) -> Contender:
-    """A contender whose round is one short fit; it also records whether the backbone stayed unchanged."""
-    info: dict[str, str] = {}
-
-    def run() -> float:
-        module = BenchModule(make_net(), **module_kw)
-        before = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
-
-        def check(trainer, mod):
-            info["frozen_prefix_unchanged"] = frozen_prefix_report(before, mod)
-
-        return fit_round(
-            lambda: module, batches, callbacks(module), skip=skip, device=device, after_fit=check
-        )
-
-    return Contender(name, run, note=note, info=info)
 
 
 def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, device) -> list[Contender]:
@@ -80,7 +53,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
     return [
         plain(False),
         plain(True),
-        _lightning_contender(
+        lightning_contender(
             "Lightning, nothing frozen",
             make_net,
             batches,
@@ -89,7 +62,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             lambda m: [],
             note="Lightning's own loop cost, no freezing",
         ),
-        _lightning_contender(
+        lightning_contender(
             "Lightning + LayerFreeze (ours)",
             make_net,
             batches,
@@ -98,7 +71,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             peers.layer_freeze,
             note=peers.NOTES["layer_freeze"],
         ),
-        _lightning_contender(
+        lightning_contender(
             "Lightning + BackboneFinetuning",
             make_net,
             batches,
@@ -108,7 +81,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             note=peers.NOTES["backbone_finetuning"],
             filter_trainable=True,
         ),
-        _lightning_contender(
+        lightning_contender(
             "Lightning + finetuning-scheduler (phase 0)",
             make_net,
             batches,
