@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -125,6 +127,8 @@ def trainer(**kwargs) -> pl.Trainer:
         deterministic=True,
     )
     defaults.update(kwargs)
+    # Never the working directory: the timeline plot and checkpoints would land in the checkout.
+    defaults.setdefault("default_root_dir", tempfile.mkdtemp(prefix="lf-test-"))
     return pl.Trainer(**defaults)
 
 
