@@ -42,3 +42,16 @@ def replicas_equal(module) -> bool:
     gathered = [torch.zeros_like(flat) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def shutdown() -> None:
+    """End a DDP script cleanly on every rank: wait for all ranks, then close the process group.
+
+    Without it, a rank that exits first can close its gloo connections while another rank's process
+    group is being destroyed at interpreter exit, which aborts that process (SIGABRT) now and then.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

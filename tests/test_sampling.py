@@ -184,14 +184,15 @@ def test_two_process_ddp_validation_is_exact_and_shards_are_disjoint(tmp_path):
     """Odd-sized val part, 2 gloo ranks: torchmetrics accuracy equals the single-process count; no hang."""
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "splitrun_ddp.py"), str(out), "2", str(tmp_path)],
-        check=True,
         timeout=240,
         cwd=tmp_path,
         env=env,
         capture_output=True,
+        text=True,
     )
+    assert proc.returncode == 0, f"DDP script failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     res = json.loads(out.read_text())
     val, train = res["val_part"], res["train_part"]
     assert len(val) % 2 == 1

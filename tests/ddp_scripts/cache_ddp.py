@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal  # noqa: E402
+from ddp import replicas_equal, shutdown  # noqa: E402
 from models import Net, make_data, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze  # noqa: E402
@@ -66,3 +66,4 @@ if __name__ == "__main__":
         }
     with open(os.path.join(out_dir, f"rank{t.global_rank}.json"), "w") as fh:
         json.dump(result, fh)
+    shutdown()

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal  # noqa: E402
+from ddp import replicas_equal, shutdown  # noqa: E402
 from models import Net, loaders, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut  # noqa: E402
@@ -87,3 +87,4 @@ if __name__ == "__main__":
         deterministic=False,
     )
     t.fit(model, *loaders(n_train=64, n_val=24))
+    shutdown()

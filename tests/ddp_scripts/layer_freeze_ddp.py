@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal  # noqa: E402
+from ddp import replicas_equal, shutdown  # noqa: E402
 from models import Net, loaders, trainer  # noqa: E402
 
 from lightning_freeze import LayerFreeze  # noqa: E402
@@ -64,3 +64,4 @@ if __name__ == "__main__":
         deterministic=False,
     )
     t.fit(model, *loaders(n_train=63, n_val=25))
+    shutdown()

@@ -5,6 +5,7 @@ records what every rank saw."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -15,6 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_freeze.splitrun import SplitRunDataModule
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp import shutdown  # noqa: E402
 
 N = 203  # holdout 0.8/0.1/0.1 -> 162 train, 20 val, 21 test; kfold below -> an odd val part
 
@@ -120,3 +124,4 @@ def main(out: str, devices: int, root: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    shutdown()

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from ddp import shutdown  # noqa: E402
 from models import Net, loaders, snapshot  # noqa: E402
 
 from lightning_freeze import ProgressiveUnfreezing  # noqa: E402
@@ -106,3 +107,4 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    shutdown()
