@@ -281,30 +281,18 @@ def run(ctx: BenchContext) -> Result:
     }
     plain = [by_name[n] for n in MEMORY_CONTENDERS if n.startswith("PyTorch")]
     lit = [by_name[n] for n in MEMORY_CONTENDERS if not n.startswith("PyTorch")]
-    if plain:
-        result.tables.append(
-            Table.build(
-                "Plain PyTorch",
-                plain,
-                baseline=plain[0].name,
-                metric="peak_rss_growth",
-                unit="MiB",
-                scale=1 / 2**20,
-                label="peak RSS growth",
-                extra_columns=extra,
+    for title, rows in (("Plain PyTorch", plain), ("Lightning", lit)):
+        if rows:
+            result.tables.append(
+                Table.build(
+                    title,
+                    rows,
+                    baseline=rows[0].name,
+                    metric="peak_rss_growth",
+                    unit="MiB",
+                    scale=1 / 2**20,
+                    label="peak RSS growth",
+                    extra_columns=extra,
+                )
             )
-        )
-    if lit:
-        result.tables.append(
-            Table.build(
-                "Lightning",
-                lit,
-                baseline=lit[0].name,
-                metric="peak_rss_growth",
-                unit="MiB",
-                scale=1 / 2**20,
-                label="peak RSS growth",
-                extra_columns=extra,
-            )
-        )
     return result
