@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
 from benchmarks.lit import make_trainer, quiet
-from lightning_freeze.schedules import cosine_factor, freezeout_schedule
+from lightning_freeze.rules.freezeout import cosine_factor, freezeout_schedule
 
 T0S = (0.5, 0.8, 0.9)
 BASELINE = "baseline: cosine LR, nothing frozen"

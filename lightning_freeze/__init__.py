@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "FreezeOut": "lightning_freeze.callbacks.freezeout",
-    "FrozenPrefixCache": "lightning_freeze.callbacks.cache",
+    "FrozenPrefixCache": "lightning_freeze.cache",
     "LayerFreeze": "lightning_freeze.callbacks.layer_freeze",
     "ProgressiveUnfreezing": "lightning_freeze.callbacks.unfreezing",
     "SplitRunDataModule": "lightning_freeze.splitrun.datamodule",
-    "select_layers": "lightning_freeze.layers",
+    "select_layers": "lightning_freeze.engine.layers",
 }
 
 __all__ = [
@@ -29,11 +29,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from lightning_freeze.callbacks.cache import FrozenPrefixCache
+    from lightning_freeze.cache import FrozenPrefixCache
     from lightning_freeze.callbacks.freezeout import FreezeOut
     from lightning_freeze.callbacks.layer_freeze import LayerFreeze
     from lightning_freeze.callbacks.unfreezing import ProgressiveUnfreezing
-    from lightning_freeze.layers import select_layers
+    from lightning_freeze.engine.layers import select_layers
     from lightning_freeze.splitrun.datamodule import SplitRunDataModule
 
 

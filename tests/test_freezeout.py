@@ -11,7 +11,7 @@ from models import Net, loaders, trainer
 from torch import nn
 
 from lightning_freeze import FreezeOut
-from lightning_freeze.layers import LayerSpecError
+from lightning_freeze.engine.layers import LayerSpecError
 
 BACKBONE = ["backbone.0", "backbone.1", "backbone.2"]
 

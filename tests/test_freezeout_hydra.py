@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from lightning_freeze import FreezeOut
 from lightning_freeze.app.main import train
-from lightning_freeze.layers import LayerSpecError
+from lightning_freeze.engine.layers import LayerSpecError
 
 FAST = [
     "trainer.max_epochs=2",

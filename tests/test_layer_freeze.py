@@ -7,7 +7,7 @@ import torch
 from models import Net, loaders, snapshot, trainer
 
 from lightning_freeze import LayerFreeze
-from lightning_freeze.optim import SchedulerAdaptError
+from lightning_freeze.engine.optim import SchedulerAdaptError
 
 
 def fit(model, callback, tmp_path, **kwargs):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_freeze import select_layers
-from lightning_freeze.layers import LayerSpecError
+from lightning_freeze.engine.layers import LayerSpecError
 
 
 class OutOfOrder(nn.Module):

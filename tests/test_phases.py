@@ -5,7 +5,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_freeze.phases import (
+from lightning_freeze.rules.thawing import (
     Phase,
     PhaseError,
     PlateauTracker,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightning_freeze.schedules import (
+from lightning_freeze.rules.freezeout import (
     check_args,
     cosine_factor,
     freeze_step,

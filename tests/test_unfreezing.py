@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from models import Net, loaders, snapshot, trainer
 
 from lightning_freeze import ProgressiveUnfreezing
-from lightning_freeze.optim import SchedulerAdaptError, base_lr
-from lightning_freeze.phases import PhaseError
+from lightning_freeze.engine.optim import SchedulerAdaptError, base_lr
+from lightning_freeze.rules.thawing import PhaseError
 
 LAYERS = ["backbone.*", "head"]
 NAMES = ["backbone.0", "backbone.1", "backbone.2", "head"]

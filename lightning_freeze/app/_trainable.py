@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_freeze.freezing import trainable_counts as count_params
+from lightning_freeze.engine.freezing import trainable_counts as count_params
 
 
 class TrainableFraction(Callback):

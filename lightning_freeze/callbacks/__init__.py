@@ -1,8 +1,7 @@
-"""The freezing callbacks."""
+"""The freezing callbacks: they decide *when* layers freeze or thaw; the engine does the work."""
 
-from lightning_freeze.callbacks.cache import FrozenPrefixCache
 from lightning_freeze.callbacks.freezeout import FreezeOut
 from lightning_freeze.callbacks.layer_freeze import LayerFreeze
 from lightning_freeze.callbacks.unfreezing import ProgressiveUnfreezing
 
-__all__ = ["FreezeOut", "FrozenPrefixCache", "LayerFreeze", "ProgressiveUnfreezing"]
+__all__ = ["FreezeOut", "LayerFreeze", "ProgressiveUnfreezing"]

@@ -27,9 +27,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lightning_freeze import optim
-from lightning_freeze.freezing import FreezeEngine, trainable_counts
-from lightning_freeze.layers import Layer, select_layers
+from lightning_freeze.engine import optim
+from lightning_freeze.engine.freezing import FreezeEngine, trainable_counts
+from lightning_freeze.engine.layers import Layer, select_layers
 
 LayerSpec = str | Sequence[str]
 _MAX_HISTORY_POINTS = 1000
@@ -224,7 +224,7 @@ class FreezingCallback(Callback):
 
     @rank_zero_only
     def _write_timeline(self, out_dir: str) -> None:
-        from lightning_freeze.timeline import plot_timeline
+        from lightning_freeze.callbacks.timeline import plot_timeline
 
         os.makedirs(out_dir, exist_ok=True)
         data = {"callback": type(self).__name__, "history": self.history, "events": self.events}

@@ -1,7 +1,7 @@
 """FreezeOut (Brock et al. 2017): a per-layer cosine learning rate that reaches zero at the layer's own
 freeze time ``t_i``, after which the layer is frozen and leaves the backward pass.
 
-The schedule math lives in :mod:`lightning_freeze.schedules`; this module is the Lightning glue.
+The schedule math lives in :mod:`lightning_freeze.rules.freezeout`; this module is the Lightning glue.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
-from lightning_freeze.layers import Layer
-from lightning_freeze.schedules import GroupSchedule, check_args, freezeout_schedule, progress
+from lightning_freeze.engine.layers import Layer
+from lightning_freeze.rules.freezeout import GroupSchedule, check_args, freezeout_schedule, progress
 
 
 class FreezeOut(FreezingCallback):
@@ -74,7 +74,7 @@ class FreezeOut(FreezingCallback):
 
     def freeze_steps(self) -> dict[str, int | None]:
         """The optimizer step at which each managed layer freezes (None: never), for this fit's length."""
-        from lightning_freeze.schedules import freeze_step
+        from lightning_freeze.rules.freezeout import freeze_step
 
         assert self.total_steps is not None, "known once the fit has started"
         return {name: freeze_step(s.t, self.total_steps) for name, s in self._layer_schedules.items()}

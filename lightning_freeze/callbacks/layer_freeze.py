@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
-from lightning_freeze.layers import Layer
+from lightning_freeze.engine.layers import Layer
 
 
 class LayerFreeze(FreezingCallback):

@@ -1,7 +1,7 @@
 """ProgressiveUnfreezing: ULMFiT's gradual unfreezing with discriminative learning rates.
 
 The schedule itself (which layers thaw when, the LR of each) is pure logic in
-:mod:`lightning_freeze.phases`; this module applies it from Lightning hooks:
+:mod:`lightning_freeze.rules.thawing`; this module applies it from Lightning hooks:
 
 - time-triggered thaws (``every_n_epochs``, ``every_n_steps``, phases with ``at_epoch`` / ``at_step``) are
   applied at the first ``on_train_batch_start`` / ``on_train_epoch_start`` at or after their time, so a
@@ -21,10 +21,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_freeze import optim
+from lightning_freeze.engine import optim
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
-from lightning_freeze.layers import Layer
-from lightning_freeze.phases import (
+from lightning_freeze.engine.layers import Layer
+from lightning_freeze.rules.thawing import (
     Phase,
     PhaseError,
     PlateauTracker,
@@ -33,8 +33,8 @@ from lightning_freeze.phases import (
     growth_factor,
     plain,
 )
-from lightning_freeze.phases import target_lr as plan_target_lr
-from lightning_freeze.phases import warmup_factor as plan_warmup_factor
+from lightning_freeze.rules.thawing import target_lr as plan_target_lr
+from lightning_freeze.rules.thawing import warmup_factor as plan_warmup_factor
 
 
 class ProgressiveUnfreezing(FreezingCallback):

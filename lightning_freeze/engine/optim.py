@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as torch_schedulers
 
-from lightning_freeze.layers import Layer
+from lightning_freeze.engine.layers import Layer
 
 # Scheduler attributes that hold one entry per param group, in torch's own schedulers.
 _PER_GROUP_ATTRS = (

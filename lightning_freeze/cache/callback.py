@@ -17,7 +17,7 @@ How it works (details and limits: docs/cache.md):
   caches the longest part that is safe, or nothing; never a wrong result.
 - **How a hit skips compute.** The chosen module's ``forward`` is replaced on the instance (restored at
   the end of fit). Per batch it fingerprints every sample's exact bytes (128 bits, see
-  :mod:`lightning_freeze.fingerprint`), serves the rows it has, computes the rest, and stores each
+  :mod:`lightning_freeze.cache.fingerprint`), serves the rows it has, computes the rest, and stores each
   sample's output row on the CPU (pinned, copied asynchronously when the model is on CUDA).
 - **Validity.** Rows are served only while every parameter of the cached part is frozen and
   unchanged, its buffers are unchanged, and every module in it runs in eval mode. A thaw, a weight
@@ -48,7 +48,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_freeze.cache_store import (
+from lightning_freeze.cache.store import (
     RowStore,
     Unsupported,
     bit_equal,
@@ -56,7 +56,7 @@ from lightning_freeze.cache_store import (
     parse_bytes,
     should_switch_off,
 )
-from lightning_freeze.fingerprint import Fingerprinter, signature
+from lightning_freeze.cache.fingerprint import Fingerprinter, signature
 
 __all__ = ["FrozenPrefixCache", "Plan", "find_plan"]
 
@@ -453,7 +453,7 @@ class FrozenPrefixCache(Callback):
 
     # ------------------------------------------------------------------ planning and installing
     def _engine(self) -> Any:
-        from lightning_freeze.freezing import engine_for
+        from lightning_freeze.engine.freezing import engine_for
 
         return engine_for(self._model) if self._model is not None else None
 

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_freeze.layers import Layer
-from lightning_freeze.optim import GroupPlan, split_into_layer_groups
+from lightning_freeze.engine.layers import Layer
+from lightning_freeze.engine.optim import GroupPlan, split_into_layer_groups
 
 NORM_MODES = ("eval", "train")
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
