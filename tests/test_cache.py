@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze
-from lightning_freeze.cache.store import RowStore, parse_bytes, should_switch_off
 from lightning_freeze.cache.callback import find_plan
 from lightning_freeze.cache.fingerprint import Fingerprinter, self_test, signature
+from lightning_freeze.cache.store import RowStore, parse_bytes, should_switch_off
 from lightning_freeze.engine.freezing import FreezeEngine
 from lightning_freeze.engine.layers import select_layers
 

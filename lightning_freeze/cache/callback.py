@@ -48,6 +48,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_freeze.cache.fingerprint import Fingerprinter, signature
 from lightning_freeze.cache.store import (
     RowStore,
     Unsupported,
@@ -56,7 +57,6 @@ from lightning_freeze.cache.store import (
     parse_bytes,
     should_switch_off,
 )
-from lightning_freeze.cache.fingerprint import Fingerprinter, signature
 
 __all__ = ["FrozenPrefixCache", "Plan", "find_plan"]
 

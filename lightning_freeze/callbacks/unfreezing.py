@@ -21,8 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_freeze.engine import optim
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.engine import optim
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules.thawing import (
     Phase,

@@ -159,7 +159,9 @@ def check_str(
     return value
 
 
-def check_layer_spec(value: Any, option: str = "layers", *, where: str = "", error: type[Exception] = ValueError) -> Any:
+def check_layer_spec(
+    value: Any, option: str = "layers", *, where: str = "", error: type[Exception] = ValueError
+) -> Any:
     """A layer spec's syntax: a string or a non-empty list of strings, each a glob, ``re:<regex>`` or
     ``auto`` (optionally sliced). Whether it matches anything is known only with the model.
 
