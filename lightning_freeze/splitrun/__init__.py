@@ -1,28 +1,39 @@
-"""SplitRun: deterministic splits (holdout, k-fold, stratified, grouped, A/B arms), DDP shard samplers,
-a resumable train loader, the SplitRunDataModule, and sweep aggregation (``python -m
-lightning_freeze.splitrun.report <sweep_dir>``)."""
+"""SplitRun: deterministic splits (holdout, k-fold, stratified, grouped, repeated, A/B arms), DDP shard
+samplers, a resumable train loader, the SplitRunDataModule, and sweep aggregation
+(``lightning-freeze-report <sweep_dir>``).
 
-from lightning_freeze.splitrun.datamodule import MANIFEST_NAME, SplitManifestMismatch, SplitRunDataModule
-from lightning_freeze.splitrun.sampling import (
-    EvalShardSampler,
-    ResumableDataLoader,
-    ShardSampler,
-    TrainShardSampler,
-)
-from lightning_freeze.splitrun.splits import (
-    SplitPlan,
-    SplitSpecError,
-    arms_split,
-    assign_folds,
-    holdout_split,
-    kfold_split,
-    make_split,
-    stratified_kfold,
-)
+Names are imported on first use: the splitters and the statistics need neither torch nor Lightning, and
+``from lightning_freeze.splitrun import KFold`` imports in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "MANIFEST_NAME": "lightning_freeze.splitrun.datamodule",
+    "SplitManifestMismatch": "lightning_freeze.splitrun.datamodule",
+    "SplitRunDataModule": "lightning_freeze.splitrun.datamodule",
+    "EvalShardSampler": "lightning_freeze.splitrun.sampling",
+    "ResumableDataLoader": "lightning_freeze.splitrun.sampling",
+    "ShardSampler": "lightning_freeze.splitrun.sampling",
+    "TrainShardSampler": "lightning_freeze.splitrun.sampling",
+    "ExactResume": "lightning_freeze.splitrun.resume",
+    "SplitPlan": "lightning_freeze.splitrun.splits",
+    "SplitSpecError": "lightning_freeze.splitrun.splits",
+    "arms_split": "lightning_freeze.splitrun.splits",
+    "assign_folds": "lightning_freeze.splitrun.splits",
+    "holdout_split": "lightning_freeze.splitrun.splits",
+    "kfold_split": "lightning_freeze.splitrun.splits",
+    "make_split": "lightning_freeze.splitrun.splits",
+    "stratified_kfold": "lightning_freeze.splitrun.splits",
+}
 
 __all__ = [
-    "MANIFEST_NAME",
     "EvalShardSampler",
+    "ExactResume",
+    "MANIFEST_NAME",
     "ResumableDataLoader",
     "ShardSampler",
     "SplitManifestMismatch",
@@ -37,3 +48,35 @@ __all__ = [
     "make_split",
     "stratified_kfold",
 ]
+
+if TYPE_CHECKING:
+    from lightning_freeze.splitrun.datamodule import MANIFEST_NAME, SplitManifestMismatch, SplitRunDataModule
+    from lightning_freeze.splitrun.resume import ExactResume
+    from lightning_freeze.splitrun.sampling import (
+        EvalShardSampler,
+        ResumableDataLoader,
+        ShardSampler,
+        TrainShardSampler,
+    )
+    from lightning_freeze.splitrun.splits import (
+        SplitPlan,
+        SplitSpecError,
+        arms_split,
+        assign_folds,
+        holdout_split,
+        kfold_split,
+        make_split,
+        stratified_kfold,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_freeze.splitrun' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -15,9 +15,6 @@
 Both samplers subclass ``torch.utils.data.DistributedSampler``, so Lightning keeps them as they are under any
 ``use_distributed_sampler`` setting. Rank and world size are read from ``torch.distributed`` at iteration time
 unless given.
-
-    >>> loader = ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=0)  # doctest: +SKIP
-    >>> trainer.fit(model, train_dataloaders=loader)                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -208,8 +206,26 @@ class ResumableDataLoader(DataLoader):
     consumed batches are then loaded and dropped after a restore, which replays exactly only if that
     sampler's order is deterministic.
 
-        loader = ResumableDataLoader(dataset, batch_size=16, shuffle=True, seed=0)
-        trainer.fit(model, train_dataloaders=loader, ckpt_path=...)  # resumes at the exact batch
+    Unless you pass a ``generator``, the workers' base seed comes from a generator keyed by ``(seed,
+    epoch)``: iterating never moves torch's global generator, and workers draw the same augmentations
+    after a resume. Add :class:`~lightning_freeze.splitrun.ExactResume` to the Trainer: it applies the loader
+    state when Lightning skipped it (a ``configure_optimizers`` that reads
+    ``trainer.estimated_stepping_batches``) and restores the random generators
+    (:class:`~lightning_freeze.splitrun.SplitRunDataModule` adds it by itself).
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> loader = ResumableDataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True, seed=0)
+    >>> batches = iter(loader)
+    >>> first = next(batches)
+    >>> state = loader.state_dict()  # what a checkpoint taken now holds
+    >>> state["epoch"], state["batches_consumed"]
+    (0, 1)
+    >>> rest = [b[0].tolist() for b in batches]
+    >>> resumed = ResumableDataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True, seed=0)
+    >>> resumed.load_state_dict(state)
+    >>> [b[0].tolist() for b in resumed] == rest  # the rest of the epoch, exactly
+    True
     """
 
     def __init__(
@@ -233,6 +249,7 @@ class ResumableDataLoader(DataLoader):
             sampler = TrainShardSampler(len(dataset), shuffle=bool(shuffle), seed=seed, remainder=remainder)  # type: ignore[arg-type]
         self.seed = seed
         self.remainder = remainder
+        self._own_generator = kwargs.get("generator") is None
         super().__init__(dataset, batch_size=batch_size, shuffle=None, sampler=sampler, **kwargs)
         self._batches_yielded = 0
         self._iter_epoch = 0
@@ -249,6 +266,10 @@ class ResumableDataLoader(DataLoader):
             self._batches_yielded = skip
         self._skip_batches = 0
         self._iter_epoch = int(getattr(sampler, "epoch", 0))
+        if self._own_generator:  # the workers' base seed: a function of (seed, epoch), not of global state
+            self.generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([int(self.seed), self._iter_epoch]).generate_state(1)[0])
+            )
         iterator = super().__iter__()
         for _ in range(skip):
             next(iterator, None)
