@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze
 from lightning_freeze.cache.callback import find_plan
-from lightning_freeze.cache.fingerprint import Fingerprinter, self_test, signature
+from lightning_freeze.cache.fingerprint import LANES, Fingerprinter, signature
 from lightning_freeze.cache.store import RowStore, parse_bytes, should_switch_off
 from lightning_freeze.engine.freezing import FreezeEngine
 from lightning_freeze.engine.layers import select_layers
@@ -45,8 +45,25 @@ def test_fingerprints_are_exact_per_row():
     assert signature(x) == ("torch.float32", (3, 5, 5))
 
 
+def _reference_lane(words: list[int], keys: list[int]) -> int:
+    """One lane of the multilinear hash in exact Python integers: (sum k_i * w_i mod 2**64) >> 32."""
+    total = sum((k % 2**64) * (w % 2**64) for k, w in zip(keys, words, strict=True)) % 2**64
+    return total >> 32
+
+
 def test_device_fingerprint_matches_exact_integer_arithmetic():
-    assert self_test("cpu")  # the multilinear hash used on GPUs, checked against Python big ints
+    # The hash used on GPUs relies on int64 products and sums wrapping modulo 2**64: check it against
+    # Python's big integers.
+    fp = Fingerprinter(seed=12345)
+    x = torch.randint(
+        -(2**31), 2**31 - 1, (3, 37), generator=torch.Generator().manual_seed(0), dtype=torch.int64
+    )
+    got = fp.words(x)
+    keys = fp.keys(37, torch.device("cpu")).tolist()
+    for row in range(3):
+        lanes = [_reference_lane(x[row].tolist(), keys[lane]) for lane in range(LANES)]
+        want = [(lanes[0] << 32) | lanes[1], (lanes[2] << 32) | lanes[3]]
+        assert got[row].tolist() == [w - 2**64 if w >= 2**63 else w for w in want]
     fp = Fingerprinter(seed=1)
     x = torch.randn(8, 40000)  # longer than one chunk: the tree path
     a = fp.device_rows(x)

@@ -192,9 +192,9 @@ class OneLayer(Net):
 
 
 def test_errors_are_clear():
-    with pytest.raises(ValueError, match=r"t0 must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"t0 must be a number in \(0, 1\]"):
         FreezeOut(t0=1.2)
-    with pytest.raises(ValueError, match="schedule='cosine' is unknown"):
+    with pytest.raises(ValueError, match="schedule='cosine' is not supported"):
         FreezeOut(schedule="cosine")
     with pytest.raises(LayerSpecError, match="matches no parameter-owning module. Closest module names"):
         fit([FreezeOut(layers="encoder.*")], logger=False)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_freeze import select_layers
-from lightning_freeze.engine.layers import LayerSpecError
+from lightning_freeze.engine.layers import LayerSpecError, layers_within
 
 
 class OutOfOrder(nn.Module):
@@ -147,3 +147,19 @@ def test_auto_gives_direct_parameters_a_block_of_their_own():
     layers = select_layers(model, "auto")
     assert names(layers) == ["<root>", "blocks.0", "blocks.1"]
     assert layers[0].params == (model.scale,) and layers[0].modules == ()
+
+
+def test_layers_within_gives_a_word_the_meaning_it_has_in_select_layers():
+    """One layer-spec language: ``decoder`` is the module decoder, so it covers the managed layers in it."""
+    model = OutOfOrder()
+    managed = select_layers(model, ["decoder.*", "encoder", "head"])
+    assert names(managed) == ["decoder.0", "decoder.2", "encoder", "head"]
+    assert layers_within(model, "decoder", managed) == ["decoder.0", "decoder.2"]
+    assert layers_within(model, "decoder.*", managed) == ["decoder.0", "decoder.2"]
+    assert layers_within(model, ["head", r"re:en\w+"], managed) == ["encoder", "head"]
+    with pytest.raises(LayerSpecError, match=r"phase 1: 'encoder.0' covers only part of the layer 'encoder'"):
+        layers_within(model, "encoder.0", managed, where="phase 1")
+    with pytest.raises(LayerSpecError, match="phase 0: 'unused' covers none of the managed layers"):
+        layers_within(model, "unused", managed, where="phase 0")
+    with pytest.raises(LayerSpecError, match="phase 0: 'dekoder' matches no parameter-owning module"):
+        layers_within(model, "dekoder", managed, where="phase 0")

@@ -232,7 +232,10 @@ def test_missing_monitor_is_a_clear_error(tmp_path):
             {"phases": [{"layers": "backbone.*", "at_epoch": 1}, {"layers": "backbone.2", "at_epoch": 2}]},
             "disjoint",
         ),
-        ({"phases": [{"layers": "encoder", "at_epoch": 1}]}, "matches none of the managed layers"),
+        (
+            {"phases": [{"layers": "encoder", "at_epoch": 1}]},
+            "phase 0: 'encoder' matches no parameter-owning module",
+        ),
         ({"phases": [{"layers": ["backbone", "head"], "at_epoch": 1}]}, "nothing would train"),
     ],
 )

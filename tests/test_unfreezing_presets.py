@@ -20,7 +20,7 @@ def test_backbone_preset_has_backbone_finetuning_defaults():
     cb = instantiate(_freeze_node("freeze=backbone"))
     assert isinstance(cb, ProgressiveUnfreezing)
     assert cb.layer_spec == ["backbone", "head"]
-    assert cb.phases == [{"layers": "backbone", "at_epoch": 10, "lr_ratio": 0.1}]
+    assert [(p.spec, p.at_epoch, p.lr_ratio) for p in cb.phases] == [(("backbone",), 10, 0.1)]
     assert (cb.lr_growth, cb.lr_decay, cb.norm) == (2.0, 1.0, "train")
 
 

@@ -137,7 +137,7 @@ def test_resume_with_a_different_plan_is_a_clear_error(tmp_path):
         ckpt_kwargs={"every_n_epochs": 1, "filename": "{epoch}"},
         limit_val_batches=0,
     )
-    with pytest.raises(ValueError, match="thaw plan"):
+    with pytest.raises(ValueError, match="thaw schedule"):
         run(
             tmp_path,
             "other",

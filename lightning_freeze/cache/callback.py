@@ -57,6 +57,7 @@ from lightning_freeze.cache.store import (
     parse_bytes,
     should_switch_off,
 )
+from lightning_freeze.rules.checks import check_bool, check_int, check_number
 
 __all__ = ["FrozenPrefixCache", "Plan", "find_plan"]
 
@@ -274,20 +275,17 @@ class FrozenPrefixCache(Callback):
         log_stats: bool = True,
     ) -> None:
         super().__init__()
+        where = "FrozenPrefixCache"
         if not isinstance(module, str) or not module:
-            raise ValueError(f"FrozenPrefixCache: module must be 'auto' or a module name, got {module!r}")
+            raise ValueError(f"{where}: module must be 'auto' or a module name, got {module!r}")
         parse_bytes(max_bytes, available=1)  # validate early
-        if not 0 <= min_hit_rate <= 1:
-            raise ValueError(f"FrozenPrefixCache: min_hit_rate must be in [0, 1], got {min_hit_rate!r}")
-        if verify < 0 or min_rows < 1:
-            raise ValueError("FrozenPrefixCache: verify must be >= 0 and min_rows >= 1")
         self.module = module
         self.max_bytes = max_bytes
-        self.min_hit_rate = float(min_hit_rate)
-        self.verify = int(verify)
-        self.min_rows = int(min_rows)
-        self.strict = bool(strict)
-        self.log_stats = log_stats
+        self.min_hit_rate = check_number(min_hit_rate, "min_hit_rate", low=0, high=1, where=where)
+        self.verify = check_int(verify, "verify", minimum=0, where=where)
+        self.min_rows = check_int(min_rows, "min_rows", minimum=1, where=where)
+        self.strict = check_bool(strict, "strict", where=where)
+        self.log_stats = check_bool(log_stats, "log_stats", where=where)
         self.fingerprinter = Fingerprinter()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []

@@ -109,7 +109,7 @@ class Fingerprinter:
 
     def _lanes(self, words: torch.Tensor) -> torch.Tensor:
         keys = self.keys(words.shape[1], words.device)
-        # int64 products and sums wrap modulo 2**64 (two's complement); _self_test checks it.
+        # int64 products and sums wrap modulo 2**64 (two's complement); the tests check it.
         sums = torch.stack([(words * keys[lane]).sum(dim=1) for lane in range(LANES)], dim=1)
         return (sums >> 32) & _MASK32
 
@@ -140,24 +140,3 @@ class Fingerprinter:
         """A fingerprint of a whole tensor (e.g. a weight or a buffer), its dtype and shape included."""
         sig = repr(signature(t.detach().reshape(1, *t.shape))).encode()
         return hashlib.blake2b(self.rows(t.detach().reshape(1, -1))[0] + sig, digest_size=16).digest()
-
-
-def _reference_lane(words: list[int], keys: list[int]) -> int:
-    total = sum((k % 2**64) * (w % 2**64) for k, w in zip(keys, words, strict=True)) % 2**64
-    return total >> 32
-
-
-def self_test(device: torch.device | str = "cpu") -> bool:
-    """Check that this build's int64 arithmetic wraps modulo 2**64 as the hash needs (exact Python ints)."""
-    fp = Fingerprinter(seed=12345)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(-(2**31), 2**31 - 1, (3, 37), generator=g, dtype=torch.int64)
-    got = fp.words(x.to(device)).cpu()
-    keys = fp.keys(37, torch.device("cpu")).tolist()
-    for row in range(3):
-        lanes = [_reference_lane(x[row].tolist(), keys[lane]) for lane in range(LANES)]
-        want = [((lanes[0] << 32) | lanes[1]), ((lanes[2] << 32) | lanes[3])]
-        want = [w - 2**64 if w >= 2**63 else w for w in want]
-        if got[row].tolist() != want:
-            return False
-    return True

@@ -41,22 +41,28 @@ _UNITS = {
 
 def parse_bytes(value: int | float | str | None, available: int | None = None) -> int | None:
     """``None`` -> None (use the default); ``int`` bytes; ``"512MB"``/``"2GiB"``; a float in (0, 1) is a
-    fraction of ``available`` bytes."""
+    fraction of ``available`` bytes. A float of 1 or more must be whole (``1.5`` is neither a fraction
+    nor a byte count: write ``"1.5GB"``)."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"max_bytes must be a size, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"FrozenPrefixCache: max_bytes must be a size, got {value!r}")
     if isinstance(value, float) and 0 < value < 1:
         if available is None:
             raise ValueError("a fractional max_bytes needs the available memory")
         return int(value * available)
-    if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"max_bytes must be a non-negative size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value) or value != int(value):
+            raise ValueError(
+                f"FrozenPrefixCache: max_bytes={value!r} is neither a fraction of the available RAM (a number in "
+                "(0, 1)) nor a whole number of bytes; write e.g. 0.25, 2000000000 or '2GB'"
+            )
         return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_bytes: cannot read {value!r}; give bytes (int) or e.g. '512MB', '2GiB'")
+        raise ValueError(
+            f"FrozenPrefixCache: max_bytes: cannot read {value!r}; give bytes (int) or e.g. '512MB', '2GiB'"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 

@@ -28,8 +28,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_freeze.engine import optim
-from lightning_freeze.engine.freezing import FreezeEngine, trainable_counts
+from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
 from lightning_freeze.engine.layers import Layer, select_layers
+from lightning_freeze.rules.checks import check_bool, check_choice, check_layer_spec
 
 LayerSpec = str | Sequence[str]
 _MAX_HISTORY_POINTS = 1000
@@ -40,11 +41,16 @@ class FreezingCallback(Callback):
 
     def __init__(self, layers: LayerSpec = "auto", norm: str = "eval", plot: bool = True) -> None:
         super().__init__()
-        if norm not in ("eval", "train"):
-            raise ValueError(f"norm={norm!r} is not supported; use norm='eval' (default) or norm='train'")
-        self.layer_spec = layers
-        self.norm = norm
-        self.plot = plot
+        where = type(self).__name__
+        self.layer_spec = check_layer_spec(layers, where=where)
+        self.norm = check_choice(
+            norm,
+            "norm",
+            NORM_MODES,
+            where=where,
+            hint="'eval' keeps frozen norm layers fixed; 'train' lets them train, like fastai's train_bn",
+        )
+        self.plot = check_bool(plot, "plot", where=where)
         self.engine: FreezeEngine | None = None
         self.layers: list[Layer] = []
         self.events: list[dict[str, Any]] = []
@@ -52,8 +58,9 @@ class FreezingCallback(Callback):
         self._record_every = 1
 
     # ------------------------------------------------------------------ what subclasses decide
-    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
-        """Raise a clear error for settings that cannot work with these layers (called at setup)."""
+    def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+        """Build what the subclass needs from the resolved layers, and raise a clear error for settings
+        that cannot work with them (called at setup, before anything is frozen)."""
 
     def initially_frozen(self, layers: list[Layer]) -> list[str]:
         """Names of the layers frozen before the first step."""
@@ -73,7 +80,7 @@ class FreezingCallback(Callback):
         if stage != "fit":
             return
         self.layers = select_layers(pl_module, self.layer_spec)
-        self.validate(trainer, self.layers)
+        self.prepare(trainer, self.layers)
         self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm)
         self.engine.register()
         self.events, self.history = [], {"step": [], "lr": {}}
@@ -187,9 +194,10 @@ class FreezingCallback(Callback):
         return changed
 
     def group_lr(self, name: str) -> float:
+        """The LR of layer ``name``'s (first) param group."""
         engine = self._require_engine()
         assert engine.optimizer is not None
-        return float(engine.optimizer.param_groups[engine.group_indices(name)[0]]["lr"])
+        return optim.current_lr(engine.optimizer, engine.group_indices(name)[0])
 
     # ------------------------------------------------------------------ internals
     def _require_engine(self) -> FreezeEngine:

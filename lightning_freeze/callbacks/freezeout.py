@@ -13,8 +13,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.engine import optim
 from lightning_freeze.engine.layers import Layer
-from lightning_freeze.rules.freezeout import GroupSchedule, check_args, freezeout_schedule, progress
+from lightning_freeze.rules.checks import check_bool
+from lightning_freeze.rules.freezeout import (
+    GroupSchedule,
+    check_args,
+    freeze_step,
+    freezeout_schedule,
+    progress,
+)
 
 
 class FreezeOut(FreezingCallback):
@@ -54,37 +62,31 @@ class FreezeOut(FreezingCallback):
         plot: bool = True,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
-        check_args(t0, schedule)
-        if not isinstance(scale_lr, bool):
-            raise ValueError(f"FreezeOut: scale_lr must be true or false, got {scale_lr!r}")
-        self.t0 = float(t0)
+        self.t0 = check_args(t0, schedule)
         self.schedule = schedule
-        self.scale_lr = scale_lr
+        self.scale_lr = check_bool(scale_lr, "scale_lr", where="FreezeOut")
         self.total_steps: int | None = None
-        self.group_schedules: list[GroupSchedule] = []  # per optimizer param group
-        self.base_lrs: list[float] = []  # per optimizer param group
-        self._layer_schedules: dict[str, GroupSchedule] = {}
-        self._has_rest = False
-        self._saved: dict[str, Any] | None = None
+        self.layer_schedules: dict[str, GroupSchedule] = {}  # managed layer -> its schedule
+        self._head_schedule: GroupSchedule | None = None  # the groups outside the managed layers
+        self._group_schedules: list[tuple[int, GroupSchedule]] = []  # param group index -> schedule
+        self._checkpoint_settings: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ schedule
     def layer_times(self) -> dict[str, float]:
         """Freeze time ``t_i`` of each managed layer (1.0: the head, never frozen early)."""
-        return {name: s.t for name, s in self._layer_schedules.items()}
+        return {name: s.t for name, s in self.layer_schedules.items()}
 
     def freeze_steps(self) -> dict[str, int | None]:
         """The optimizer step at which each managed layer freezes (None: never), for this fit's length."""
-        from lightning_freeze.rules.freezeout import freeze_step
-
         assert self.total_steps is not None, "known once the fit has started"
-        return {name: freeze_step(s.t, self.total_steps) for name, s in self._layer_schedules.items()}
+        return {name: freeze_step(s.t, self.total_steps) for name, s in self.layer_schedules.items()}
 
     # ------------------------------------------------------------------ FreezingCallback hooks
-    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+    def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         model = trainer.lightning_module
         managed = {id(p) for layer in layers for p in layer.params}
-        self._has_rest = any(p.requires_grad and id(p) not in managed for p in model.parameters())
-        n_groups = len(layers) + int(self._has_rest)
+        head_outside = any(p.requires_grad and id(p) not in managed for p in model.parameters())
+        n_groups = len(layers) + int(head_outside)
         if n_groups < 2:
             raise ValueError(
                 f"FreezeOut needs at least 2 layers (layers to freeze, then the head that trains to the end), "
@@ -92,7 +94,8 @@ class FreezeOut(FreezingCallback):
                 "parameters. Use a model with more blocks or a finer layer spec (e.g. 're:backbone\\.\\d+')."
             )
         schedules = freezeout_schedule(n_groups, self.t0, self.schedule, self.scale_lr)
-        self._layer_schedules = {layer.name: s for layer, s in zip(layers, schedules, strict=False)}
+        self.layer_schedules = {layer.name: s for layer, s in zip(layers, schedules, strict=False)}
+        self._head_schedule = schedules[-1]
 
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedulers = self._schedulers(trainer)
@@ -104,49 +107,35 @@ class FreezeOut(FreezingCallback):
                 "would overwrite each other's group['lr']: return only the optimizer. Its lr is the base LR."
             )
         engine = self._require_engine()
-        assert engine.optimizer is not None
-        groups = engine.optimizer.param_groups
-        head = freezeout_schedule(
-            len(self._layer_schedules) + int(self._has_rest), self.t0, self.schedule, self.scale_lr
-        )[-1]
-        per_group = [head] * len(groups)
-        for name, sched in self._layer_schedules.items():
+        assert engine.optimizer is not None and self._head_schedule is not None
+        per_group = [self._head_schedule] * len(engine.optimizer.param_groups)
+        for name, schedule in self.layer_schedules.items():
             for index in engine.group_indices(name):
-                per_group[index] = sched
-        self.group_schedules = per_group
-        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
+                per_group[index] = schedule
+        self._group_schedules = list(enumerate(per_group))
         self.total_steps = None  # known in on_train_start (asking earlier breaks mid-epoch resume)
 
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "freezeout": {
-                "t0": self.t0,
-                "schedule": self.schedule,
-                "scale_lr": self.scale_lr,
-                "total_steps": self.total_steps,
-                "base_lrs": list(self.base_lrs),
-            }
-        }
+        return {"freezeout": self._settings()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._saved = state.get("freezeout")
+        self._checkpoint_settings = state.get("freezeout")
 
-    def _check_resumed(self, saved: dict[str, Any]) -> None:
-        """Resume: keep the base LRs of the run that saved the checkpoint; warn if the schedule changed."""
-        mine = {
+    def _settings(self) -> dict[str, Any]:
+        return {
             "t0": self.t0,
             "schedule": self.schedule,
             "scale_lr": self.scale_lr,
             "total_steps": self.total_steps,
         }
-        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+
+    def _warn_if_settings_changed(self, saved: dict[str, Any]) -> None:
+        changed = {k: (saved.get(k), v) for k, v in self._settings().items() if saved.get(k) != v}
         if changed:
             rank_zero_warn(
                 f"FreezeOut: resuming with different settings than the checkpoint (checkpoint, now): {changed}. "
                 "The freeze times follow the new settings; layers already frozen stay frozen."
             )
-        if len(saved.get("base_lrs", [])) == len(self.base_lrs):
-            self.base_lrs = [float(x) for x in saved["base_lrs"]]
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -160,20 +149,22 @@ class FreezeOut(FreezingCallback):
                 f"estimates {total} optimizer steps: set max_epochs or max_steps."
             )
         self.total_steps = int(total)
-        if self._saved is not None:
-            self._check_resumed(self._saved)
-            self._saved = None
-        # After a resume the optimizer's groups hold the saved LRs; set this step's and catch up on freezes.
-        self._apply(trainer, freeze=True)
+        if self._checkpoint_settings is not None:
+            self._warn_if_settings_changed(self._checkpoint_settings)
+            self._checkpoint_settings = None
+        # After a resume, catch up on the freezes and set this step's LRs (the optimizer holds the saved ones).
+        self._freeze_due(trainer)
+        self._set_lrs(trainer.global_step)
         self._record(trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._apply(trainer, freeze=True)
+        self._freeze_due(trainer)
+        self._set_lrs(trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Set the next step's LRs now as well, so a LearningRateMonitor placed before us in the callback
         # list (it reads group["lr"] in on_train_batch_start) logs the LR that step will really use.
-        self._apply(trainer, freeze=False)
+        self._set_lrs(trainer.global_step)
         super().on_train_batch_end(trainer, pl_module, *args)
 
     # ------------------------------------------------------------------ internals
@@ -194,24 +185,28 @@ class FreezeOut(FreezingCallback):
             if index not in managed:
                 series = self.history["lr"].setdefault(str(group.get("name", index)), [])
                 series.extend([None] * (len(self.history["step"]) - 1 - len(series)))
-                series.append(float(group["lr"]))
+                series.append(optim.current_lr(engine.optimizer, index))
 
-    def _apply(self, trainer: pl.Trainer, freeze: bool) -> None:
-        """Freeze the layers whose time has come (in layer order) and set every group's LR for this step."""
+    def _freeze_due(self, trainer: pl.Trainer) -> None:
+        """Freeze, in layer order, the layers whose freeze time has come."""
+        engine = self._require_engine()
+        if self.total_steps is None:
+            return
+        t = progress(trainer.global_step, self.total_steps)
+        due = [
+            layer.name
+            for layer in self.layers
+            if not engine.is_frozen(layer.name) and self.layer_schedules[layer.name].frozen_at(t)
+        ]
+        if due:
+            times = ", ".join(f"{n}: t_i={self.layer_schedules[n].t:.4g}" for n in due)
+            self.transition(trainer, freeze=due, reason=f"t={t:.4g} >= {times}")
+
+    def _set_lrs(self, step: int) -> None:
+        """Every group's LR for optimizer step ``step``: its base LR times its schedule's factor."""
         engine = self._require_engine()
         if engine.optimizer is None or self.total_steps is None:
             return
-        t = progress(trainer.global_step, self.total_steps)
-        if freeze:
-            due = [
-                layer.name
-                for layer in self.layers
-                if self._layer_schedules[layer.name].frozen_at(t) and not engine.is_frozen(layer.name)
-            ]
-            if due:
-                times = ", ".join(f"{n}: t_i={self._layer_schedules[n].t:.4g}" for n in due)
-                self.transition(trainer, freeze=due, reason=f"t={t:.4g} >= {times}")
-        for group, sched, base in zip(
-            engine.optimizer.param_groups, self.group_schedules, self.base_lrs, strict=True
-        ):
-            group["lr"] = base * sched.factor(t)
+        t = progress(step, self.total_steps)
+        for index, schedule in self._group_schedules:
+            optim.set_lr_factor(engine.optimizer, index, schedule.factor(t))

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine.layers import Layer
+from lightning_freeze.rules.checks import check_int, check_number
 
 
 class LayerFreeze(FreezingCallback):
@@ -33,16 +34,13 @@ class LayerFreeze(FreezingCallback):
         plot: bool = True,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
-        for name, value in (("until_epoch", until_epoch), ("until_step", until_step)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"LayerFreeze: {name} must be a non-negative integer or None, got {value!r}")
+        self.until_epoch = check_int(
+            until_epoch, "until_epoch", minimum=0, allow_none=True, where="LayerFreeze"
+        )
+        self.until_step = check_int(until_step, "until_step", minimum=0, allow_none=True, where="LayerFreeze")
         if until_epoch is not None and until_step is not None:
             raise ValueError("LayerFreeze: set until_epoch or until_step, not both")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"LayerFreeze: lr must be positive, got {lr!r}")
-        self.until_epoch = until_epoch
-        self.until_step = until_step
-        self.lr = lr
+        self.lr = check_number(lr, "lr", low=0, low_open=True, allow_none=True, where="LayerFreeze")
 
     def initially_frozen(self, layers: list[Layer]) -> list[str]:
         return [layer.name for layer in layers]

@@ -10,12 +10,13 @@ The schedule itself (which layers thaw when, the LR of each) is pure logic in
   to every rank, so all ranks decide alike) and *applied* at the next training batch, when the model is
   back in training mode (thawing in the middle of Lightning's eval/train toggling would leave the
   thawed modules in eval mode);
-- a thawed layer's warm-up multiplier is applied only around ``optimizer.step()`` (torch step pre/post
-  hooks), so chainable schedulers that read ``group["lr"]`` never see it.
+- a thawed layer's warm-up multiplier is applied only around ``optimizer.step()`` (``optim.StepScale``),
+  so chainable schedulers that read ``group["lr"]`` never see it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,18 +24,10 @@ import torch
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
-from lightning_freeze.engine.layers import Layer
-from lightning_freeze.rules.thawing import (
-    Phase,
-    PhaseError,
-    PlateauTracker,
-    ThawPlan,
-    build_plan,
-    growth_factor,
-    plain,
-)
-from lightning_freeze.rules.thawing import target_lr as plan_target_lr
-from lightning_freeze.rules.thawing import warmup_factor as plan_warmup_factor
+from lightning_freeze.engine.layers import Layer, LayerSpecError, layers_within
+from lightning_freeze.rules import thawing
+from lightning_freeze.rules.checks import check_bool, check_int, check_number, check_str
+from lightning_freeze.rules.thawing import Phase, PhaseError, PlateauTracker, ThawSchedule
 
 
 class ProgressiveUnfreezing(FreezingCallback):
@@ -81,37 +74,38 @@ class ProgressiveUnfreezing(FreezingCallback):
         norm: str = "eval",
         plot: bool = True,
     ) -> None:
-        super().__init__(layers=plain(layers), norm=norm, plot=plot)
-        name = type(self).__name__
-        if not (_number(lr_decay) and lr_decay > 0):
-            raise ValueError(
-                f"{name}: lr_decay must be a positive number (ULMFiT uses 2.6), got {lr_decay!r}"
-            )
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            raise ValueError(f"{name}: warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-        if lr_growth is not None and not (_number(lr_growth) and lr_growth > 0):
-            raise ValueError(f"{name}: lr_growth must be a positive number or None, got {lr_growth!r}")
-        if head_lr is not None and not (_number(head_lr) and head_lr > 0):
-            raise ValueError(f"{name}: head_lr must be a positive number or None, got {head_lr!r}")
+        super().__init__(layers=layers, norm=norm, plot=plot)
+        where = type(self).__name__
+        self.lr_decay = check_number(
+            lr_decay, "lr_decay", low=0, low_open=True, where=where, hint="ULMFiT uses 2.6"
+        )
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0, where=where)
+        self.lr_growth = check_number(
+            lr_growth, "lr_growth", low=0, low_open=True, allow_none=True, where=where
+        )
+        self.head_lr = check_number(head_lr, "head_lr", low=0, low_open=True, allow_none=True, where=where)
+        self.monitor = check_str(monitor, "monitor", allow_none=True, where=where)
+        self.restore_best = check_bool(restore_best, "restore_best", where=where)
         if restore_best and monitor is None:
-            raise ValueError(f"{name}: restore_best=True needs monitor=... (the metric that defines 'best')")
-        if monitor is not None and not isinstance(monitor, str):
-            raise ValueError(f"{name}: monitor must be a metric name, got {monitor!r}")
+            raise ValueError(f"{where}: restore_best=True needs monitor=... (the metric that defines 'best')")
+        try:
+            self.phases = None if phases is None else thawing.parse_phases(phases, monitor)
+            thawing.check_triggers(
+                every_n_epochs=every_n_epochs,
+                every_n_steps=every_n_steps,
+                groups_per_step=groups_per_step,
+                phases=self.phases,
+                monitor=monitor,
+            )
+            self.tracker = PlateauTracker(mode=mode, patience=patience, min_delta=min_delta)
+        except PhaseError as err:
+            raise PhaseError(f"{where}: {err}") from None
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.groups_per_step = groups_per_step
-        self.phases = plain(phases)
-        self.lr_decay = float(lr_decay)
-        self.monitor = monitor
-        self.restore_best = restore_best
-        self.warmup_steps = warmup_steps
-        self.lr_growth = None if lr_growth is None else float(lr_growth)
-        self.head_lr = None if head_lr is None else float(head_lr)
-        # Checked here too, so a bad mode/patience fails at construction.
-        self.tracker = PlateauTracker(mode=mode, patience=patience, min_delta=min_delta)
-        self.plan: ThawPlan | None = None
+        self.thaw_schedule: ThawSchedule | None = None
+        self._step_scale: optim.StepScale | None = None
         self._reset_run_state()
-        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ run state
     def _reset_run_state(self) -> None:
@@ -122,72 +116,73 @@ class ProgressiveUnfreezing(FreezingCallback):
         self._cap_lr: dict[str, float] = {}
         self._head_lr_value: float | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
-        self._warm: dict[int, float] = {}
-        self._saved_lr: dict[int, float] = {}
         self.tracker.reset()
 
     # ------------------------------------------------------------------ FreezingCallback interface
-    def validate(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+    def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         names = [layer.name for layer in layers]
+        where = type(self).__name__
         try:
-            self.plan = build_plan(
+            phases = None
+            if self.phases is not None:
+                phases = [
+                    dataclasses.replace(
+                        phase,
+                        layers=tuple(
+                            layers_within(trainer.lightning_module, list(phase.spec), layers, f"phase {i}")
+                        ),
+                    )
+                    for i, phase in enumerate(self.phases)
+                ]
+            self.thaw_schedule = thawing.build_thaw_schedule(
                 names,
                 every_n_epochs=self.every_n_epochs,
                 every_n_steps=self.every_n_steps,
                 groups_per_step=self.groups_per_step,
-                phases=self.phases,
+                phases=phases,
                 monitor=self.monitor,
             )
-        except PhaseError as err:
-            raise PhaseError(f"{type(self).__name__}: {err}") from None
+        except (PhaseError, LayerSpecError) as err:
+            raise PhaseError(f"{where}: {err}") from None
         self._reset_run_state()
         managed = {id(p) for layer in layers for p in layer.params}
-        initial = set(self.plan.initial)
+        initial = set(self.thaw_schedule.initial)
         trains = any(
             p.requires_grad for layer in layers if layer.name in initial for p in layer.params
         ) or any(p.requires_grad and id(p) not in managed for p in trainer.lightning_module.parameters())
         if not trains:
             raise PhaseError(
-                f"{type(self).__name__}: nothing would train before the first thaw ({self.plan.signature()}); "
+                f"{where}: nothing would train before the first thaw ({self.thaw_schedule.signature()}); "
                 "leave at least one layer (usually the head) out of the phases, or give it at_epoch: 0"
             )
 
     def initially_frozen(self, layers: list[Layer]) -> list[str]:
-        assert self.plan is not None
-        return self.plan.initially_frozen
+        return self._require_schedule().initially_frozen
 
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._require_engine()
-        plan = self._require_plan()
+        schedule = self._require_schedule()
         optimizer = engine.optimizer
         assert optimizer is not None
-        for group in optimizer.param_groups:
-            # ReduceLROnPlateau (and no scheduler) keep no base LR: record it, so a later thaw can keep
-            # the factor a plateau scheduler has applied so far.
-            group.setdefault("initial_lr", group["lr"])
         schedulers = self._schedulers(trainer)
-        head = plan.layers[-1]
         if self._head_lr_value is None:  # not restored from a checkpoint
+            head = schedule.layers[-1]
             self._head_lr_value = self.head_lr or optim.base_lr(
                 optimizer, schedulers, engine.group_indices(head)[0]
             )
-        for name in plan.initial:
-            lr = self._target(name, plan.phase_of(name))
+        for name in schedule.initial:
+            lr = self._target(name, schedule.phase_of(name))
             for index in engine.group_indices(name):
-                if optim.base_lr(optimizer, schedulers, index) != lr:
-                    optim.set_base_lr(optimizer, schedulers, index, lr)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = [
-            optimizer.register_step_pre_hook(self._scale_for_warmup),
-            optimizer.register_step_post_hook(self._restore_after_warmup),
-        ]
+                optim.set_base_lr(optimizer, schedulers, index, lr)
+        self._remove_step_scale()
+        if self.warmup_steps > 0:
+            self._step_scale = optim.StepScale(optimizer)
 
     def extra_state(self) -> dict[str, Any]:
-        plan = self._require_plan()
+        schedule = self._require_schedule()
         return {
             "unfreezing": {
-                "plan": plan.signature(),
+                "plan": schedule.signature(),
                 "done": sorted(self._done),
                 "pending": list(self._pending),
                 "thawed_at": {k: list(v) for k, v in self._thawed_at.items()},
@@ -200,14 +195,14 @@ class ProgressiveUnfreezing(FreezingCallback):
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        plan = self._require_plan()
+        schedule = self._require_schedule()
         saved = state.get("unfreezing")
         if saved is None:
             raise ValueError(f"{type(self).__name__}: the checkpoint holds no progressive-unfreezing state")
-        if saved["plan"] != plan.signature():
+        if saved["plan"] != schedule.signature():
             raise PhaseError(
-                f"{type(self).__name__}: the checkpoint was saved with the thaw plan {saved['plan']}, but this run "
-                f"plans {plan.signature()}. Resume with the same settings."
+                f"{type(self).__name__}: the checkpoint was saved with the thaw schedule {saved['plan']}, but this "
+                f"run plans {schedule.signature()}. Resume with the same settings."
             )
         self._done = set(saved["done"])
         self._pending = list(saved["pending"])
@@ -228,12 +223,13 @@ class ProgressiveUnfreezing(FreezingCallback):
         self._set_warmup(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or trainer.sanity_checking or self.plan is None or self.engine is None:
+        schedule = self.thaw_schedule
+        if self.monitor is None or trainer.sanity_checking or schedule is None or self.engine is None:
             return
         if trainer.state.fn != "fit":
             return
         waiting = self._done | set(self._pending)
-        if self.plan.next_monitor_phase(waiting) is None:
+        if schedule.next_monitor_phase(waiting) is None:
             return  # every phase has thawed or is about to: nothing left to decide
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
@@ -250,29 +246,25 @@ class ProgressiveUnfreezing(FreezingCallback):
                 k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
             }
         if plateaued:
-            nxt = self.plan.next_monitor_phase(waiting)
+            nxt = schedule.next_monitor_phase(waiting)
             if nxt is not None:
                 self._pending.append(nxt)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks = []
-            self._restore_after_warmup()
+            self._remove_step_scale()
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ transitions
     def _apply_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan = self._require_plan()
-        due = plan.due(trainer.current_epoch, trainer.global_step, self._done) + self._pending
+        schedule = self._require_schedule()
+        due = schedule.due(trainer.current_epoch, trainer.global_step, self._done) + self._pending
         for index in sorted(set(due)):
             self._thaw_phase(trainer, pl_module, index)
         self._pending = []
 
     def _thaw_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
-        plan = self._require_plan()
-        phase = plan.phases[index]
+        phase = self._require_schedule().phases[index]
         reason = {
             "epoch": f"at_epoch={phase.at_epoch}",
             "step": f"at_step={phase.at_step}",
@@ -297,7 +289,7 @@ class ProgressiveUnfreezing(FreezingCallback):
 
     def _target(self, name: str, phase: Phase | None) -> float:
         assert self._head_lr_value is not None
-        return plan_target_lr(self._require_plan(), name, self._head_lr_value, self.lr_decay, phase)
+        return thawing.target_lr(self._require_schedule(), name, self._head_lr_value, self.lr_decay, phase)
 
     def _apply_growth(self, trainer: pl.Trainer) -> None:
         if self.lr_growth is None or not self._thawed_at:
@@ -307,46 +299,34 @@ class ProgressiveUnfreezing(FreezingCallback):
             return
         schedulers = self._schedulers(trainer)
         for name, (_, epoch) in self._thawed_at.items():
-            lr = growth_factor(
+            lr = thawing.growth_factor(
                 trainer.current_epoch - epoch, self.lr_growth, self._start_lr[name], self._cap_lr[name]
             )
             for index in engine.group_indices(name):
-                if optim.base_lr(engine.optimizer, schedulers, index) != lr:
-                    optim.set_base_lr(engine.optimizer, schedulers, index, lr)
+                optim.set_base_lr(engine.optimizer, schedulers, index, lr)
 
     # ------------------------------------------------------------------ warm-up around optimizer.step()
     def _set_warmup(self, trainer: pl.Trainer) -> None:
-        self._warm = {}
-        if self.warmup_steps <= 0 or not self._thawed_at:
+        if self._step_scale is None:
             return
         engine = self._require_engine()
+        factors = {}
         for name, (step, _) in self._thawed_at.items():
-            factor = plan_warmup_factor(trainer.global_step - step, self.warmup_steps)
+            factor = thawing.warmup_factor(trainer.global_step - step, self.warmup_steps)
             if factor < 1.0:
-                for index in engine.group_indices(name):
-                    self._warm[index] = factor
+                factors.update(dict.fromkeys(engine.group_indices(name), factor))
+        self._step_scale.factors = factors
 
     def warmup_factor(self, name: str, global_step: int) -> float:
         """The multiplier the layer's LR gets at the optimizer step ``global_step`` (1 outside its warm-up)."""
         if name not in self._thawed_at:
             return 1.0
-        return plan_warmup_factor(global_step - self._thawed_at[name][0], self.warmup_steps)
+        return thawing.warmup_factor(global_step - self._thawed_at[name][0], self.warmup_steps)
 
-    def _scale_for_warmup(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        self._restore_after_warmup(optimizer)
-        for index, factor in self._warm.items():
-            group = optimizer.param_groups[index]
-            self._saved_lr[index] = group["lr"]
-            group["lr"] = group["lr"] * factor
-
-    def _restore_after_warmup(self, optimizer: torch.optim.Optimizer | None = None, *args: Any) -> None:
-        if not self._saved_lr:
-            return
-        optimizer = optimizer or (self.engine.optimizer if self.engine is not None else None)
-        if optimizer is not None:
-            for index, lr in self._saved_lr.items():
-                optimizer.param_groups[index]["lr"] = lr
-        self._saved_lr = {}
+    def _remove_step_scale(self) -> None:
+        if self._step_scale is not None:
+            self._step_scale.remove()
+            self._step_scale = None
 
     # ------------------------------------------------------------------ logging
     def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -355,14 +335,10 @@ class ProgressiveUnfreezing(FreezingCallback):
         stats["freeze/thawed_groups"] = float(len(engine.layers) - len(engine.frozen))
         return stats
 
-    def _require_plan(self) -> ThawPlan:
-        if self.plan is None:
+    def _require_schedule(self) -> ThawSchedule:
+        if self.thaw_schedule is None:
             raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
-        return self.plan
+        return self.thaw_schedule
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-__all__ = ["ProgressiveUnfreezing", "PhaseError"]
+__all__ = ["PhaseError", "ProgressiveUnfreezing"]

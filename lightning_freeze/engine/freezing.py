@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_freeze.engine.layers import Layer
-from lightning_freeze.engine.optim import GroupPlan, split_into_layer_groups
+from lightning_freeze.engine.optim import GroupLayout, split_into_layer_groups
+from lightning_freeze.rules.checks import check_choice
 
 NORM_MODES = ("eval", "train")
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -61,8 +62,7 @@ class FreezeEngine:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer], norm: str = "eval") -> None:
-        if norm not in NORM_MODES:
-            raise ValueError(f"norm={norm!r} is not supported; use one of {NORM_MODES}")
+        check_choice(norm, "norm", NORM_MODES, where="FreezeEngine")
         self.model = model
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
@@ -70,7 +70,7 @@ class FreezeEngine:
         self.user_frozen = {id(p) for layer in self.layers for p in layer.params if not p.requires_grad}
         self.frozen: set[str] = set()
         self.optimizer: Optimizer | None = None
-        self.plan: GroupPlan | None = None
+        self.layout: GroupLayout | None = None
         self._hooks: dict[str, list] = {}
         self._norm_params = self._params_of_norm_modules() if norm == "train" else set()
 
@@ -107,20 +107,20 @@ class FreezeEngine:
         return [p for layer in self.layers for p in layer.params if p.requires_grad]
 
     # ------------------------------------------------------------------ optimizer
-    def attach(self, optimizer: Optimizer, schedulers: Sequence[object] = ()) -> GroupPlan:
+    def attach(self, optimizer: Optimizer, schedulers: Sequence[object] = ()) -> GroupLayout:
         """Split ``optimizer`` into per-layer named groups that hold only what trains now."""
         self.optimizer = optimizer
         names = {id(p): n for n, p in self.model.named_parameters()}
-        self.plan = split_into_layer_groups(optimizer, self.layers, self.trainable(), schedulers, names)
-        return self.plan
+        self.layout = split_into_layer_groups(optimizer, self.layers, self.trainable(), schedulers, names)
+        return self.layout
 
     def detach(self) -> None:
         self.optimizer = None
-        self.plan = None
+        self.layout = None
 
     def group_indices(self, name: str) -> list[int]:
-        assert self.plan is not None, "attach an optimizer first"
-        return self.plan.layer_groups[name]
+        assert self.layout is not None, "attach an optimizer first"
+        return self.layout.layer_groups[name]
 
     # ------------------------------------------------------------------ transitions
     def freeze(self, names: Iterable[str]) -> list[str]:
@@ -158,11 +158,11 @@ class FreezeEngine:
     def _sync_groups(self, layer: Layer) -> None:
         # Rebuild the layer's group lists from the layer's own order, so a resumed run lays out the
         # optimizer exactly like the run that saved it.
-        if self.optimizer is None or self.plan is None:
+        if self.optimizer is None or self.layout is None:
             return
-        for index in self.plan.layer_groups[layer.name]:
+        for index in self.layout.layer_groups[layer.name]:
             self.optimizer.param_groups[index]["params"] = [
-                p for p in layer.params if p.requires_grad and self.plan.param_group[id(p)] == index
+                p for p in layer.params if p.requires_grad and self.layout.param_group[id(p)] == index
             ]
 
     def _mode_managed_modules(self, layer: Layer) -> list[nn.Module]:

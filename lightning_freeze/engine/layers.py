@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_freeze.rules.checks import AUTO_SPEC, check_layer_spec
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_AUTO = re.compile(r"^auto(?:\[(-?\d*)(?::(-?\d*))?(?::(-?\d*))?\])?$")
 
 
 class LayerSpecError(ValueError):
@@ -50,26 +51,58 @@ def select_layers(
     >>> [layer.name for layer in layers]                      # doctest: +SKIP
     ['backbone.0', 'backbone.1', 'backbone.2']
     """
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not specs:
-        raise LayerSpecError(
-            "layers: the spec is empty; give a glob such as 'backbone.*', 're:...' or 'auto'"
-        )
+    specs = check_layer_spec(spec, error=LayerSpecError)
+    specs = [specs] if isinstance(specs, str) else specs
     named = dict(model.named_modules())
-    layers: list[Layer] = []
-    for one in specs:
-        if not isinstance(one, str):
-            raise LayerSpecError(f"layers: each spec must be a string, got {one!r}")
-        auto = _AUTO.match(one.strip())
-        if auto:
-            found = _sliced(_auto_layers(model, example_input), auto.groups(), one)
-        else:
-            found = [_make_layer(name, named[name]) for name in _matching_names(named, one)]
-        if not found:
-            raise LayerSpecError(_no_match_message(one, named))
-        layers.extend(found)
+    layers = [layer for one in specs for layer in _resolve_one(model, named, one, example_input, "layers")]
     _check_disjoint(layers)
     return layers
+
+
+def layers_within(
+    model: nn.Module, spec: str | Sequence[str], layers: Sequence[Layer], where: str = "layers"
+) -> list[str]:
+    """Names of the managed ``layers`` that ``spec`` covers, in their order.
+
+    ``spec`` means what it means for :func:`select_layers`: ``backbone`` is the module ``backbone``, so it
+    covers the managed layers ``backbone.0``, ``backbone.1``, ... inside it. Each string must cover at
+    least one managed layer, and no string may cover only part of one (a phase thaws whole layers).
+    """
+    specs = check_layer_spec(spec, where=where, error=LayerSpecError)
+    specs = [specs] if isinstance(specs, str) else specs
+    named = dict(model.named_modules())
+    covered: set[str] = set()
+    for one in specs:
+        selected = {id(p) for layer in _resolve_one(model, named, one, None, where) for p in layer.params}
+        hits = []
+        for layer in layers:
+            inside = sum(id(p) in selected for p in layer.params)
+            if inside and inside < len(layer.params):
+                raise LayerSpecError(
+                    f"{where}: {one!r} covers only part of the layer {layer.name!r}; name whole layers "
+                    f"(the managed layers are {[m.name for m in layers]})"
+                )
+            if inside:
+                hits.append(layer.name)
+        if not hits:
+            raise LayerSpecError(
+                f"{where}: {one!r} covers none of the managed layers {[m.name for m in layers]}"
+            )
+        covered.update(hits)
+    return [layer.name for layer in layers if layer.name in covered]
+
+
+def _resolve_one(
+    model: nn.Module, named: dict[str, nn.Module], spec: str, example_input: Any, where: str
+) -> list[Layer]:
+    auto = AUTO_SPEC.match(spec.strip())
+    if auto:
+        found = _sliced(_auto_layers(model, example_input), auto.groups(), spec)
+    else:
+        found = [_make_layer(name, named[name]) for name in _matching_names(named, spec)]
+    if not found:
+        raise LayerSpecError(_no_match_message(spec, named, where))
+    return found
 
 
 def _make_layer(name: str, module: nn.Module) -> Layer:
@@ -110,11 +143,6 @@ def _sliced(names: list[Layer], groups: tuple[str | None, ...], spec: str) -> li
             raise LayerSpecError(f"layers: {spec!r} is out of range; auto found {len(names)} blocks: {found}")
         return [names[start]]
     return names[slice(start, stop, step)]
-
-
-def auto_blocks(model: nn.Module, example_input: Any = None) -> list[str]:
-    """Names of the layers ``auto`` selects; see :func:`_auto_layers`."""
-    return [layer.name for layer in _auto_layers(model, example_input)]
 
 
 def _auto_layers(model: nn.Module, example_input: Any = None) -> list[Layer]:
@@ -219,10 +247,10 @@ def _check_disjoint(layers: list[Layer]) -> None:
         raise LayerSpecError(f"layers: {dupes} are selected more than once; list each layer once")
 
 
-def _no_match_message(spec: str, named: dict[str, nn.Module]) -> str:
+def _no_match_message(spec: str, named: dict[str, nn.Module], where: str) -> str:
     names = [n for n, m in named.items() if n and _owns_params(m)]
     probe = spec[3:] if spec.startswith("re:") else spec
     close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3)
     if not close:
         close = [n for n in names if "." not in n][:8]
-    return f"layers: {spec!r} matches no parameter-owning module. Closest module names: {close}"
+    return f"{where}: {spec!r} matches no parameter-owning module. Closest module names: {close}"

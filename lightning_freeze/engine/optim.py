@@ -6,6 +6,14 @@ keeps existing while its layer is frozen, only its parameter list is emptied, so
 the same number of groups and a frozen group's LR keeps following the schedule. Thawing refills the
 list; an optional new base LR rescales every LR-valued entry of that group in the optimizer and in
 every attached scheduler.
+
+This module is the only code that reads or writes a param group's learning rate:
+
+- :func:`base_lr` is the one definition of a group's nominal LR (what a user would write for it);
+- :func:`set_base_lr` gives a group a new base LR, keeping the factor its scheduler applies now;
+- :func:`set_lr_factor` sets a group's LR to a factor of its base LR (FreezeOut's per-layer schedule);
+- :class:`StepScale` multiplies chosen groups' LRs only while ``optimizer.step()`` runs (warm-up), so
+  schedulers that read ``group["lr"]`` never see the multiplier.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ class SchedulerAdaptError(TypeError):
 
 
 @dataclass(frozen=True)
-class GroupPlan:
-    """Where each new param group came from, so per-group scheduler state can follow it."""
+class GroupLayout:
+    """How the per-layer param groups are laid out: which groups a layer owns, where each group's
+    hyperparameters came from (so per-group scheduler state can follow it), and each managed
+    parameter's group."""
 
     layer_groups: dict[str, list[int]]  # layer name -> indices of its groups (one per source group)
     source: list[int]  # new group index -> index of the user's group it copies hyperparameters from
@@ -56,7 +66,7 @@ def split_into_layer_groups(
     trainable: Iterable[torch.nn.Parameter],
     schedulers: Sequence[object] = (),
     param_names: dict[int, str] | None = None,
-) -> GroupPlan:
+) -> GroupLayout:
     """Rebuild ``optimizer.param_groups`` as named groups per layer, then the user's remaining groups.
 
     A layer whose parameters sit in one of the user's groups gets one group named after it; one spread
@@ -64,7 +74,8 @@ def split_into_layer_groups(
     ``layer/<user group name or index>``. Each copies the hyperparameters of its user group; parameters
     missing from the optimizer (the user filtered ``requires_grad``) join the layer's first group, or copy
     the user's first group. Only ``trainable`` parameters are put in; the rest wait for a thaw.
-    Schedulers are adapted in place.
+    Schedulers are adapted in place. Every group records its base LR as ``initial_lr`` (torch's
+    schedulers do the same), so a plateau scheduler's reductions survive a later :func:`set_base_lr`.
     """
     for scheduler in schedulers:
         check_adaptable(scheduler, len(optimizer.param_groups))
@@ -108,10 +119,12 @@ def split_into_layer_groups(
 
     for p in [p for p in optimizer.state if id(p) in managed and id(p) not in live]:
         del optimizer.state[p]
+    for group in new_groups:
+        group.setdefault("initial_lr", group["lr"])
     optimizer.param_groups = new_groups
     for scheduler in schedulers:
         _remap_scheduler(scheduler, source)
-    return GroupPlan(layer_groups=layer_groups, source=source, param_group=param_group)
+    return GroupLayout(layer_groups=layer_groups, source=source, param_group=param_group)
 
 
 def _common_module(params: list[torch.nn.Parameter], param_names: dict[int, str]) -> str:
@@ -168,7 +181,8 @@ def base_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int) -> f
     """The group's nominal LR: the number a user would write for it.
 
     That is OneCycleLR's peak (``max_lr``, kept in the group), else what the schedule scales
-    (``base_lrs``), else the group's plain LR when nothing schedules it.
+    (``base_lrs``), else the LR the group started with (``initial_lr``, recorded when the groups are
+    split), else its plain LR.
     """
     group = optimizer.param_groups[index]
     if "max_lr" in group:
@@ -181,7 +195,12 @@ def base_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int) -> f
     return float(group.get("initial_lr", group["lr"]))
 
 
-def rescale_group_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int, ratio: float) -> None:
+def current_lr(optimizer: Optimizer, index: int) -> float:
+    """The LR group ``index`` trains with at the next step (before any :class:`StepScale`)."""
+    return float(optimizer.param_groups[index]["lr"])
+
+
+def _rescale(optimizer: Optimizer, schedulers: Iterable[object], index: int, ratio: float) -> None:
     """Multiply every LR-valued entry of group ``index`` by ``ratio``, in the optimizer and in the schedulers.
 
     The group then behaves as if it had been created with a base LR ``ratio`` times larger: a scheduler
@@ -202,13 +221,51 @@ def rescale_group_lr(optimizer: Optimizer, schedulers: Iterable[object], index: 
 def set_base_lr(optimizer: Optimizer, schedulers: Sequence[object], index: int, lr: float) -> None:
     """Give group ``index`` the base LR ``lr``, keeping whatever factor its schedule currently applies."""
     current = base_lr(optimizer, schedulers, index)
+    if current == lr:
+        return
     if current == 0:
         raise ValueError(
             f"param group {optimizer.param_groups[index].get('name', index)!r} has base LR 0; cannot rescale"
         )
-    rescale_group_lr(optimizer, schedulers, index, lr / current)
+    _rescale(optimizer, schedulers, index, lr / current)
 
 
-def group_lrs(optimizer: Optimizer) -> dict[str, float]:
-    """Current LR per named group."""
-    return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+def set_lr_factor(optimizer: Optimizer, index: int, factor: float) -> None:
+    """Set group ``index``'s LR to ``factor`` times its base LR (for a callback that is the schedule)."""
+    optimizer.param_groups[index]["lr"] = base_lr(optimizer, (), index) * factor
+
+
+class StepScale:
+    """Multiply the LR of chosen groups only while ``optimizer.step()`` runs.
+
+    Torch step pre/post hooks apply ``factors`` (group index -> multiplier) right before the update and
+    undo them right after, so an LR scheduler that reads or chains on ``group["lr"]`` never sees them.
+    Set :attr:`factors` before each step; :meth:`remove` takes the hooks off (and undoes a pending scale).
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        self.factors: dict[int, float] = {}
+        self._unscaled: dict[int, float] = {}
+        self._handles = [
+            optimizer.register_step_pre_hook(self._scale),
+            optimizer.register_step_post_hook(self._unscale),
+        ]
+
+    def _scale(self, *_: object) -> None:
+        self._unscale()
+        for index, factor in self.factors.items():
+            group = self.optimizer.param_groups[index]
+            self._unscaled[index] = group["lr"]
+            group["lr"] = group["lr"] * factor
+
+    def _unscale(self, *_: object) -> None:
+        for index, lr in self._unscaled.items():
+            self.optimizer.param_groups[index]["lr"] = lr
+        self._unscaled = {}
+
+    def remove(self) -> None:
+        self._unscale()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

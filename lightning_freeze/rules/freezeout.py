@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_freeze.rules.checks import check_choice, check_int, check_number
+
 SCHEDULES = {"linear": 1, "squared": 2, "cubic": 3}
 
 
@@ -39,24 +41,24 @@ class GroupSchedule:
         return is_frozen(progress, self.t)
 
 
-def check_args(t0: float, schedule: str) -> None:
-    """Raise ``ValueError`` with a readable message for a ``t0`` or ``schedule`` FreezeOut cannot use."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"FreezeOut: schedule={schedule!r} is unknown; use one of {list(SCHEDULES)}")
-    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0) or not 0 < t0 <= 1:
-        raise ValueError(
-            f"FreezeOut: t0 must be in (0, 1] (the fraction of training after which the first layer freezes, "
-            f"before the schedule's power), got {t0!r}"
-        )
+def check_args(t0: float, schedule: str) -> float:
+    """``t0`` as a float; ``ValueError`` naming the option for a ``t0`` or ``schedule`` FreezeOut cannot use."""
+    check_choice(schedule, "schedule", SCHEDULES, where="FreezeOut")
+    return check_number(
+        t0,
+        "t0",
+        low=0,
+        high=1,
+        low_open=True,
+        where="FreezeOut",
+        hint="the fraction of training after which the first layer freezes, before the schedule's power",
+    )
 
 
 def freeze_times(n_groups: int, t0: float = 0.8, schedule: str = "cubic") -> list[float]:
     """``t_i`` for ``n_groups = L + 1`` groups; the last one (the head) is always 1.0."""
-    check_args(t0, schedule)
-    if not isinstance(n_groups, int) or n_groups < 2:
-        raise ValueError(
-            f"FreezeOut needs at least 2 groups (one layer to freeze plus the head), got {n_groups!r}"
-        )
+    t0 = check_args(t0, schedule)
+    check_int(n_groups, "n_groups", minimum=2, where="FreezeOut", hint="one layer to freeze plus the head")
     last = n_groups - 1
     power = SCHEDULES[schedule]
     times = [(t0 + (1 - t0) * i / last) ** power for i in range(n_groups)]

@@ -1,30 +1,32 @@
-"""The thaw plan of progressive unfreezing, as pure logic (no torch, no Lightning).
+"""The thaw schedule of progressive unfreezing, as pure logic (no torch, no Lightning).
 
-- :func:`build_plan` turns the callback's settings into a :class:`ThawPlan`: which layers train from the
-  start and which :class:`Phase` thaws which layers when (an epoch, a step, or the next metric plateau).
-  Every mistake in the settings is a :class:`PhaseError` raised here, before any training.
+- :func:`parse_phases` checks explicit ``phases=[...]`` settings (keys, triggers, LRs) and
+  :func:`check_triggers` the automatic ones; both run in the callback's constructor.
+- :func:`build_thaw_schedule` turns the settings into a :class:`ThawSchedule`: which layers train from
+  the start and which :class:`Phase` thaws which layers when (an epoch, a step, or the next metric
+  plateau). The phases' layer specs are resolved into managed layer names by the caller (through
+  :func:`lightning_freeze.engine.layers.layers_within`, the one layer-spec language).
 - :func:`target_lr` is the discriminative learning rate of ULMFiT: the layer ``k`` places below the head
   (head = 0) gets ``head_lr / lr_decay**k``.
 - :func:`warmup_factor` and :func:`growth_factor` are the temporary and the per-epoch LR multipliers of a
   freshly thawed layer.
 - :class:`PlateauTracker` decides "no improvement for ``patience`` validations".
 
-Example::
-
-    plan = build_plan(["backbone.0", "backbone.1", "head"], every_n_epochs=2)
-    plan.initial                                 # ('head',)
-    [p.at_epoch for p in plan.phases]            # [2, 4]: backbone.1 thaws at epoch 2, backbone.0 at 4
+>>> schedule = build_thaw_schedule(["backbone.0", "backbone.1", "head"], every_n_epochs=2)
+>>> schedule.initial
+('head',)
+>>> [(p.layers, p.at_epoch) for p in schedule.phases]
+[(('backbone.1',), 2), (('backbone.0',), 4)]
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from lightning_freeze.rules.checks import check_choice, check_int, check_layer_spec, check_number
 
 PHASE_KEYS = ("layers", "at_epoch", "at_step", "lr", "lr_ratio")
 MODES = ("min", "max")
@@ -38,14 +40,17 @@ class PhaseError(ValueError):
 class Phase:
     """One thaw: ``layers`` become trainable at ``at_epoch`` or ``at_step``, or (neither) at the next plateau.
 
-    ``lr`` (absolute) or ``lr_ratio`` (times the head's LR) overrides the discriminative LR of the layers.
+    ``spec`` is the layer spec as the user wrote it; ``layers`` are the managed layer names it resolves
+    to (empty until resolved). ``lr`` (absolute) or ``lr_ratio`` (times the head's LR) overrides the
+    discriminative LR of the layers.
     """
 
-    layers: tuple[str, ...]
+    spec: tuple[str, ...]
     at_epoch: int | None = None
     at_step: int | None = None
     lr: float | None = None
     lr_ratio: float | None = None
+    layers: tuple[str, ...] = ()
 
     @property
     def trigger(self) -> str:
@@ -54,6 +59,10 @@ class Phase:
         if self.at_step is not None:
             return "step"
         return "monitor"
+
+    @property
+    def at_start(self) -> bool:
+        return self.at_epoch == 0 or self.at_step == 0
 
     def is_due(self, epoch: int, step: int) -> bool:
         """Whether a time-triggered phase's time has come (never for a monitor-triggered one)."""
@@ -65,12 +74,12 @@ class Phase:
 
     def describe(self) -> str:
         when = {"epoch": f"epoch {self.at_epoch}", "step": f"step {self.at_step}", "monitor": "plateau"}
-        return f"{list(self.layers)} at {when[self.trigger]}"
+        return f"{list(self.layers or self.spec)} at {when[self.trigger]}"
 
 
 @dataclass(frozen=True)
-class ThawPlan:
-    """The whole schedule: the managed layer names (head last), what trains from the start, the phases."""
+class ThawSchedule:
+    """When each layer thaws: the managed layer names (head last), what trains from the start, the phases."""
 
     layers: tuple[str, ...]
     initial: tuple[str, ...]
@@ -85,7 +94,7 @@ class ThawPlan:
         return None
 
     def signature(self) -> list[str]:
-        """A comparable description (a resumed run must follow the same plan)."""
+        """A comparable description (a resumed run must follow the same schedule)."""
         return [f"initial {list(self.initial)}"] + [p.describe() for p in self.phases]
 
     @property
@@ -107,176 +116,175 @@ class ThawPlan:
                 return i
         return None
 
+    def last_time(self) -> tuple[int | None, int | None]:
+        """The latest ``at_epoch`` and ``at_step`` of the time-triggered phases (None: no such phase)."""
+        epochs = [p.at_epoch for p in self.phases if p.at_epoch is not None]
+        steps = [p.at_step for p in self.phases if p.at_step is not None]
+        return max(epochs, default=None), max(steps, default=None)
 
-# ---------------------------------------------------------------------------------------------- plans
-def build_plan(
-    layers: Sequence[str],
+
+# ---------------------------------------------------------------------------------------------- settings
+def check_triggers(
     *,
     every_n_epochs: int | None = 1,
     every_n_steps: int | None = None,
     groups_per_step: int = 1,
-    phases: Any = None,
+    phases: Sequence[Phase] | None = None,
     monitor: str | None = None,
-) -> ThawPlan:
-    """The thaw plan for the managed ``layers`` (in model order, the head last).
-
-    Exactly one trigger is used: explicit ``phases``; else the metric (``monitor``: the next
-    ``groups_per_step`` layers thaw at each plateau); else ``every_n_steps``; else ``every_n_epochs``
-    (the default). In the automatic schedules the last layer (the head) trains from the start and the
-    others thaw from the top down, ``groups_per_step`` at a time.
-    """
-    names = tuple(layers)
-    if not names:
-        raise PhaseError("progressive unfreezing needs at least one layer")
-    if len(set(names)) != len(names):
-        raise PhaseError(f"layer names must be unique, got {list(names)}")
-    _check_positive_int("groups_per_step", groups_per_step)
-    if every_n_steps is not None:
-        _check_positive_int("every_n_steps", every_n_steps)
-    if every_n_epochs is not None:
-        _check_positive_int("every_n_epochs", every_n_epochs)
+) -> None:
+    """Raise :class:`PhaseError` for a combination of thaw triggers that cannot work."""
+    check_int(groups_per_step, "groups_per_step", minimum=1, error=PhaseError)
+    check_int(every_n_steps, "every_n_steps", minimum=1, allow_none=True, error=PhaseError)
+    check_int(every_n_epochs, "every_n_epochs", minimum=1, allow_none=True, error=PhaseError)
     if phases is not None:
         if every_n_steps is not None or groups_per_step != 1 or every_n_epochs not in (None, 1):
             raise PhaseError(
                 "give either phases=[...] or an automatic schedule (every_n_epochs / every_n_steps / "
                 "groups_per_step), not both"
             )
-        return _explicit_plan(names, phases, monitor)
-    if monitor is not None:
+    elif monitor is not None:
         if every_n_steps is not None or every_n_epochs not in (None, 1):
             raise PhaseError(
                 f"monitor={monitor!r} thaws at each plateau; every_n_epochs/every_n_steps cannot be set with it"
             )
-        step_of = None
     elif every_n_steps is not None:
         if every_n_epochs not in (None, 1):
             raise PhaseError("set every_n_epochs or every_n_steps, not both")
-        step_of = ("at_step", every_n_steps)
-    elif every_n_epochs is not None:
-        step_of = ("at_epoch", every_n_epochs)
-    else:
+    elif every_n_epochs is None:
         raise PhaseError("no thaw trigger: set every_n_epochs, every_n_steps, monitor or phases")
+
+
+def parse_phases(raw: Any, monitor: str | None = None) -> tuple[Phase, ...]:
+    """Explicit ``phases=[{layers: ..., at_epoch: 2, lr: 1e-3}, ...]`` as checked, unresolved phases."""
+    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
+        raise PhaseError(f"phases must be a list of mappings like {{layers: ..., at_epoch: 2}}, got {raw!r}")
+    if not raw:
+        raise PhaseError("phases=[] is empty; give at least one phase or leave phases unset")
+    return tuple(_parse_phase(i, item, monitor) for i, item in enumerate(raw))
+
+
+def _parse_phase(i: int, raw: Any, monitor: str | None) -> Phase:
+    where = f"phase {i}"
+    if not isinstance(raw, Mapping):
+        raise PhaseError(f"{where}: expected a mapping like {{layers: ..., at_epoch: 2}}, got {raw!r}")
+    unknown = sorted(set(raw) - set(PHASE_KEYS))
+    if unknown:
+        raise PhaseError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(PHASE_KEYS)}")
+    if "layers" not in raw:
+        raise PhaseError(f"{where}: 'layers' is missing (a layer name, glob, 're:' regex, or a list of them)")
+    spec = check_layer_spec(raw["layers"], where=where, error=PhaseError)
+    at_epoch = check_int(
+        raw.get("at_epoch"), "at_epoch", minimum=0, allow_none=True, where=where, error=PhaseError
+    )
+    at_step = check_int(
+        raw.get("at_step"), "at_step", minimum=0, allow_none=True, where=where, error=PhaseError
+    )
+    if at_epoch is not None and at_step is not None:
+        raise PhaseError(f"{where}: set at_epoch or at_step, not both")
+    if monitor is None and at_epoch is None and at_step is None:
+        raise PhaseError(
+            f"{where}: needs at_epoch or at_step (or set monitor=... to thaw the phases at each plateau)"
+        )
+    if monitor is not None and (at_epoch is not None or at_step is not None):
+        raise PhaseError(
+            f"{where}: with monitor={monitor!r} the phases thaw in list order at each plateau; remove at_epoch/at_step"
+        )
+    lr, lr_ratio = raw.get("lr"), raw.get("lr_ratio")
+    if lr is not None and lr_ratio is not None:
+        raise PhaseError(f"{where}: set lr or lr_ratio, not both")
+    return Phase(
+        spec=(spec,) if isinstance(spec, str) else tuple(spec),
+        at_epoch=at_epoch,
+        at_step=at_step,
+        lr=check_number(lr, "lr", low=0, low_open=True, allow_none=True, where=where, error=PhaseError),
+        lr_ratio=check_number(
+            lr_ratio, "lr_ratio", low=0, low_open=True, allow_none=True, where=where, error=PhaseError
+        ),
+    )
+
+
+def build_thaw_schedule(
+    layers: Sequence[str],
+    *,
+    every_n_epochs: int | None = 1,
+    every_n_steps: int | None = None,
+    groups_per_step: int = 1,
+    phases: Sequence[Phase] | None = None,
+    monitor: str | None = None,
+) -> ThawSchedule:
+    """The thaw schedule for the managed ``layers`` (in model order, the head last).
+
+    Exactly one trigger is used: explicit ``phases`` (already resolved: each phase's ``layers`` are
+    managed layer names); else the metric (``monitor``: the next ``groups_per_step`` layers thaw at each
+    plateau); else ``every_n_steps``; else ``every_n_epochs`` (the default). In the automatic schedules
+    the last layer (the head) trains from the start and the others thaw from the top down,
+    ``groups_per_step`` at a time.
+    """
+    names = tuple(layers)
+    if not names:
+        raise PhaseError("progressive unfreezing needs at least one layer")
+    if len(set(names)) != len(names):
+        raise PhaseError(f"layer names must be unique, got {list(names)}")
+    check_triggers(
+        every_n_epochs=every_n_epochs,
+        every_n_steps=every_n_steps,
+        groups_per_step=groups_per_step,
+        phases=phases,
+        monitor=monitor,
+    )
+    if phases is not None:
+        return _explicit_schedule(names, phases)
+    if monitor is not None:
+        trigger_key, every = None, 0
+    elif every_n_steps is not None:
+        trigger_key, every = "at_step", every_n_steps
+    else:
+        trigger_key, every = "at_epoch", every_n_epochs
     below_head = list(reversed(names[:-1]))  # top down: the layer right below the head first
     out = []
     for i in range(0, len(below_head), groups_per_step):
-        chunk = below_head[i : i + groups_per_step]
-        trigger = {} if step_of is None else {step_of[0]: (i // groups_per_step + 1) * step_of[1]}
-        out.append(Phase(layers=tuple(n for n in names if n in chunk), **trigger))
-    return ThawPlan(layers=names, initial=(names[-1],), phases=tuple(out))
+        chunk = tuple(n for n in names if n in below_head[i : i + groups_per_step])
+        trigger = {} if trigger_key is None else {trigger_key: (i // groups_per_step + 1) * every}
+        out.append(Phase(spec=chunk, layers=chunk, **trigger))
+    return ThawSchedule(layers=names, initial=(names[-1],), phases=tuple(out))
 
 
-def _explicit_plan(names: tuple[str, ...], phases: Any, monitor: str | None) -> ThawPlan:
-    phases = plain(phases)
-    if isinstance(phases, (str, bytes, Mapping)) or not isinstance(phases, Sequence):
-        raise PhaseError(
-            f"phases must be a list of mappings like {{layers: ..., at_epoch: 2}}, got {phases!r}"
-        )
-    if not phases:
-        raise PhaseError("phases=[] is empty; give at least one phase or leave phases unset")
+def _explicit_schedule(names: tuple[str, ...], phases: Sequence[Phase]) -> ThawSchedule:
     owner: dict[str, int] = {}
-    parsed: list[Phase] = []
-    for i, raw in enumerate(phases):
-        phase = _parse_phase(i, raw, names, monitor)
+    for i, phase in enumerate(phases):
+        if not phase.layers:
+            raise PhaseError(f"phase {i}: its layers {list(phase.spec)} are not resolved to managed layers")
+        unknown = [n for n in phase.layers if n not in names]
+        if unknown:
+            raise PhaseError(f"phase {i}: {unknown} are not managed layers ({list(names)})")
         for name in phase.layers:
             if name in owner:
                 raise PhaseError(
                     f"phases {owner[name]} and {i} both thaw layer {name!r}; phases must be disjoint"
                 )
             owner[name] = i
-        parsed.append(phase)
+    ordered = [replace(p, layers=tuple(n for n in names if n in p.layers)) for p in phases]
     # A phase at epoch/step 0 trains from the start, like every layer that no phase names.
-    at_start = {n for p in parsed if p.at_epoch == 0 or p.at_step == 0 for n in p.layers}
+    at_start = {n for p in ordered if p.at_start for n in p.layers}
     initial = tuple(n for n in names if n not in owner or n in at_start)
-    later = tuple(p for p in parsed if not (p.at_epoch == 0 or p.at_step == 0))
-    start = tuple(p for p in parsed if p.at_epoch == 0 or p.at_step == 0)
-    return ThawPlan(layers=names, initial=initial, phases=later, start_phases=start)
-
-
-def _parse_phase(i: int, raw: Any, names: tuple[str, ...], monitor: str | None) -> Phase:
-    if not isinstance(raw, Mapping):
-        raise PhaseError(f"phase {i}: expected a mapping like {{layers: ..., at_epoch: 2}}, got {raw!r}")
-    unknown = sorted(set(raw) - set(PHASE_KEYS))
-    if unknown:
-        raise PhaseError(f"phase {i}: unknown key(s) {unknown}; allowed keys are {list(PHASE_KEYS)}")
-    if "layers" not in raw:
-        raise PhaseError(
-            f"phase {i}: 'layers' is missing (a layer name, glob, 're:' regex, or a list of them)"
-        )
-    at_epoch, at_step = raw.get("at_epoch"), raw.get("at_step")
-    for key, value in (("at_epoch", at_epoch), ("at_step", at_step)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise PhaseError(f"phase {i}: {key} must be a non-negative integer, got {value!r}")
-    if at_epoch is not None and at_step is not None:
-        raise PhaseError(f"phase {i}: set at_epoch or at_step, not both")
-    if monitor is None and at_epoch is None and at_step is None:
-        raise PhaseError(
-            f"phase {i}: needs at_epoch or at_step (or set monitor=... to thaw the phases at each plateau)"
-        )
-    if monitor is not None and (at_epoch is not None or at_step is not None):
-        raise PhaseError(
-            f"phase {i}: with monitor={monitor!r} the phases thaw in list order at each plateau; "
-            "remove at_epoch/at_step"
-        )
-    lr, lr_ratio = raw.get("lr"), raw.get("lr_ratio")
-    if lr is not None and lr_ratio is not None:
-        raise PhaseError(f"phase {i}: set lr or lr_ratio, not both")
-    for key, value in (("lr", lr), ("lr_ratio", lr_ratio)):
-        if value is not None and not (_is_number(value) and value > 0 and math.isfinite(value)):
-            raise PhaseError(f"phase {i}: {key} must be a positive number, got {value!r}")
-    matched = match_layers(raw["layers"], names, where=f"phase {i}")
-    return Phase(
-        layers=tuple(n for n in names if n in matched),
-        at_epoch=at_epoch,
-        at_step=at_step,
-        lr=None if lr is None else float(lr),
-        lr_ratio=None if lr_ratio is None else float(lr_ratio),
+    return ThawSchedule(
+        layers=names,
+        initial=initial,
+        phases=tuple(p for p in ordered if not p.at_start),
+        start_phases=tuple(p for p in ordered if p.at_start),
     )
-
-
-def match_layers(spec: Any, names: Sequence[str], where: str = "layers") -> list[str]:
-    """The managed layer names that ``spec`` selects, in model order.
-
-    ``spec`` is a string or a list of strings; each is an exact layer name, a glob (``backbone.*``), a
-    regex written ``re:...``, or the name of a module that contains layers (``backbone`` selects
-    ``backbone.0``, ``backbone.1``, ...). Each string must select at least one layer.
-    """
-    spec = plain(spec)
-    specs = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, Sequence) else None
-    if not specs or not all(isinstance(s, str) for s in specs):
-        raise PhaseError(f"{where}: layers must be a string or a non-empty list of strings, got {spec!r}")
-    hits: set[str] = set()
-    for one in specs:
-        found = _match_one(one, names, where)
-        if not found:
-            close = difflib.get_close_matches(one.removeprefix("re:"), list(names), n=5, cutoff=0.3)
-            raise PhaseError(
-                f"{where}: {one!r} matches none of the managed layers {list(names)}"
-                + (f"; closest: {close}" if close else "")
-            )
-        hits.update(found)
-    return [n for n in names if n in hits]
-
-
-def _match_one(spec: str, names: Sequence[str], where: str) -> list[str]:
-    if spec.startswith("re:"):
-        try:
-            pattern = re.compile(spec[3:])
-        except re.error as err:
-            raise PhaseError(f"{where}: bad regex {spec!r}: {err}") from None
-        return [n for n in names if pattern.fullmatch(n)]
-    return [n for n in names if n == spec or fnmatch.fnmatchcase(n, spec) or n.startswith(spec + ".")]
 
 
 # ---------------------------------------------------------------------------------------------- learning rates
 def target_lr(
-    plan: ThawPlan, name: str, head_lr: float, lr_decay: float, phase: Phase | None = None
+    schedule: ThawSchedule, name: str, head_lr: float, lr_decay: float, phase: Phase | None = None
 ) -> float:
     """The base LR a layer trains at: the phase's ``lr`` / ``lr_ratio`` if set, else ``head_lr / lr_decay**k``."""
     if phase is not None and phase.lr is not None:
         return phase.lr
     if phase is not None and phase.lr_ratio is not None:
         return head_lr * phase.lr_ratio
-    return head_lr / lr_decay ** plan.depth(name)
+    return head_lr / lr_decay ** schedule.depth(name)
 
 
 def warmup_factor(steps_since_thaw: int, warmup_steps: int) -> float:
@@ -302,12 +310,9 @@ class PlateauTracker:
     """
 
     def __init__(self, mode: str = "min", patience: int = 1, min_delta: float = 0.0) -> None:
-        if mode not in MODES:
-            raise PhaseError(f"mode={mode!r} is not supported; use 'min' or 'max'")
-        _check_positive_int("patience", patience)
-        if not (_is_number(min_delta) and min_delta >= 0):
-            raise PhaseError(f"min_delta must be a non-negative number, got {min_delta!r}")
-        self.mode, self.patience, self.min_delta = mode, patience, float(min_delta)
+        self.mode = check_choice(mode, "mode", MODES, error=PhaseError)
+        self.patience = check_int(patience, "patience", minimum=1, error=PhaseError)
+        self.min_delta = check_number(min_delta, "min_delta", low=0, error=PhaseError)
         self.best: float | None = None
         self.wait = 0
 
@@ -333,26 +338,3 @@ class PlateauTracker:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.wait = state["best"], int(state["wait"])
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def plain(obj: Any) -> Any:
-    """OmegaConf ``ListConfig`` / ``DictConfig`` (Hydra YAML) as plain lists and dicts; anything else as is."""
-    if type(obj).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PhaseError(f"{name} must be a positive integer, got {value!r}")
