@@ -12,7 +12,7 @@ from models import Net, loaders, make_data, snapshot, trainer
 from torch.utils.data import DataLoader
 
 from lightning_freeze import ProgressiveUnfreezing
-from lightning_freeze.splitrun.sampling import ResumableDataLoader
+from lightning_freeze.splitrun import ExactResume, ResumableDataLoader
 
 LAYERS = ["backbone.*", "head"]
 
@@ -33,7 +33,7 @@ def run(
     model = model_cls(
         dropout=0.0, scheduler=kw.pop("scheduler", "cosine"), total_steps=kw.pop("total_steps", 56)
     )
-    callbacks = [make_callback()]
+    callbacks = [make_callback(), ExactResume()]
     if ckpt_kwargs is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **ckpt_kwargs))
     t = trainer(

@@ -99,7 +99,6 @@ class FreezingCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in on_fit_start: asking for the step count there loads the train dataloader before Lightning
         # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
-        _load_pending_loader_state(trainer)
         total = trainer.estimated_stepping_batches
         self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
 
@@ -241,21 +240,6 @@ class FreezingCallback(Callback):
         path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))
         if path:
             rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
-
-
-def _load_pending_loader_state(trainer: pl.Trainer) -> None:
-    """Apply a checkpoint's dataloader state that Lightning skipped.
-
-    Lightning loads a resumable train loader's state only inside ``FitLoop.setup_data``. When something
-    reads ``trainer.estimated_stepping_batches`` before the checkpoint is restored (a ``configure_optimizers``
-    that sizes a OneCycleLR, say), the loader is set up early, the saved state is never applied, and the
-    resumed epoch silently starts over. Load it now and restart the iterator, before the first batch.
-    """
-    loop = trainer.fit_loop
-    pending = getattr(loop, "_combined_loader_states_to_load", None)
-    if pending and loop.restarting and loop._combined_loader is not None and loop._data_fetcher is not None:
-        loop._load_combined_loader_states()
-        iter(loop._data_fetcher)
 
 
 def _rewrap_ddp(trainer: pl.Trainer) -> None:
