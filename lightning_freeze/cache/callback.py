@@ -259,9 +259,20 @@ class FrozenPrefixCache(Callback):
         strict: switch off, rather than warn, when ``verify`` finds rows that are only equal up to
             rounding.
 
-    Example::
+    From the second epoch on every training batch is served from the cache:
 
-        trainer = Trainer(callbacks=[LayerFreeze("backbone"), FrozenPrefixCache(max_bytes="4GB")])
+    >>> import torch
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier
+    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
+    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> from lightning_freeze import LayerFreeze
+    >>> cache = FrozenPrefixCache(max_bytes="64MB")
+    >>> callbacks = [LayerFreeze("backbone", plot=False), cache]
+    >>> Trainer(max_epochs=2, callbacks=callbacks, **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> [(h["train_hits"], h["train_lookups"]) for h in cache.history]
+    [(0, 32), (32, 32)]
     """
 
     def __init__(

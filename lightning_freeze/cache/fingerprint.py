@@ -25,10 +25,11 @@ callers key on them separately (:func:`signature`).
   adds ``2**-120`` per level. The keys come from ``os.urandom``, never from torch's global RNG (that
   would change the training run), so no data set can be chosen against them.
 
-Example::
-
-    fp = Fingerprinter()
-    keys = fp.rows(images)          # list of 16-byte keys, one per sample; equal rows <=> equal keys
+>>> images = torch.zeros(3, 1, 8, 8)
+>>> images[1, 0, 7, 7] = 1.0                  # one bit pattern differs
+>>> keys = Fingerprinter().rows(images)       # one 16-byte key per sample
+>>> len(keys[0]), keys[0] == keys[2], keys[0] == keys[1]
+(16, True, False)
 """
 
 from __future__ import annotations

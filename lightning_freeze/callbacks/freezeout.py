@@ -47,9 +47,21 @@ class FreezeOut(FreezingCallback):
     ``configure_optimizers`` is rejected at fit start (two schedules would fight over ``group["lr"]``).
     Weight decay, momentum, betas and the base LR come from your optimizer.
 
-    Example::
+    Three backbone blocks and the head (outside ``layers``: the last group) over 8 steps, ``t0=0.5``
+    linear: the blocks freeze at t = 1/2, 2/3 and 5/6, i.e. before optimizer steps 4, 6 and 7:
 
-        trainer = Trainer(max_epochs=20, callbacks=[FreezeOut(t0=0.8, schedule="cubic")])
+    >>> import torch
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier
+    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
+    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> freezeout = FreezeOut("backbone.*", t0=0.5, schedule="linear", plot=False)
+    >>> Trainer(max_epochs=2, callbacks=[freezeout], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> {name: round(t, 3) for name, t in freezeout.layer_times().items()}
+    {'backbone.0': 0.5, 'backbone.1': 0.667, 'backbone.2': 0.833}
+    >>> [(e["layer"], e["step"]) for e in freezeout.events]
+    [('backbone.0', 4), ('backbone.1', 6), ('backbone.2', 7)]
     """
 
     def __init__(

@@ -47,10 +47,25 @@ class ProgressiveUnfreezing(FreezingCallback):
     the best validation of the finished phase are loaded before the next phase thaws (weights and
     buffers only: the optimizer state carries on).
 
-    Example::
+    The head trains alone in epoch 0; one backbone block thaws per epoch from the top, each at 1/2.6
+    of the LR of the block above it:
 
-        trainer = Trainer(callbacks=[ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1)])
-        # metric-driven, restoring the phase's best weights before each thaw
+    >>> import torch
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier
+    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
+    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, plot=False)
+    >>> Trainer(max_epochs=3, callbacks=[unfreeze], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> [(e["layer"], e["epoch"]) for e in unfreeze.events]
+    [('backbone.2', 1), ('backbone.1', 2)]
+    >>> lr = {name: series[-1] for name, series in unfreeze.history["lr"].items()}
+    >>> round(lr["backbone.2"] / lr["head"], 3), round(lr["backbone.1"] / lr["head"], 3), lr["backbone.0"]
+    (0.385, 0.148, None)
+
+    Metric-driven instead, restoring the phase's best weights before each thaw::
+
         ProgressiveUnfreezing(["backbone.*", "head"], monitor="val/loss", patience=2, restore_best=True)
     """
 

@@ -47,9 +47,16 @@ def select_layers(
 
     ``auto`` needs one forward pass: pass ``example_input`` or set ``model.example_input_array``.
 
-    >>> layers = select_layers(model, "backbone.*")          # doctest: +SKIP
-    >>> [layer.name for layer in layers]                      # doctest: +SKIP
-    ['backbone.0', 'backbone.1', 'backbone.2']
+    >>> from torch import nn
+    >>> model = nn.Sequential()
+    >>> model.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    >>> model.head = nn.Linear(8, 2)
+    >>> [layer.name for layer in select_layers(model, "backbone.*")]   # parameter-owning children only
+    ['backbone.0', 'backbone.2']
+    >>> [layer.name for layer in select_layers(model, ["re:backbone\\.0", "head"])]
+    ['backbone.0', 'head']
+    >>> [layer.name for layer in select_layers(model, "auto", example_input=torch.zeros(1, 4))]
+    ['backbone.0', 'backbone.2', 'head']
     """
     specs = check_layer_spec(spec, error=LayerSpecError)
     specs = [specs] if isinstance(specs, str) else specs
