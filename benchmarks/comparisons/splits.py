@@ -44,7 +44,7 @@ def check_folds(folds, labels: np.ndarray, k: int = K) -> str:
 
 
 def ours(labels: np.ndarray):
-    from lightning_freeze.splitrun.splits import stratified_kfold
+    from lightning_freeze.splitrun.assign import stratified_kfold
 
     return stratified_kfold(labels, K, seed=0)
 
@@ -78,7 +78,7 @@ def run(ctx: BenchContext) -> Result:
         timed(
             "lightning_freeze stratified_kfold (ours)",
             ours,
-            "lightning_freeze.splitrun.splits.stratified_kfold(labels, 5, seed=0)",
+            "lightning_freeze.splitrun.assign.stratified_kfold(labels, 5, seed=0)",
         ),
         timed(
             "scikit-learn StratifiedKFold",

@@ -1,24 +1,24 @@
 """SplitRunDataModule: a deterministic split of any map-style dataset, sharded across DDP ranks.
 
-    dm = SplitRunDataModule(dataset=DigitsDataset(), split="kfold", k=5, fold=0, stratify=True,
-                            labels="labels", seed=0, batch_size=64)
-    trainer.fit(model, datamodule=dm)
-
-- The split is computed once in ``setup`` from ``(len(dataset), labels, groups, spec, seed)``; every rank gets
-  the same plan. Bad options raise :class:`SplitSpecError` there, before any training step.
+- The split comes from a splitter object (:class:`~lightning_freeze.splitrun.KFold`, ``Holdout``, ``Arms``
+  ...) applied to ``(len(dataset), labels, groups, seed)``; every rank gets the same parts. It is computed
+  when the module is made (or, for a dataset factory, in ``setup``): bad options fail before any training.
 - Train batches come from a :class:`ResumableDataLoader` (equal batch count per rank, mid-epoch resume);
   val/test batches evaluate every sample of the part exactly once across ranks. The samplers subclass
-  ``DistributedSampler``, so Lightning never replaces them; ``use_distributed_sampler`` needs no change.
+  ``DistributedSampler``, so Lightning never replaces them.
 - ``split_manifest.json`` goes to ``manifest_dir`` (default: ``trainer.default_root_dir``, the job's output
-  dir in the Hydra app). The manifest hashes also travel in checkpoints (``state_dict``): resuming a run
-  whose data would now split differently is an error.
+  dir in the Hydra app). The manifest also travels in checkpoints (``state_dict``): resuming a run whose data
+  would now split differently is an error.
+- ``setup`` adds an :class:`~lightning_freeze.splitrun.ExactResume` to the Trainer when none is there, so a
+  resumed run continues with exactly the batches and random draws of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,18 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_freeze.rules.checks import check_bool, check_choice, check_int
+from lightning_freeze.splitrun.resume import ensure_exact_resume
 from lightning_freeze.splitrun.sampling import EvalShardSampler, ResumableDataLoader, TrainShardSampler
-from lightning_freeze.splitrun.splits import KINDS, SplitPlan, SplitSpecError, make_split
+from lightning_freeze.splitrun.splitters import Holdout, SplitParts, SplitSpecError, Splitter
 
 __all__ = ["MANIFEST_NAME", "SplitManifestMismatch", "SplitRunDataModule"]
 
 MANIFEST_NAME = "split_manifest.json"
 _AUTO_LABEL_FIELDS = ("targets", "labels", "y")
+_WHERE = "SplitRunDataModule"
+# DataLoader arguments the module sets itself; everything else may come through ``loader_options``.
+_OWN_LOADER_ARGS = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "num_workers")
 
 
 class SplitManifestMismatch(SplitSpecError):
@@ -54,111 +59,155 @@ class _WithIndex(Dataset):
         return (*item, index) if isinstance(item, tuple) else (item, index)
 
 
+def _is_map_style(obj: Any) -> bool:
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _check_values(value: Any, option: str) -> Any:
+    """``labels``/``groups``: None, a field name, a callable ``dataset -> array`` or one value per sample."""
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    if isinstance(value, (bool, int, float)) or not hasattr(value, "__len__"):
+        raise SplitSpecError(
+            f"{_WHERE}: {option} must be a dataset field name, a callable dataset -> array, or one value per "
+            f"sample; got {value!r}"
+        )
+    return value
+
+
+def _check_loader_options(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise SplitSpecError(
+            f"{_WHERE}: loader_options must be a mapping of DataLoader arguments, got {options!r}"
+        )
+    allowed = [
+        p for p in inspect.signature(DataLoader.__init__).parameters if p not in ("self", *_OWN_LOADER_ARGS)
+    ]
+    unknown = [str(k) for k in options if k not in allowed]
+    if unknown:
+        own = [k for k in unknown if k in _OWN_LOADER_ARGS]
+        hint = f"{own} are SplitRunDataModule's own arguments; " if own else ""
+        raise SplitSpecError(
+            f"{_WHERE}: loader_options has {unknown}, which the loaders do not take; {hint}allowed: {allowed}"
+        )
+    return dict(options)
+
+
 class SplitRunDataModule(pl.LightningDataModule):
-    """Deterministic holdout / k-fold / A/B-arm splits of a map-style dataset, sharded for DDP.
+    """A deterministic split of a map-style dataset (any splitter), sharded for DDP.
 
     Args:
-        dataset: a map-style dataset, a zero-argument factory, or a Hydra node with ``_target_``.
-        split: ``holdout`` | ``kfold`` | ``arms``.
-        k, fold: number of folds and the fold used for validation (``kfold``).
-        stratify: keep class proportions in every part (needs labels).
-        groups: group ids (array, callable ``dataset -> array``, or dataset field name); whole groups stay
-            in one part.
-        seed: the split seed (also the shuffle seed unless ``shuffle_seed`` is given).
-        labels: like ``groups``; ``"auto"`` reads ``dataset.targets``, ``.labels`` or ``.y`` when present.
-        ratios: holdout part ratios, e.g. ``{train: 0.8, val: 0.1, test: 0.1}``.
-        test_ratio: a fixed test part carved before the folds (``kfold``) or arms (``arms``).
-        arms, arm, by, column, val_ratio, shared_val: A/B arms (see :func:`~.splits.arms_split`); ``arm`` is
-            the arm this run trains on.
-        fixed_shards: under DDP, deal the training samples to ranks once and only shuffle within each
-            rank's shard per epoch (a rank then sees the same samples every epoch: a FrozenPrefixCache per
-            rank holds about 1/world_size of the data). Default: reshuffle across ranks every epoch.
-        return_indices: append the dataset index to every sample (off by default; the batch format is
-            otherwise the dataset's own).
+        dataset: a map-style dataset, or a zero-argument factory that returns one (called in ``setup``).
+        split: the splitter (:class:`~lightning_freeze.splitrun.Holdout` when ``None``).
+        seed: the split seed: the parts are a pure function of (data, splitter, seed).
+        batch_size, num_workers: for every loader (``eval_batch_size`` for val/test if given).
+        labels: one label per sample: a dataset field name, a callable ``dataset -> array`` or an array;
+            ``"auto"`` reads ``dataset.targets``, ``.labels`` or ``.y`` when present. Stratified splitters
+            need them; otherwise they only fill the manifest's per-class counts.
+        groups: one group id per sample, in the same forms (grouped splitters need them).
+        shuffle_seed: the train shuffle seed (default: ``seed``).
+        remainder: ``"drop"`` the ``len(train) % world_size`` leftover samples each epoch, or ``"pad"``.
+        fixed_shards: under DDP, deal the training samples to ranks once and only shuffle within each rank's
+            shard per epoch (a per-rank FrozenPrefixCache then holds about 1/world_size of the data).
+        return_indices: append the dataset index to every sample (``(x, y) -> (x, y, index)``).
         manifest_dir: where ``split_manifest.json`` goes (default ``trainer.default_root_dir``).
         check_manifest: refuse to run when a manifest already in ``manifest_dir`` records another split.
+        loader_options: further ``DataLoader`` arguments (``pin_memory``, ``persistent_workers``,
+            ``collate_fn``, ``drop_last`` ...).
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from lightning_freeze.splitrun import KFold
+    >>> data = TensorDataset(torch.randn(40, 3), torch.arange(40) % 2)
+    >>> dm = SplitRunDataModule(data, split=KFold(k=4, fold=1, stratify=True), labels=data.tensors[1], seed=0)
+    >>> dm.part("train").size, dm.part("val").size
+    (30, 10)
+    >>> dm.manifest["spec"]["kind"], dm.manifest["parts"]["val"]["class_counts"]
+    ('KFold', {'0': 5, '1': 5})
     """
 
     def __init__(
         self,
-        dataset: Any = None,
-        split: str = "kfold",
-        k: int = 5,
-        fold: int = 0,
-        stratify: bool = True,
-        groups: Any = None,
+        dataset: Any,
+        split: Splitter | None = None,
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
         *,
         labels: Any = "auto",
-        ratios: Mapping[str, float] | list[float] | None = None,
-        test_ratio: float = 0.0,
-        arms: Mapping[str, Any] | None = None,
-        arm: str | None = None,
-        by: str | None = None,
-        column: Any = None,
-        val_ratio: float = 0.2,
-        shared_val: bool = False,
-        shuffle: bool = True,
+        groups: Any = None,
         shuffle_seed: int | None = None,
+        eval_batch_size: int | None = None,
         remainder: str = "drop",
         fixed_shards: bool = False,
-        drop_last: bool = False,
-        eval_batch_size: int | None = None,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
         return_indices: bool = False,
         manifest_dir: str | os.PathLike[str] | None = None,
         check_manifest: bool = True,
+        loader_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if split not in KINDS:
-            raise SplitSpecError(f"unknown split {split!r}; set `split` to one of {list(KINDS)}")
-        if split == "arms" and not arms:
-            raise SplitSpecError("split=arms needs `arms` (arm name -> ratio, label list or predicate)")
-        if remainder not in ("drop", "pad"):
-            raise SplitSpecError(f"`remainder` must be 'drop' or 'pad', got {remainder!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise SplitSpecError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        self._dataset_arg = dataset
+        if dataset is None or not (_is_map_style(dataset) or callable(dataset)):
+            raise SplitSpecError(
+                f"{_WHERE}: dataset must be a map-style dataset (__getitem__ and __len__) or a zero-argument "
+                f"factory of one, got {type(dataset).__name__}"
+            )
+        split = Holdout() if split is None else split
+        if not isinstance(split, Splitter):
+            raise SplitSpecError(
+                f"{_WHERE}: split must be a splitter object (Holdout, KFold, GroupKFold, StratifiedGroupKFold, "
+                f"RepeatedKFold, Arms from lightning_freeze.splitrun), e.g. split=KFold(k=5, fold=0); got {split!r}"
+            )
         self.split = split
-        self.k, self.fold, self.stratify, self.seed = k, fold, bool(stratify), seed
-        self.groups, self.labels, self.column = groups, labels, column
-        self.ratios, self.test_ratio = ratios, test_ratio
-        self.arms, self.arm, self.by = arms, arm, by
-        self.val_ratio, self.shared_val = val_ratio, shared_val
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.shuffle, self.remainder, self.drop_last = shuffle, remainder, drop_last
-        self.fixed_shards = bool(fixed_shards)
-        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
-        self.pin_memory, self.persistent_workers, self.collate_fn = pin_memory, persistent_workers, collate_fn
-        self.return_indices = return_indices
+        self.seed = check_int(seed, "seed", minimum=0, where=_WHERE, error=SplitSpecError)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1, where=_WHERE, error=SplitSpecError)
+        self.num_workers = check_int(
+            num_workers, "num_workers", minimum=0, where=_WHERE, error=SplitSpecError
+        )
+        self.labels = _check_values(labels, "labels")
+        self.groups = _check_values(groups, "groups")
+        self.shuffle_seed = check_int(
+            seed if shuffle_seed is None else shuffle_seed,
+            "shuffle_seed",
+            minimum=0,
+            where=_WHERE,
+            error=SplitSpecError,
+        )
+        self.eval_batch_size = check_int(
+            batch_size if eval_batch_size is None else eval_batch_size,
+            "eval_batch_size",
+            minimum=1,
+            where=_WHERE,
+            error=SplitSpecError,
+        )
+        self.remainder = check_choice(
+            remainder, "remainder", ("drop", "pad"), where=_WHERE, error=SplitSpecError
+        )
+        self.fixed_shards = check_bool(fixed_shards, "fixed_shards", where=_WHERE, error=SplitSpecError)
+        self.return_indices = check_bool(return_indices, "return_indices", where=_WHERE, error=SplitSpecError)
+        self.check_manifest = check_bool(check_manifest, "check_manifest", where=_WHERE, error=SplitSpecError)
         self.manifest_dir = manifest_dir
-        self.check_manifest = check_manifest
-        self.dataset: Dataset | None = None
-        self.plan: SplitPlan | None = None
+        self.loader_options = _check_loader_options(loader_options)
+        self._dataset_arg = dataset
+        self.dataset: Dataset | None = dataset if _is_map_style(dataset) else None
+        self._split_parts: SplitParts | None = None
         self._resumed_manifest: dict[str, Any] | None = None
+        if self.dataset is not None:  # a concrete dataset: split now, so bad options fail here
+            self._compute_split()
 
     # ------------------------------------------------------------------------------------------- the split
 
     def _resolve_dataset(self) -> Dataset:
-        ds = self._dataset_arg
-        if ds is None:
-            raise SplitSpecError("SplitRunDataModule needs `dataset` (a map-style dataset or a factory)")
-        if isinstance(ds, Mapping) and "_target_" in ds:
-            from hydra.utils import instantiate
-
-            ds = instantiate(ds)
-        elif callable(ds) and not hasattr(ds, "__getitem__"):
-            ds = ds()
-        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
-            raise SplitSpecError(
-                f"`dataset` must be map-style (__getitem__ and __len__), got {type(ds).__name__}"
-            )
-        return ds
+        if self.dataset is None:
+            ds = self._dataset_arg()
+            if not _is_map_style(ds):
+                raise SplitSpecError(
+                    f"{_WHERE}: the dataset factory returned {type(ds).__name__}, which is not map-style "
+                    "(__getitem__ and __len__)"
+                )
+            self.dataset = ds
+        return self.dataset
 
     def _field(self, ds: Dataset, value: Any, option: str) -> np.ndarray | None:
         if value is None:
@@ -171,112 +220,85 @@ class SplitRunDataModule(pl.LightningDataModule):
                 return None
             if not hasattr(ds, value):
                 raise SplitSpecError(
-                    f"`{option}={value!r}` names no attribute of {type(ds).__name__}; pass an array, a callable "
-                    f"or an existing field name as `{option}`"
+                    f"{_WHERE}: {option}={value!r} names no attribute of {type(ds).__name__}; pass an array, a "
+                    f"callable or an existing field name as `{option}`"
                 )
             value = getattr(ds, value)
         if callable(value):
             value = value(ds)
         return np.asarray(value)
 
-    def make_plan(self) -> SplitPlan:
-        """Compute (once) and return the split plan; pure, so every rank and process gets the same one."""
-        if self.plan is not None:
-            return self.plan
-        ds = self.dataset if self.dataset is not None else self._resolve_dataset()
-        self.dataset = ds
+    def _compute_split(self) -> SplitParts:
+        ds = self._resolve_dataset()
         labels = self._field(ds, self.labels, "labels")
-        if self.stratify and labels is None:
+        if self.split.needs_labels and labels is None:
             raise SplitSpecError(
-                f"stratify=true needs labels, and {type(ds).__name__} has none of the fields "
-                f"{list(_AUTO_LABEL_FIELDS)}; set `labels` (array, callable or field name) or `stratify=false`"
+                f"{_WHERE}: {type(self.split).__name__} needs labels, and {type(ds).__name__} has none of the "
+                f"fields {list(_AUTO_LABEL_FIELDS)}; set `labels` (a field name, an array or a callable) or "
+                "choose a splitter that does not stratify"
             )
-        groups = self._field(ds, self.groups, "groups")
-        common: dict[str, Any] = {
-            "labels": labels,
-            "groups": groups,
-            "seed": self.seed,
-            "stratify": self.stratify,
-        }
-        if self.split == "kfold":
-            plan = make_split(
-                len(ds), "kfold", k=self.k, fold=self.fold, test_ratio=self.test_ratio, **common
+        groups = self._field(ds, self.groups, "groups") if self.split.needs_groups else None
+        if self.split.needs_groups and groups is None:
+            raise SplitSpecError(
+                f"{_WHERE}: {type(self.split).__name__} needs groups: set `groups` (a dataset field name, an array "
+                "or a callable giving one group id per sample)"
             )
-        elif self.split == "holdout":
-            plan = make_split(len(ds), "holdout", ratios=self.ratios, **common)
-        else:
-            plan = make_split(
-                len(ds),
-                "arms",
-                arms=dict(self.arms or {}),
-                by=self.by,
-                column=self._field(ds, self.column, "column"),
-                val_ratio=self.val_ratio,
-                shared_val=self.shared_val,
-                test_ratio=self.test_ratio,
-                **common,
-            )
-            names = sorted({p.split("/")[0] for p in plan.parts if "/" in p})
-            if self.arm not in names:
+        extra = {name: self._field(ds, spec, name) for name, spec in self.split.fields().items()}
+        parts = self.split.split(len(ds), labels=labels, groups=groups, seed=self.seed, **extra)
+        for role in ("train", "val"):
+            if not parts.has(role):
                 raise SplitSpecError(
-                    f"`arm` must name the arm this run trains on, one of {names}; got {self.arm!r}"
+                    f"{_WHERE}: the split has no {role!r} part (parts: {sorted(parts.parts)})"
                 )
-        for part in ("train", "val"):
-            if self._part_name(part) not in plan.parts:
-                raise SplitSpecError(
-                    f"the split has no {part!r} part (parts: {sorted(plan.parts)}); add it to `ratios`"
-                )
-        self.plan = plan
-        return plan
+        self._split_parts = parts
+        return parts
 
-    def _part_name(self, part: str) -> str:
-        if self.split == "arms" and not (part == "val" and self.shared_val) and part != "test":
-            return f"{self.arm}/{part}"
-        return part
+    @property
+    def split_parts(self) -> SplitParts:
+        """The split's parts (computed once; pure, so every rank and process gets the same)."""
+        return self._split_parts if self._split_parts is not None else self._compute_split()
 
-    def part(self, name: str) -> np.ndarray:
-        """Sorted dataset indices of ``train`` | ``val`` | ``test`` for this run (this arm, this fold)."""
-        plan = self.make_plan()
-        key = self._part_name(name)
-        if key not in plan.parts:
-            hint = "add a test entry to `ratios`" if self.split == "holdout" else "set `test_ratio` > 0"
-            raise SplitSpecError(f"the split has no {name!r} part (parts: {sorted(plan.parts)}); {hint}")
-        return plan.parts[key]
+    def part(self, role: str) -> np.ndarray:
+        """Sorted dataset indices this run uses as ``train``, ``val`` or ``test`` (this arm, this fold)."""
+        return self.split_parts.role(role)
 
     @property
     def has_test(self) -> bool:
-        return self._part_name("test") in self.make_plan().parts
+        return self.split_parts.has("test")
 
     @property
     def manifest(self) -> dict[str, Any]:
-        manifest = dict(self.make_plan().manifest)
-        manifest["dataset"] = type(self.dataset).__name__
-        if self.split == "arms":
-            manifest["arm"] = self.arm
-        return manifest
+        parts = self.split_parts
+        return {**parts.manifest, "roles": dict(parts.roles), "dataset": type(self.dataset).__name__}
 
     # ------------------------------------------------------------------------------------------- Lightning hooks
 
     def setup(self, stage: str | None = None) -> None:
-        self.make_plan()
+        if self.trainer is not None:
+            ensure_exact_resume(self.trainer)
+        self.split_parts  # noqa: B018 - a dataset factory is called and split here
         if self._resumed_manifest is not None:
             self._compare(self._resumed_manifest, "the checkpoint being resumed")
         directory = self._manifest_dir()
         if directory is None:
             return
+        self.check_run_dir(directory)
         path = directory / MANIFEST_NAME
+        if self._world()[1] == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
+            os.replace(tmp, path)
+
+    def check_run_dir(self, directory: str | os.PathLike[str]) -> None:
+        """Refuse ``directory`` if a manifest there records another split (what ``setup`` checks, earlier)."""
+        path = Path(directory) / MANIFEST_NAME
         if self.check_manifest and path.is_file():
             try:
                 previous = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
-                previous = None
-            if previous is not None:
-                self._compare(previous, str(path), file_check=True)
-        if self._global_rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
-            os.replace(tmp, path)
+                return
+            self._compare(previous, str(path), file_check=True)
 
     def _manifest_dir(self) -> Path | None:
         if self.manifest_dir is not None:
@@ -294,38 +316,36 @@ class SplitRunDataModule(pl.LightningDataModule):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
-    def _global_rank(self) -> int:
-        return self._world()[1]
-
     def _compare(self, previous: Mapping[str, Any], where: str, file_check: bool = False) -> None:
+        parts = self.split_parts
         old = {name: p.get("sha256") for name, p in previous.get("parts", {}).items()}
-        new = self.plan.hashes if self.plan is not None else {}
-        if old == new:
+        if old == parts.hashes:
             return
-        changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+        changed = sorted(
+            name for name in set(old) | set(parts.hashes) if old.get(name) != parts.hashes.get(name)
+        )
         fix = (
             "use a fresh output dir, restore the split options, or set `check_manifest=false`"
             if file_check
-            else "restore the split options (split, k, fold, seed, ratios, labels, groups) and the dataset"
+            else "restore the split options (splitter, seed, labels, groups) and the dataset"
         )
         raise SplitManifestMismatch(
             f"the data would now split differently from {where}: parts {changed} differ "
             f"(then: spec={previous.get('spec')}, seed={previous.get('seed')}, n={previous.get('n')}; "
-            f"now: spec={self.plan.spec if self.plan else None}, seed={self.seed}, "
-            f"n={self.plan.n if self.plan else None}); {fix}"
+            f"now: spec={parts.spec}, seed={parts.seed}, n={parts.n}); {fix}"
         )
 
     def state_dict(self) -> dict[str, Any]:
-        if self.plan is None:
+        if self._split_parts is None:
             return {}
-        return {"split_manifest": {k: v for k, v in self.manifest.items()}}
+        return {"split_manifest": self.manifest}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         manifest = state_dict.get("split_manifest")
         if manifest is None:
             return
         self._resumed_manifest = manifest
-        if self.plan is not None:
+        if self._split_parts is not None:
             self._compare(manifest, "the checkpoint being resumed")
 
     # ------------------------------------------------------------------------------------------- loaders
@@ -335,12 +355,11 @@ class SplitRunDataModule(pl.LightningDataModule):
         return _WithIndex(self.dataset) if self.return_indices else self.dataset
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers and self.num_workers > 0,
-            "collate_fn": self.collate_fn,
-        }
+        options = dict(self.loader_options)
+        if self.num_workers == 0:  # these only apply to worker processes; DataLoader refuses them otherwise
+            options.pop("persistent_workers", None)
+            options.pop("prefetch_factor", None)
+        return {"num_workers": self.num_workers, **options}
 
     def train_dataloader(self) -> ResumableDataLoader:
         world, rank = self._world()
@@ -348,35 +367,35 @@ class SplitRunDataModule(pl.LightningDataModule):
             self.part("train"),
             num_replicas=world,
             rank=rank,
-            shuffle=self.shuffle,
             seed=self.shuffle_seed,
             remainder=self.remainder,
             fixed_shards=self.fixed_shards,
         )
         if len(sampler) == 0:
             raise SplitSpecError(
-                f"the train part ({sampler.indices.size} samples) is smaller than the world size ({world})"
+                f"{_WHERE}: the train part ({sampler.indices.size} samples) is smaller than the world size ({world})"
             )
         return ResumableDataLoader(
             self._source(),
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=self.drop_last,
+            seed=self.shuffle_seed,
             **self._loader_kwargs(),
         )
 
-    def _eval_loader(self, name: str) -> DataLoader:
+    def _eval_loader(self, role: str) -> DataLoader:
         world, rank = self._world()
-        indices = self.part(name)
+        indices = self.part(role)
         if indices.size < world:
             raise SplitSpecError(
-                f"the {name} part has {indices.size} samples, fewer than the {world} ranks: some rank would "
-                f"evaluate nothing; raise its ratio or use fewer devices"
+                f"{_WHERE}: the {role} part has {indices.size} samples, fewer than the {world} ranks: some rank "
+                "would evaluate nothing; raise its ratio or use fewer devices"
             )
         sampler = EvalShardSampler(indices, num_replicas=world, rank=rank)
-        return DataLoader(
-            self._source(), batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs()
-        )
+        options = {
+            k: v for k, v in self._loader_kwargs().items() if k != "drop_last"
+        }  # evaluate every sample
+        return DataLoader(self._source(), batch_size=self.eval_batch_size, sampler=sampler, **options)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

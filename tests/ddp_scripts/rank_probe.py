@@ -24,7 +24,7 @@ class RankProbe(pl.Callback):
             "stamp": self.stamp,
             "overrides": list(hydra.overrides.task),
             "job_num": hydra.job.num,
-            "split_hashes": trainer.datamodule.make_plan().hashes,
+            "split_hashes": trainer.datamodule.split_parts.hashes,
             "master_port": os.environ.get("MASTER_PORT"),
             "pid": os.getpid(),
         }

@@ -15,7 +15,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_freeze.splitrun import SplitRunDataModule
+from lightning_freeze.splitrun import KFold, SplitRunDataModule
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import shutdown  # noqa: E402
@@ -69,14 +69,11 @@ def main(out: str, devices: int, root: str) -> None:
     data = TensorDataset(x, y)
     dm = SplitRunDataModule(
         data,
-        split="kfold",
-        k=5,
-        fold=1,
+        split=KFold(k=5, fold=1, stratify=True),
         labels=y.numpy(),
-        stratify=True,
         seed=0,
         batch_size=8,
-        drop_last=True,
+        loader_options={"drop_last": True},
         return_indices=True,
     )
     trainer = pl.Trainer(

@@ -1,0 +1,702 @@
+"""Splitters: small frozen objects that say how to split a dataset, validated when they are made.
+
+Like scikit-learn's splitters, a splitter holds only its parameters. ``split(n, labels, groups, seed)`` is a
+pure function of its arguments: it returns the named index parts of this run (:class:`SplitParts`) and the
+manifest that identifies them. It never reads the rank, the world size, the clock, the output directory or
+Hydra's runtime state, so every rank of every process computes the same parts. No torch, no Lightning.
+
+>>> parts = KFold(k=5, fold=0).split(10, seed=0)
+>>> sorted(parts.parts), len(parts["train"]), len(parts["val"])
+(['train', 'val'], 8, 2)
+>>> KFold(k=1)
+Traceback (most recent call last):
+...
+lightning_freeze.splitrun.splitters.SplitSpecError: KFold: k must be an integer >= 2, got 1
+
+=============================  ==========================================  ================================
+splitter                       needs                                       parts
+=============================  ==========================================  ================================
+:class:`Holdout`               labels if ``stratify``, groups if ``grouped``  one per entry of ``ratios``
+:class:`KFold`                 labels if ``stratify``                      ``train``, ``val`` (+ ``test``)
+:class:`GroupKFold`            groups                                      ``train``, ``val`` (+ ``test``)
+:class:`StratifiedGroupKFold`  labels and groups                           ``train``, ``val`` (+ ``test``)
+:class:`RepeatedKFold`         labels if ``stratify``                      ``train``, ``val`` (+ ``test``)
+:class:`Arms`                  labels (by label), a column (by column)     ``<arm>/train``, ``<arm>/val``
+=============================  ==========================================  ================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lightning_freeze.rules.checks import check_bool, check_choice, check_int, check_number, is_number
+from lightning_freeze.splitrun.assign import assign_folds, assign_parts, codes_of, part_hash
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "Arms",
+    "GroupKFold",
+    "Holdout",
+    "KFold",
+    "RepeatedKFold",
+    "SplitParts",
+    "SplitSpecError",
+    "Splitter",
+    "StratifiedGroupKFold",
+]
+
+MANIFEST_VERSION = 2
+DEFAULT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
+DEFAULT_ARMS = {"A": 0.5, "B": 0.5}
+_TEST_STREAM = 0x7E57  # the random stream of a fixed test part, apart from the folds' streams
+
+
+class SplitSpecError(ValueError):
+    """A split that cannot be made as specified. The message names the option to change."""
+
+
+@dataclass(frozen=True)
+class SplitParts:
+    """The result of a split: named parts, each a sorted ``int64`` array of dataset indices.
+
+    ``roles`` maps ``train``/``val``/``test`` to the part this run uses for it (an arm's ``A/train``, a shared
+    ``val``). ``manifest`` is the JSON-ready record written to ``split_manifest.json``: spec, seed, part sizes,
+    per-class counts per part, and the sha256 of each part's sorted index list.
+    """
+
+    parts: dict[str, np.ndarray]
+    roles: dict[str, str]
+    spec: dict[str, Any]
+    seed: int
+    n: int
+    manifest: dict[str, Any] = field(repr=False, compare=False)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.parts:
+            raise KeyError(f"split has no part {name!r}; it has {sorted(self.parts)}")
+        return self.parts[name]
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return {name: info["sha256"] for name, info in self.manifest["parts"].items()}
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def role(self, role: str) -> np.ndarray:
+        """The indices this run uses as ``train``, ``val`` or ``test``."""
+        if role not in self.roles:
+            hint = (
+                "add a test entry to `ratios`"
+                if self.spec.get("kind") == "Holdout"
+                else "set the splitter's `test_ratio` > 0"
+            )
+            raise SplitSpecError(f"the split has no {role!r} part (parts: {sorted(self.parts)}); {hint}")
+        return self.parts[self.roles[role]]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _check_n(n: Any) -> int:
+    return check_int(n, "n (the dataset length)", minimum=1, where="split", error=SplitSpecError)
+
+
+def _as_array(values: Any, n: int, option: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise SplitSpecError(
+            f"`{option}` must be a 1-d array with one entry per sample ({n}), got shape {arr.shape}; "
+            f"fix the `{option}` option"
+        )
+    return arr
+
+
+def _label(value: Any) -> Any:
+    """A label or column value as a plain Python scalar (JSON-ready, hashable)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _stream(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def _plain(value: Any) -> Any:
+    """A spec value as JSON: tuples as lists, callables by name."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return f"callable:{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, np.ndarray):
+        return f"array[{value.shape[0]}]"
+    return _label(value)
+
+
+def _normalize_ratios(ratios: Any, option: str, where: str) -> dict[str, float]:
+    """``{part: ratio}`` from a mapping or a 2/3-list (train, val[, test]); positive, summing to 1."""
+    if isinstance(ratios, Mapping):
+        items = {str(k): v for k, v in ratios.items()}
+    elif isinstance(ratios, Sequence) and not isinstance(ratios, str):
+        values = list(ratios)
+        if len(values) not in (2, 3):
+            raise SplitSpecError(
+                f"{where}: {option} as a list needs 2 (train, val) or 3 (train, val, test) entries, got {values}"
+            )
+        items = dict(zip(["train", "val", "test"], values, strict=False))
+    else:
+        raise SplitSpecError(
+            f"{where}: {option} must map part names to ratios (e.g. {{train: 0.8, val: 0.2}}) or be a list "
+            f"of 2 or 3 ratios, got {ratios!r}"
+        )
+    out = {
+        name: check_number(value, f"{option}.{name}", low=0, low_open=True, where=where, error=SplitSpecError)
+        for name, value in items.items()
+    }
+    if len(out) < 2:
+        raise SplitSpecError(f"{where}: {option} needs at least two parts, got {out}")
+    total = math.fsum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise SplitSpecError(f"{where}: {option} must sum to 1, got {out} (sum {total:g}); fix `{option}`")
+    return out
+
+
+def _build(
+    parts: dict[str, np.ndarray],
+    roles: dict[str, str],
+    spec: dict[str, Any],
+    seed: int,
+    n: int,
+    labels: np.ndarray | None,
+    hint: str,
+) -> SplitParts:
+    parts = {name: np.sort(np.asarray(idx, dtype=np.int64)) for name, idx in parts.items()}
+    empty = [name for name, idx in parts.items() if idx.size == 0]
+    if empty:
+        raise SplitSpecError(f"{spec['kind']}: split part(s) {empty} would be empty ({spec}); {hint}")
+    info: dict[str, Any] = {}
+    covered = 0
+    for name, idx in parts.items():
+        entry: dict[str, Any] = {"size": int(idx.size), "sha256": part_hash(idx)}
+        if labels is not None:
+            uniq, counts = np.unique(labels[idx], return_counts=True)
+            entry["class_counts"] = {str(_label(u)): int(c) for u, c in zip(uniq, counts, strict=True)}
+        info[name] = entry
+        covered += idx.size
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "spec": spec,
+        "seed": int(seed),
+        "n": int(n),
+        "parts": info,
+    }
+    if covered < n:
+        manifest["unassigned"] = int(n - covered)
+    return SplitParts(parts=parts, roles=roles, spec=spec, seed=int(seed), n=int(n), manifest=manifest)
+
+
+# ----------------------------------------------------------------------------------------------- base
+
+
+@dataclass(frozen=True)
+class Splitter:
+    """Base of the splitters: parameters checked in ``__post_init__``, inputs checked in :meth:`split`."""
+
+    uses_labels: ClassVar[str] = (
+        "stratify"  # the field that makes labels necessary ("" = never, "*" = always)
+    )
+    uses_groups: ClassVar[str] = ""  # likewise for groups
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.uses_labels == "*" or bool(self.uses_labels and getattr(self, self.uses_labels))
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.uses_groups == "*" or bool(self.uses_groups and getattr(self, self.uses_groups))
+
+    def _why_labels(self) -> str:
+        return "stratify=true" if self.uses_labels == "stratify" else "this splitter"
+
+    def fields(self) -> dict[str, Any]:
+        """Further per-sample inputs :meth:`split` takes by keyword, by the spec that names them."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        """The splitter as JSON: its kind and parameters (recorded in the manifest)."""
+        return {"kind": type(self).__name__, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}
+
+    def _inputs(
+        self, n: Any, labels: Any, groups: Any, seed: Any
+    ) -> tuple[int, int, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Check the call's inputs: (n, seed, labels, label codes if needed, group codes if needed)."""
+        where = type(self).__name__
+        n = _check_n(n)
+        seed = check_int(seed, "seed", minimum=0, where=where, error=SplitSpecError)
+        labels_arr = _as_array(labels, n, "labels")
+        groups_arr = _as_array(groups, n, "groups")
+        if self.needs_labels and labels_arr is None:
+            raise SplitSpecError(
+                f"{where}: {self._why_labels()} needs labels: set `labels` (a dataset field name, an array or a "
+                "callable)" + (" or set `stratify=false`" if getattr(self, "stratify", False) else "")
+            )
+        if self.needs_groups and groups_arr is None:
+            raise SplitSpecError(
+                f"{where} needs groups (one group id per sample): set `groups` (a dataset field name, an array "
+                "or a callable)"
+            )
+        codes = codes_of(labels_arr)[1] if (self.needs_labels and labels_arr is not None) else None
+        gcodes = codes_of(groups_arr)[1].astype(np.int64) if self.needs_groups else None
+        return n, seed, labels_arr, codes, gcodes
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- holdout
+
+
+@dataclass(frozen=True)
+class Holdout(Splitter):
+    """Parts named by ``ratios`` (``None``: train 0.8 / val 0.1 / test 0.1), optionally stratified or grouped.
+
+    ``ratios`` is a mapping (it must name ``train`` and ``val``) or a list of 2 or 3 ratios (train, val[,
+    test]). Without groups, part sizes are exact (largest remainder of ``n * ratio``) and stratified parts hold
+    every class within about one sample of its share. ``grouped=True``: whole groups go to one part.
+
+    >>> parts = Holdout(ratios=[0.5, 0.5], stratify=True).split(8, labels=[0, 0, 0, 0, 1, 1, 1, 1], seed=0)
+    >>> [len(parts[name]) for name in ("train", "val")]
+    [4, 4]
+    """
+
+    uses_groups: ClassVar[str] = "grouped"
+
+    ratios: Mapping[str, float] | Sequence[float] | None = None
+    stratify: bool = False
+    grouped: bool = False
+
+    def __post_init__(self) -> None:
+        ratios = DEFAULT_RATIOS if self.ratios is None else self.ratios
+        ratio_map = _normalize_ratios(ratios, "ratios", "Holdout")
+        missing = [name for name in ("train", "val") if name not in ratio_map]
+        if missing:
+            raise SplitSpecError(
+                f"Holdout: ratios must name the parts 'train' and 'val' (missing {missing}), got {ratio_map}"
+            )
+        object.__setattr__(self, "ratios", ratio_map)
+        check_bool(self.stratify, "stratify", where="Holdout", error=SplitSpecError)
+        check_bool(self.grouped, "grouped", where="Holdout", error=SplitSpecError)
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
+        ratios: dict[str, float] = self.ratios  # type: ignore[assignment]
+        part = assign_parts(n, list(ratios.values()), codes, gcodes, _stream(seed))
+        parts = {name: np.flatnonzero(part == p) for p, name in enumerate(ratios)}
+        roles = {role: role for role in ("train", "val", "test") if role in parts}
+        return _build(
+            parts, roles, self.spec(), seed, n, labels_arr, "raise the small `ratios` or use more data"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- k-fold
+
+
+def _check_fold(splitter: Any, where: str) -> None:
+    check_int(splitter.k, "k", minimum=2, where=where, error=SplitSpecError)
+    check_int(
+        splitter.fold,
+        "fold",
+        minimum=0,
+        maximum=splitter.k - 1,
+        where=where,
+        error=SplitSpecError,
+        hint=f"fold numbers run from 0 to k-1 = {splitter.k - 1}",
+    )
+    check_number(
+        splitter.test_ratio, "test_ratio", low=0, high=1, high_open=True, where=where, error=SplitSpecError
+    )
+
+
+def _kfold_parts(
+    splitter: Any,
+    n: int,
+    seed: int,
+    labels: np.ndarray | None,
+    codes: np.ndarray | None,
+    gcodes: np.ndarray | None,
+    stream: tuple[int, ...],
+    shuffle: bool = True,
+) -> SplitParts:
+    """``train``/``val`` for fold ``splitter.fold`` of ``splitter.k`` (+ a fixed ``test`` part carved first)."""
+    where = type(splitter).__name__
+    k, fold, test_ratio = splitter.k, splitter.fold, float(splitter.test_ratio)
+    rest = np.arange(n, dtype=np.int64)
+    parts: dict[str, np.ndarray] = {}
+    if test_ratio > 0:  # the same test part for every fold and every repeat
+        part = assign_parts(n, [1.0 - test_ratio, test_ratio], codes, gcodes, _stream(seed, _TEST_STREAM))
+        parts["test"] = np.flatnonzero(part == 1)
+        rest = np.flatnonzero(part == 0)
+    if k > rest.size:
+        after = " after the test part" if test_ratio > 0 else ""
+        raise SplitSpecError(
+            f"{where}: k={k} folds is more than the {rest.size} samples available{after}; lower `k`"
+        )
+    sub_codes = None if codes is None else codes_of(codes[rest])[1]
+    sub_groups = None if gcodes is None else codes_of(gcodes[rest])[1].astype(np.int64)
+    if sub_codes is not None:
+        counts = np.bincount(sub_codes)
+        small = np.flatnonzero(counts < k)
+        if small.size:
+            uniq = codes_of(labels[rest])[0]  # type: ignore[index]
+            detail = ", ".join(f"{_label(uniq[c])}: {int(counts[c])}" for c in small[:5])
+            raise SplitSpecError(
+                f"{where}: stratified {k}-fold needs at least k={k} members per class, but some classes have "
+                f"fewer ({detail}); lower `k`, merge rare classes, or set `stratify=false`"
+            )
+    if sub_groups is not None and int(sub_groups.max()) + 1 < k:
+        raise SplitSpecError(
+            f"{where}: {k}-fold needs at least k groups, got {int(sub_groups.max()) + 1}; lower `k`"
+        )
+    folds = assign_folds(
+        rest.size, k, _stream(seed, *stream), codes=sub_codes, gcodes=sub_groups, shuffle=shuffle
+    )
+    parts = {"train": rest[folds != fold], "val": rest[folds == fold], **parts}
+    roles = {role: role for role in ("train", "val", "test") if role in parts}
+    return _build(
+        parts, roles, splitter.spec(), seed, n, labels, "lower `k` or `test_ratio`, or check `groups`"
+    )
+
+
+@dataclass(frozen=True)
+class KFold(Splitter):
+    """k-fold cross-validation: fold ``fold`` of ``k`` is ``val``, the other folds are ``train``.
+
+    Folds of one ``(data, k, seed)`` tile the data, and changing ``fold`` never changes the assignment, so
+    ``fold=0..k-1`` in a sweep is one cross-validation. ``stratify``: every fold holds floor or ceil of n_c/k
+    members of each class c. ``shuffle=False``: contiguous folds in index order (within each class when
+    stratified), as scikit-learn's ``KFold(shuffle=False)``. ``test_ratio > 0`` carves a fixed ``test`` part
+    first, the same for every fold.
+
+    >>> folds = [KFold(k=3, fold=f).split(9, seed=0)["val"].tolist() for f in range(3)]
+    >>> sorted(i for fold in folds for i in fold)  # the folds tile the data
+    [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    """
+
+    k: int = 5
+    fold: int = 0
+    stratify: bool = False
+    shuffle: bool = True
+    test_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fold(self, "KFold")
+        check_bool(self.stratify, "stratify", where="KFold", error=SplitSpecError)
+        check_bool(self.shuffle, "shuffle", where="KFold", error=SplitSpecError)
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, codes, _ = self._inputs(n, labels, groups, seed)
+        return _kfold_parts(self, n, seed, labels_arr, codes, None, (), shuffle=self.shuffle)
+
+
+@dataclass(frozen=True)
+class GroupKFold(Splitter):
+    """k-fold over whole groups (patients, sessions, sites): a group is never in both ``train`` and ``val``.
+
+    >>> groups = [0, 0, 1, 1, 2, 2, 3, 3]
+    >>> parts = GroupKFold(k=2, fold=0).split(8, groups=groups, seed=0)
+    >>> set(parts["train"] // 2) & set(parts["val"] // 2)
+    set()
+    """
+
+    uses_labels: ClassVar[str] = ""
+    uses_groups: ClassVar[str] = "*"
+
+    k: int = 5
+    fold: int = 0
+    test_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fold(self, "GroupKFold")
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, _, gcodes = self._inputs(n, labels, groups, seed)
+        return _kfold_parts(self, n, seed, labels_arr, None, gcodes, ())
+
+
+@dataclass(frozen=True)
+class StratifiedGroupKFold(Splitter):
+    """k-fold over whole groups, each group placed where its classes are most under-represented.
+
+    >>> labels, groups = [0, 1] * 6, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    >>> parts = StratifiedGroupKFold(k=3, fold=1).split(12, labels=labels, groups=groups, seed=0)
+    >>> len(parts["val"])
+    4
+    """
+
+    uses_labels: ClassVar[str] = "*"
+    uses_groups: ClassVar[str] = "*"
+
+    k: int = 5
+    fold: int = 0
+    test_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fold(self, "StratifiedGroupKFold")
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
+        return _kfold_parts(self, n, seed, labels_arr, codes, gcodes, ())
+
+
+@dataclass(frozen=True)
+class RepeatedKFold(Splitter):
+    """``n_repeats`` k-fold cross-validations, each from its own random stream: (``repeat``, ``fold``) is one run.
+
+    Sweep ``repeat=range(n_repeats)`` and ``fold=range(k)``. Repeat r's folds come from the stream
+    ``(seed, r)``, so repeats differ from each other and every repeat tiles the data. A ``test_ratio`` part is
+    the same for all repeats and folds.
+
+    >>> a = RepeatedKFold(k=2, n_repeats=2, repeat=0).split(20, seed=0)["val"]
+    >>> b = RepeatedKFold(k=2, n_repeats=2, repeat=1).split(20, seed=0)["val"]
+    >>> a.tolist() != b.tolist()
+    True
+    """
+
+    k: int = 5
+    n_repeats: int = 2
+    repeat: int = 0
+    fold: int = 0
+    stratify: bool = False
+    test_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fold(self, "RepeatedKFold")
+        check_int(self.n_repeats, "n_repeats", minimum=1, where="RepeatedKFold", error=SplitSpecError)
+        check_int(
+            self.repeat,
+            "repeat",
+            minimum=0,
+            maximum=self.n_repeats - 1,
+            where="RepeatedKFold",
+            error=SplitSpecError,
+            hint=f"repeats run from 0 to n_repeats-1 = {self.n_repeats - 1}",
+        )
+        check_bool(self.stratify, "stratify", where="RepeatedKFold", error=SplitSpecError)
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, codes, _ = self._inputs(n, labels, groups, seed)
+        return _kfold_parts(self, n, seed, labels_arr, codes, None, (int(self.repeat),))
+
+
+# ----------------------------------------------------------------------------------------------- arms
+
+
+ArmSpec = float | Sequence[Any] | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Arms(Splitter):
+    """A/B arms: disjoint sub-populations, each with its own ``<arm>/train`` and ``<arm>/val`` parts.
+
+    ``arms`` maps arm names to (``None``: two random halves, ``{A: 0.5, B: 0.5}``):
+
+    - ratios (``by="ratio"``): ``{A: 0.5, B: 0.5}`` splits the samples at random (stratified/grouped);
+    - lists of label values (``by="label"``): ``{A: [0, 1], B: [2, 3]}``;
+    - lists of values of ``column`` (``by="column"``; ``column`` names a dataset field), or predicates
+      ``column -> bool mask``.
+
+    ``arm`` is the arm this run trains on. ``shared_val=True`` carves one ``val`` part first and every arm is
+    validated on it. ``test_ratio`` carves a shared ``test`` part the same way. Samples in no arm are left out
+    (counted as ``unassigned`` in the manifest). ``by`` is inferred when ``None``.
+
+    >>> labels = [0, 1, 2] * 10
+    >>> parts = Arms(arms={"A": [0], "B": [1, 2]}, arm="B").split(30, labels=labels, seed=0)
+    >>> sorted({labels[i] for i in parts.role("train")})
+    [1, 2]
+    """
+
+    uses_labels: ClassVar[str] = ""
+    uses_groups: ClassVar[str] = "grouped"
+
+    arms: Mapping[str, ArmSpec] | None = None
+    arm: str = "A"
+    by: str | None = None
+    column: Any = None
+    val_ratio: float = 0.2
+    shared_val: bool = False
+    test_ratio: float = 0.0
+    stratify: bool = False
+    grouped: bool = False
+
+    def __post_init__(self) -> None:
+        where = "Arms"
+        arms = DEFAULT_ARMS if self.arms is None else self.arms
+        if not isinstance(arms, Mapping) or not arms:
+            raise SplitSpecError(
+                f"{where}: arms must map arm names to ratios, label lists or predicates, got {arms!r}"
+            )
+        names = [str(a) for a in arms]
+        bad = [a for a in names if "/" in a or not a]
+        if bad:
+            raise SplitSpecError(
+                f"{where}: arm names must be non-empty and without '/': {bad}; rename them in `arms`"
+            )
+        values = list(arms.values())
+        by = self.by
+        if by is None:
+            by = (
+                "ratio"
+                if all(is_number(v) for v in values)
+                else "column"
+                if self.column is not None
+                else "label"
+            )
+        check_choice(by, "by", ("ratio", "label", "column"), where=where, error=SplitSpecError)
+        if by == "ratio":
+            normalised: dict[str, ArmSpec] = dict(
+                _normalize_ratios(dict(zip(names, values, strict=True)), "arms", where)
+            )
+        else:
+            normalised = {}
+            owner: dict[Any, str] = {}
+            for name, sel in zip(names, values, strict=True):
+                if callable(sel):
+                    normalised[name] = sel
+                    continue
+                if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, np.ndarray)):
+                    sel = [sel]
+                chosen = tuple(_label(v) for v in sel)
+                if not chosen:
+                    raise SplitSpecError(f"{where}: arm {name!r} selects no {by} values; fix `arms`")
+                for value in chosen:
+                    if value in owner:
+                        raise SplitSpecError(
+                            f"{where}: arms {owner[value]!r} and {name!r} both take {by} {value!r}; make `arms` disjoint"
+                        )
+                    owner[value] = name
+                normalised[name] = chosen
+        if by == "column" and self.column is None:
+            raise SplitSpecError(
+                f"{where}: by='column' needs `column` (a dataset field name or one value per sample)"
+            )
+        object.__setattr__(self, "arms", normalised)
+        object.__setattr__(self, "by", by)
+        check_choice(
+            self.arm, "arm", names, where=where, error=SplitSpecError, hint="the arm this run trains on"
+        )
+        check_number(
+            self.val_ratio,
+            "val_ratio",
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+            where=where,
+            error=SplitSpecError,
+        )
+        check_number(
+            self.test_ratio, "test_ratio", low=0, high=1, high_open=True, where=where, error=SplitSpecError
+        )
+        for option in ("shared_val", "stratify", "grouped"):
+            check_bool(getattr(self, option), option, where=where, error=SplitSpecError)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.by == "label" or self.stratify
+
+    def _why_labels(self) -> str:
+        return "by='label'" if self.by == "label" else "stratify=true"
+
+    def fields(self) -> dict[str, Any]:
+        return {"column": self.column} if self.by == "column" else {}
+
+    def split(
+        self, n: int, labels: Any = None, groups: Any = None, seed: int = 0, column: Any = None
+    ) -> SplitParts:
+        where = "Arms"
+        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
+        arms: dict[str, ArmSpec] = self.arms  # type: ignore[assignment]
+        names = list(arms)
+        rng = _stream(seed)
+
+        def sub_assign(idx: np.ndarray, weights: list[float]) -> np.ndarray:
+            if idx.size == 0:
+                return np.zeros(0, dtype=np.int64)
+            sc = None if codes is None or not self.stratify else codes_of(codes[idx])[1]
+            sg = None if gcodes is None else codes_of(gcodes[idx])[1].astype(np.int64)
+            return assign_parts(idx.size, weights, sc, sg, rng)
+
+        member = np.full(n, -1, dtype=np.int64)  # arm id per sample, -1 = in no arm
+        if self.by != "ratio":
+            if self.by == "label":
+                key = labels_arr
+            else:
+                source = self.column if column is None else column
+                if isinstance(source, str):
+                    raise SplitSpecError(
+                        f"{where}: column={source!r} is a field name; SplitRunDataModule reads it from the dataset, "
+                        "a direct call passes the values as `column=`"
+                    )
+                key = _as_array(source, n, "column")
+            assert key is not None
+            present = {_label(v) for v in np.unique(key)}
+            for a, name in enumerate(names):
+                sel = arms[name]
+                if callable(sel):
+                    mask = np.asarray(sel(key), dtype=bool)
+                    if mask.shape != (n,):
+                        raise SplitSpecError(
+                            f"{where}: the predicate of arm {name!r} must return one bool per sample"
+                        )
+                else:
+                    absent = [v for v in sel if v not in present]  # type: ignore[union-attr]
+                    if absent:
+                        shown = sorted(present, key=str)[:20]
+                        raise SplitSpecError(
+                            f"{where}: arm {name!r} names {self.by} value(s) {absent} that no sample has; the data "
+                            f"has {shown}; fix `arms`"
+                        )
+                    mask = np.isin(key, np.asarray(list(sel), dtype=key.dtype))  # type: ignore[arg-type]
+                clash = mask & (member >= 0)
+                if clash.any():
+                    other = names[int(member[np.flatnonzero(clash)[0]])]
+                    raise SplitSpecError(
+                        f"{where}: arms {other!r} and {name!r} overlap on {int(clash.sum())} samples; make `arms` disjoint"
+                    )
+                member[mask] = a
+
+        parts: dict[str, np.ndarray] = {}
+        pool = np.flatnonzero(member >= 0) if self.by != "ratio" else np.arange(n, dtype=np.int64)
+        shared = [
+            (name, r)
+            for name, r in (("test", self.test_ratio), ("val", self.val_ratio if self.shared_val else 0.0))
+            if r > 0
+        ]
+        for name, r in shared:
+            part = sub_assign(pool, [1.0 - r, r])
+            parts[name] = pool[part == 1]
+            pool = pool[part == 0]
+        if self.by == "ratio":
+            member[:] = -1
+            member[pool] = sub_assign(pool, [float(v) for v in arms.values()])  # type: ignore[arg-type]
+        for a, name in enumerate(names):
+            idx = pool[member[pool] == a]
+            if self.shared_val:
+                parts[f"{name}/train"] = idx
+            else:
+                part = sub_assign(idx, [1.0 - self.val_ratio, self.val_ratio])
+                parts[f"{name}/train"] = idx[part == 0]
+                parts[f"{name}/val"] = idx[part == 1]
+        roles = {"train": f"{self.arm}/train", "val": "val" if self.shared_val else f"{self.arm}/val"}
+        if "test" in parts:
+            roles["test"] = "test"
+        spec = {k: v for k, v in self.spec().items() if k != "arm"}  # every arm's run has the same split
+        return _build(parts, roles, spec, seed, n, labels_arr, "check `arms`, `val_ratio` and `test_ratio`")
