@@ -6,7 +6,8 @@ contender in the same process and the seeds alternated across contenders (the ha
 
 - full fine-tuning (no callback);
 - frozen backbone (``LayerFreeze("backbone.*")``), head only;
-- ``ProgressiveUnfreezing`` (ours, ULMFiT: one block per epoch from the top, LR / 2.6 per level);
+- ``ProgressiveUnfreezing`` (ours, ULMFiT: one block per epoch from the top, LR / 2.6 per level), with and
+  without its end-of-fit timeline plot;
 - ours with the ``backbone`` preset's settings (BackboneFinetuning reproduced) thawing at the same epoch;
 - Lightning's ``BackboneFinetuning`` (its defaults, backbone thawed at epoch 1);
 - ``finetuning-scheduler`` with a schedule equivalent to ours (same phases, same per-phase LRs).
@@ -131,6 +132,14 @@ def _contenders(ctx: BenchContext, data, epochs: int, target: float, seeds: list
             lambda: [ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, lr_decay=LR_DECAY)],
             False,
             "head first, then backbone.2, .1, .0 at epochs 1, 2, 3; LR / 2.6 per level below the head",
+        ),
+        (
+            "ProgressiveUnfreezing (ours), plot=False",
+            lambda: [
+                ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, lr_decay=LR_DECAY, plot=False)
+            ],
+            False,
+            "the same without the end-of-fit timeline plot (a fixed ~0.1 s per fit), like the peers, which plot nothing",
         ),
         (
             "ours, backbone preset at epoch 1",

@@ -55,6 +55,7 @@ class FreezingCallback(Callback):
         self.layers: list[Layer] = []
         self.events: list[dict[str, Any]] = []
         self.history: dict[str, Any] = {"step": [], "lr": {}}
+        self._frozen_at_start: list[str] = []
         self._record_every = 1
 
     # ------------------------------------------------------------------ what subclasses decide
@@ -85,6 +86,7 @@ class FreezingCallback(Callback):
         self.engine.register()
         self.events, self.history = [], {"step": [], "lr": {}}
         self.engine.freeze(self.initially_frozen(self.layers))
+        self._frozen_at_start = sorted(self.engine.frozen, key=[layer.name for layer in self.layers].index)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._require_engine()
@@ -101,6 +103,7 @@ class FreezingCallback(Callback):
         # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
         total = trainer.estimated_stepping_batches
         self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
+        self._record(trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -114,7 +117,7 @@ class FreezingCallback(Callback):
         # ``log_dir`` is a collective under DDP: every rank asks, rank 0 writes.
         out_dir = trainer.log_dir or trainer.default_root_dir
         if self.plot:
-            self._write_timeline(out_dir)
+            self._write_timeline(out_dir, trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.engine is not None:
@@ -130,6 +133,7 @@ class FreezingCallback(Callback):
             "frozen": [layer.name for layer in self.layers if engine.is_frozen(layer.name)],
             "events": list(self.events),
             "history": self.history,
+            "frozen_at_start": list(self._frozen_at_start),
             **self.extra_state(),
         }
 
@@ -148,6 +152,7 @@ class FreezingCallback(Callback):
         engine.thaw([n for n in names if n not in frozen])
         engine.freeze([n for n in names if n in frozen])
         self.events = list(state_dict.get("events", []))
+        self._frozen_at_start = list(state_dict.get("frozen_at_start", self._frozen_at_start))
         self.history = state_dict.get("history", {"step": [], "lr": {}})
         self.load_extra_state(state_dict)
 
@@ -192,6 +197,10 @@ class FreezingCallback(Callback):
             )
         return changed
 
+    def effective_lr(self, name: str, step: int) -> float:
+        """The LR layer ``name`` trains with at optimizer step ``step`` (what the timeline records)."""
+        return self.group_lr(name)
+
     def group_lr(self, name: str) -> float:
         """The LR of layer ``name``'s (first) param group."""
         engine = self._require_engine()
@@ -226,15 +235,26 @@ class FreezingCallback(Callback):
             self.history["step"].pop()
         self.history["step"].append(step)
         for layer in self.layers:
-            lr = None if engine.is_frozen(layer.name) else self.group_lr(layer.name)
+            lr = None if engine.is_frozen(layer.name) else self.effective_lr(layer.name, step)
             self.history["lr"].setdefault(layer.name, []).append(lr)
 
+    def timeline(self, end_step: int) -> dict[str, Any]:
+        """What the freeze-timeline plot shows: layers, frozen spans (as events), LR history."""
+        return {
+            "callback": type(self).__name__,
+            "layers": [layer.name for layer in self.layers],
+            "initially_frozen": list(self._frozen_at_start),
+            "end_step": end_step,
+            "history": self.history,
+            "events": self.events,
+        }
+
     @rank_zero_only
-    def _write_timeline(self, out_dir: str) -> None:
+    def _write_timeline(self, out_dir: str, end_step: int) -> None:
         from lightning_freeze.callbacks.timeline import plot_timeline
 
         os.makedirs(out_dir, exist_ok=True)
-        data = {"callback": type(self).__name__, "history": self.history, "events": self.events}
+        data = self.timeline(end_step)
         with open(os.path.join(out_dir, "freeze_timeline.json"), "w") as fh:
             json.dump(data, fh)
         path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))

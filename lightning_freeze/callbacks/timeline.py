@@ -1,45 +1,115 @@
-"""The freeze-timeline plot: each layer's learning rate over training, with freeze and thaw points."""
+"""The freeze-timeline plot: when each layer was frozen, its learning rate, and (AdaptiveFreeze) its signal.
+
+The callbacks write ``freeze_timeline.json`` and render it here into ``freeze_timeline.png``:
+
+- **frozen spans**: one row per managed layer, a bar wherever the layer is frozen (``x`` marks a
+  freeze, ``^`` a thaw);
+- **learning rate** per layer over the optimizer steps (a line stops while its layer is frozen);
+- **signal** per layer and the freezing threshold, when the data holds ``signals`` (AdaptiveFreeze).
+
+Rendered with matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: the plot neither
+changes the user's backend nor keeps figures alive.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def plot_timeline(data: dict[str, Any], path: str) -> str | None:
-    """Write a PNG of ``data`` (the freezing callbacks' history and events) to ``path``.
+def frozen_spans(
+    layers: Sequence[str], initially_frozen: Sequence[str], events: Sequence[Mapping[str, Any]], end_step: int
+) -> dict[str, list[tuple[int, int]]]:
+    """``[start, end)`` optimizer-step spans during which each layer was frozen.
 
-    A layer's line stops while it is frozen; ``x`` marks a freeze and ``^`` a thaw. Returns ``path``, or
-    ``None`` when matplotlib is not installed (the same data is in the JSON file next to it).
+    >>> events = [{"step": 4, "layer": "a", "action": "thaw"}, {"step": 6, "layer": "b", "action": "freeze"}]
+    >>> frozen_spans(["a", "b"], ["a"], events, end_step=10)
+    {'a': [(0, 4)], 'b': [(6, 10)]}
+    """
+    since: dict[str, int] = {name: 0 for name in initially_frozen}
+    spans: dict[str, list[tuple[int, int]]] = {name: [] for name in layers}
+    for event in sorted(events, key=lambda e: e["step"]):
+        name, step = event["layer"], int(event["step"])
+        if event["action"] == "freeze":
+            since.setdefault(name, step)
+        elif name in since:
+            start = since.pop(name)
+            if step > start:
+                spans.setdefault(name, []).append((start, step))
+    for name, start in since.items():
+        spans.setdefault(name, []).append((start, max(end_step, start)))
+    return spans
+
+
+def plot_timeline(data: Mapping[str, Any], path: str) -> str | None:
+    """Write a PNG of ``data`` (a freezing callback's timeline) to ``path``; ``None`` without matplotlib.
+
+    The same data is in the JSON file next to it.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    steps = data["history"]["step"]
-    lrs: dict[str, list[float | None]] = data["history"]["lr"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    colors = {}
+    steps: list[int] = list(data["history"]["step"])
+    lrs: Mapping[str, list[float | None]] = data["history"]["lr"]
+    layers: list[str] = list(data.get("layers") or lrs)
+    end = int(data.get("end_step", steps[-1] if steps else 0))
+    spans = frozen_spans(layers, data.get("initially_frozen", []), data.get("events", []), end)
+    signals: Mapping[str, list[float | None]] = data.get("signals") or {}
+    panels = 3 if signals else 2
+    height = 2.2 + 0.22 * len(layers) + 2.6 * (panels - 1)
+    fig = Figure(figsize=(10, min(height, 24)))
+    FigureCanvasAgg(fig)
+    ratios = [max(1.0, 0.3 * len(layers)), 2.2] + ([2.2] if signals else [])
+    axes = fig.subplots(panels, 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    colors = {name: f"C{i % 10}" for i, name in enumerate([*layers, *[n for n in lrs if n not in layers]])}
+
+    gantt = axes[0]
+    for row, name in enumerate(layers):
+        bars = [(start, max(stop - start, 0.5)) for start, stop in spans.get(name, [])]
+        gantt.broken_barh(bars, (row - 0.35, 0.7), color=colors[name], alpha=0.75)
+        gantt.plot([0, end], [row, row], color=colors[name], linewidth=0.6, alpha=0.4)
+    for event in data.get("events", []):
+        row = layers.index(event["layer"]) if event["layer"] in layers else None
+        if row is not None:
+            gantt.plot(
+                [event["step"]], [row], marker="x" if event["action"] == "freeze" else "^", color="black"
+            )
+    gantt.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=7 if len(layers) > 12 else 9)
+    gantt.set_ylim(len(layers) - 0.5, -0.5)  # the first layer on top
+    gantt.set_title(f"{data.get('callback', 'freezing')}: frozen spans (bars; x = freeze, ^ = thaw)")
+
+    lr_ax = axes[1]
     for name, series in lrs.items():
-        values = [float("nan") if v is None else v for v in series]
-        (line,) = ax.plot(steps[: len(values)], values, label=name, linewidth=1.5)
-        colors[name] = line.get_color()
-    for event in data["events"]:
-        name = event["layer"]
-        marker = "x" if event["action"] == "freeze" else "^"
-        ax.axvline(event["step"], color=colors.get(name, "grey"), alpha=0.25, linewidth=1)
-        ax.plot(
-            [event["step"]], [0], marker=marker, color=colors.get(name, "grey"), markersize=8, clip_on=False
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"{data.get('callback', 'freezing')}: learning rate per layer (x = frozen, ^ = thawed)")
-    ax.set_ylim(bottom=0)
+        values = [math.nan if v is None else v for v in series]
+        lr_ax.plot(steps[: len(values)], values, label=_short(name), color=colors.get(name), linewidth=1.4)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_ylim(bottom=0)
     if len(lrs) <= 16:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        lr_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    if signals:
+        sig_ax = axes[2]
+        sig_steps = list(data.get("signal_steps", steps))
+        for name, series in signals.items():
+            values = [math.nan if v is None else v for v in series]
+            sig_ax.plot(sig_steps[: len(values)], values, color=colors.get(name), linewidth=1.2)
+        threshold = data.get("threshold") or []
+        if threshold:
+            values = [math.nan if v is None else v for v in threshold]
+            sig_ax.plot(sig_steps[: len(values)], values, color="black", linestyle="--", label="threshold")
+            sig_ax.legend(fontsize=7, loc="upper right")
+        sig_ax.set_ylabel(data.get("signal_name", "signal"))
+        if all(v is None or v > 0 for series in signals.values() for v in series):
+            sig_ax.set_yscale("log")
+    axes[-1].set_xlabel("optimizer step")
+    axes[-1].set_xlim(0, max(end, 1))
+    fig.subplots_adjust(left=0.2, right=0.85, top=0.94, bottom=0.11, hspace=0.25)
+    fig.savefig(path, dpi=90, pil_kwargs={"compress_level": 1})
     return path
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

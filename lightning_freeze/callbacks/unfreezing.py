@@ -297,6 +297,8 @@ class ProgressiveUnfreezing(FreezingCallback):
         thawed = self.transition(trainer, thaw=phase.layers, lr=lrs, reason=reason)
         for name in thawed:
             self._thawed_at[name] = (trainer.global_step, trainer.current_epoch)
+        if thawed and self.warmup_steps:
+            self._record(trainer.global_step)  # again, now that the warm-up of the thawed layers is known
         self._done.add(index)
         if phase.trigger == "monitor":
             self.tracker.reset()
@@ -331,6 +333,9 @@ class ProgressiveUnfreezing(FreezingCallback):
             if factor < 1.0:
                 factors.update(dict.fromkeys(engine.group_indices(name), factor))
         self._step_scale.factors = factors
+
+    def effective_lr(self, name: str, step: int) -> float:
+        return self.group_lr(name) * self.warmup_factor(name, step)
 
     def warmup_factor(self, name: str, global_step: int) -> float:
         """The multiplier the layer's LR gets at the optimizer step ``global_step`` (1 outside its warm-up)."""
