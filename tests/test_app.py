@@ -1,42 +1,50 @@
-"""The Hydra app: every config group composes, the job runs end to end, typos fail clearly,
-failures are recorded, and the search-path plugin serves our groups to a user's own app."""
+"""The Hydra app: every config group composes and builds, the job runs end to end, typos fail clearly,
+failures are recorded, splitters come from `_target_` nodes, and the help says what the app does."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF_DIR, read_metrics, run_app
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_freeze.app.main import CONFIG_DIR, build_callbacks, format_result, train
+from lightning_freeze.app.main import CONFIG_DIR, CONFIG_NAME, build_callbacks, job_value, train
+from lightning_freeze.app.results import format_result
+from lightning_freeze.splitrun import Arms, Holdout, KFold, RepeatedKFold, Splitter
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.logger=false"]
 
 
 def _compose(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose(CONFIG_NAME, overrides=list(overrides))
 
 
-def test_config_dir_is_the_checkout_conf():
+def test_config_dir_and_name():
     assert Path(CONFIG_DIR) == CONF_DIR.resolve()
+    assert CONFIG_NAME == "lightning_freeze" and (CONF_DIR / "lightning_freeze.yaml").is_file()
+    assert not (CONF_DIR / "config.yaml").exists()  # a name every Hydra tutorial app uses
 
 
 def test_expected_groups_exist():
-    assert {"task", "freeze", "trainer", "split"} <= set(GROUPS)
+    assert {"task", "freeze", "trainer", "split", "checkpoint"} <= set(GROUPS)
     assert {("freeze", "none"), ("freeze", "layer_freeze"), ("task", "digits"), ("split", "holdout")} <= set(
         OPTIONS
     )
-    assert {("trainer", "cpu"), ("trainer", "gpu"), ("trainer", "ddp_cpu")} <= set(OPTIONS)
+    assert {("trainer", "cpu"), ("trainer", "gpu"), ("trainer", "ddp_cpu"), ("trainer", "ddp")} <= set(
+        OPTIONS
+    )
+    assert {("split", "repeated_kfold"), ("split", "stratified_group_kfold")} <= set(OPTIONS)
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -50,21 +58,71 @@ def test_every_config_option_composes(group: str, option: str):
             assert hasattr(callback, "setup")
     elif group == "trainer":
         assert node._target_ == "lightning.pytorch.Trainer"
-        if option != "gpu":
-            assert type(instantiate(node, logger=False, enable_checkpointing=False)).__name__ == "Trainer"
+        if node.accelerator == "cpu":
+            assert type(instantiate(node, enable_checkpointing=False, logger=False)).__name__ == "Trainer"
     elif group == "task":
         assert "_target_" in node.model and "_target_" in node.datamodule
     elif group == "split":
-        assert not any(str(k).startswith("_target_") for k in node)  # flat datamodule kwargs
+        assert isinstance(instantiate(node), Splitter)  # `instantiate(cfg.split)` works in any app
+    elif group == "checkpoint" and node:
+        assert type(instantiate(node)).__name__ == "ModelCheckpoint"
 
 
 def test_defaults():
     cfg = _compose()
-    assert cfg.freeze._target_ == "lightning_freeze.LayerFreeze"
-    assert cfg.freeze.layers == "backbone.*"
-    assert cfg.split.split == "holdout"
-    assert cfg.trainer.accelerator == "cpu"
-    assert cfg.seed == 0
+    assert cfg.freeze._target_ == "lightning_freeze.LayerFreeze" and cfg.freeze.layers == "backbone.*"
+    assert instantiate(cfg.split) == Holdout(stratify=True)
+    assert cfg.trainer.accelerator == "cpu" and cfg.seed == 0 and cfg.split_seed == 0
+    assert cfg.resume is None and cfg.ckpt_path is None and cfg.optimized_metric is None
+    dm = instantiate(cfg.task.datamodule)
+    assert dm.split == Holdout(stratify=True) and dm.seed == 0 and dm.has_test
+
+
+def test_split_overrides_reach_the_splitter():
+    kfold = instantiate(_compose("split=stratified_kfold", "split.fold=3", "split.k=4").split)
+    assert kfold == KFold(k=4, fold=3, stratify=True)
+    repeated = instantiate(_compose("split=repeated_kfold", "split.repeat=1", "split.n_repeats=3").split)
+    assert repeated == RepeatedKFold(k=5, n_repeats=3, repeat=1, fold=0, stratify=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "ratios"),
+    [
+        (
+            "split.ratios={train: 0.7, val: 0.3}",
+            {"train": 0.7, "val": 0.3},
+        ),  # replaces, no test: 0.1 merged in
+        ("split.ratios=[0.6, 0.3, 0.1]", {"train": 0.6, "val": 0.3, "test": 0.1}),  # the list form
+    ],
+)
+def test_ratios_given_replace_the_presets(override, ratios):
+    cfg = _compose(override)
+    assert instantiate(cfg.split).ratios == ratios
+    dm = instantiate(cfg.task.datamodule)
+    assert dm.has_test == ("test" in ratios)
+
+
+def test_label_arms_through_hydra_on_the_digits_labels():
+    """The documented example, through Hydra's instantiate (DictConfig/ListConfig all the way)."""
+    cfg = _compose("split=arms", "split.arms={A: [0, 1], B: [2, 3, 4]}", "split.arm=B")
+    splitter = instantiate(cfg.split)
+    assert splitter == Arms(arms={"A": [0, 1], "B": [2, 3, 4]}, arm="B")
+    dm = instantiate(cfg.task.datamodule)
+    labels = dm.dataset.labels
+    assert set(labels[dm.part("train")]) == {2, 3, 4} and set(labels[dm.part("val")]) == {2, 3, 4}
+
+
+def test_trainer_group_lists_the_arguments_users_set():
+    names = ["num_nodes=1", "precision=bf16-mixed", "accumulate_grad_batches=2", "gradient_clip_val=1.0"]
+    names += [
+        "val_check_interval=0.5",
+        "limit_train_batches=0.5",
+        "limit_val_batches=3",
+        "limit_test_batches=3",
+    ]
+    names += ["log_every_n_steps=5", "max_time=00:00:10:00", "logger=false"]
+    cfg = _compose(*[f"trainer.{n}" for n in names])  # no `+` needed for any of them
+    assert cfg.trainer.num_nodes == 1 and cfg.trainer.accumulate_grad_batches == 2
 
 
 def test_build_callbacks_forms():
@@ -86,7 +144,12 @@ def test_build_callbacks_forms():
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("freeze.layerz=head", "layerz"), ("trainer.max_epoch=1", "max_epoch"), ("sed=1", "sed")],
+    [
+        ("freeze.layerz=head", "layerz"),
+        ("trainer.max_epoch=1", "max_epoch"),
+        ("sed=1", "sed"),
+        ("split.kk=3", "kk"),
+    ],
 )
 def test_override_typo_is_a_clear_error_in_compose(override: str, key: str):
     with pytest.raises(ConfigCompositionException) as info:
@@ -104,6 +167,17 @@ def test_override_typo_fails_on_the_command_line(tmp_path: Path):
     assert not (tmp_path / "run" / "metrics.json").exists()  # nothing ran
 
 
+def test_help_says_what_the_app_does_and_lists_the_groups(tmp_path: Path):
+    proc = run_app("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("lightning-freeze: fine-tune a pretrained model with a layer-freezing strategy")
+    for group in GROUPS:
+        assert f"\n{group}: " in out
+    assert "split: arms, group_kfold, holdout, kfold, repeated_kfold" in out
+    assert "resume=last" in out and "optimized_metric" in out
+
+
 def test_end_to_end_run(tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = run_app(
@@ -114,75 +188,77 @@ def test_end_to_end_run(tmp_path: Path):
     assert result["status"] == "ok" and result["error"] is None
     assert result["epochs"] == 2 and result["global_step"] > 0
     assert 0 < result["trainable_fraction"] < 0.05  # only the head trains
-    assert result["trainable_params"] < result["total_params"]
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(result["metrics"])
     assert result["metrics"]["val/acc"] > 0.5
-    assert result["wall_time_s"] > 0
+    assert 0 < result["fit_time_s"] < result["wall_time_s"]  # the wall time includes setup (pretraining)
     assert result["overrides"] == ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
-    assert result["choices"]["freeze"] == "layer_freeze" and result["choices"]["task"] == "digits"
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert (run_dir / "split_manifest.json").is_file()
-    # the result table is printed at the end
+    assert result["choices"]["freeze"] == "layer_freeze" and result["choices"]["split"] == "holdout"
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "split_manifest.json").is_file()
     assert "trainable params" in proc.stdout and "val/acc" in proc.stdout and "status" in proc.stdout
+    # the app's checkpoints load with torch's default weights_only=True: plain containers only
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == result["global_step"]
+    assert type(last["hyper_parameters"]["pretrain"]) is dict and "ExactResume" in last["callbacks"]
 
 
 def test_failed_run_records_the_error(tmp_path: Path):
-    cfg = _compose(
-        "freeze.layers=no_such_module.*", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"
-    )
+    cfg = _compose("freeze.layers=no_such_module.*", "trainer.max_epochs=1", *QUIET)
     with pytest.raises(Exception, match="no_such_module"):
         train(cfg, run_dir=tmp_path)
     result = json.loads((tmp_path / "metrics.json").read_text())
-    assert result["status"] == "failed"
-    assert "no_such_module" in result["error"]
-    assert "Traceback" in result["traceback"]
-    assert "failed" in format_result(result)
+    assert result["status"] == "failed" and "no_such_module" in result["error"]
+    assert "Traceback" in result["traceback"] and "failed" in format_result(result)
 
 
 def test_extra_callbacks_node(tmp_path: Path):
     cfg = _compose(
         "freeze=none",
         "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
+        *QUIET[:2],  # LearningRateMonitor needs a logger
         "+callbacks.lr_monitor={_target_: lightning.pytorch.callbacks.LearningRateMonitor}",
     )
     result = train(cfg, run_dir=tmp_path)
-    assert result["status"] == "ok"
-    assert result["trainable_fraction"] == 1.0  # freeze=none: everything trains
+    assert result["status"] == "ok" and result["trainable_fraction"] == 1.0  # freeze=none: everything trains
 
 
-def test_searchpath_plugin_serves_our_groups_to_a_user_app(tmp_path: Path):
-    """A user's own Hydra app composes `freeze: layer_freeze` from lightning-freeze's configs."""
+def test_optimized_metric_is_the_value_the_job_returns(tmp_path: Path):
+    cfg = _compose("freeze=none", "trainer.max_steps=3", *QUIET, "optimized_metric=val/acc")
+    result = train(cfg, run_dir=tmp_path)
+    value = job_value(cfg, result)
+    assert type(value) is float and value == result["metrics"]["val/acc"]
+    assert job_value(_compose(), result) == result  # no optimized_metric: the whole result
+
+
+def test_a_refused_rerun_never_destroys_the_earlier_result(tmp_path: Path):
+    """Re-running into a run dir with another split is refused, and the earlier metrics.json stays."""
+    first = train(_compose("freeze=none", "trainer.max_steps=3", *QUIET), run_dir=tmp_path)
+    assert first["status"] == "ok"
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(ValueError, match="split differently"):
+        train(_compose("freeze=none", "trainer.max_steps=3", *QUIET, "split_seed=1"), run_dir=tmp_path)
+    assert (tmp_path / "metrics.json").read_text() == before
+    refused = json.loads((tmp_path / "metrics.failed.json").read_text())
+    assert (
+        refused["status"] == "failed"
+        and "split differently" in refused["error"]
+        and refused["global_step"] is None
+    )
+
+
+def test_hydra_tutorial_app_and_user_app_can_use_our_groups(tmp_path: Path):
+    """A user's own app asks for our groups with `hydra.searchpath: [lightning-freeze://]`."""
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "myapp.yaml").write_text(
-        textwrap.dedent(
-            """\
-            defaults:
-              - freeze: layer_freeze
-              - _self_
-            freeze:
-              layers: head
-            lr: 0.1
-            """
-        )
+        "defaults:\n  - freeze: layer_freeze\n  - split: stratified_kfold\n  - _self_\n"
+        "hydra:\n  searchpath:\n    - lightning-freeze://\nfreeze:\n  layers: head\nlr: 0.1\n"
     )
     (tmp_path / "myapp.py").write_text(
-        textwrap.dedent(
-            """\
-            import json
-            import hydra
-            from omegaconf import OmegaConf
-
-            @hydra.main(version_base="1.3", config_path="conf", config_name="myapp")
-            def main(cfg):
-                print(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
-
-            main()
-            """
-        )
+        "import json, hydra\nfrom omegaconf import OmegaConf\n\n"
+        "@hydra.main(version_base='1.3', config_path='conf', config_name='myapp')\n"
+        "def main(cfg):\n    print(json.dumps(OmegaConf.to_container(cfg, resolve=True)))\n\nmain()\n"
     )
     proc = subprocess.run(
-        [sys.executable, "myapp.py", "hydra.run.dir=out", "freeze.until_epoch=2"],
+        [sys.executable, "myapp.py", "hydra.run.dir=out", "freeze.until_epoch=2", "split.fold=3"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -190,9 +266,7 @@ def test_searchpath_plugin_serves_our_groups_to_a_user_app(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = OmegaConf.create(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert cfg.lr == 0.1
-    assert cfg.freeze._target_ == "lightning_freeze.LayerFreeze"
-    assert cfg.freeze.layers == "head"  # the user's own value wins over ours
+    assert cfg.lr == 0.1 and cfg.freeze.layers == "head"  # the user's own value wins over ours
     assert cfg.freeze.until_epoch == 2 and cfg.freeze.norm == "eval"
-    callback = instantiate(cfg.freeze)
-    assert type(callback).__name__ == "LayerFreeze" and callback.until_epoch == 2
+    assert type(instantiate(cfg.freeze)).__name__ == "LayerFreeze"
+    assert instantiate(cfg.split) == KFold(k=5, fold=3, stratify=True)

@@ -1,8 +1,16 @@
-"""Hydra search-path plugin that makes lightning-freeze's config groups available to any Hydra app.
+"""lightning-freeze's config groups for any Hydra app that asks for them, and for no other app.
 
-With lightning-freeze installed, a user's own app can write ``defaults: [freeze: layer_freeze]``
-(or ``trainer: cpu``, ``split: holdout``...) and compose our groups next to its own; groups the
-app defines itself come first in the search path and win on a name clash.
+An app asks in its primary config::
+
+    hydra:
+      searchpath:
+        - lightning-freeze://
+
+and then composes our groups next to its own (``defaults: [freeze: layer_freeze, split: kfold]``); groups and
+options the app defines itself come first and win on a name clash. ``lightning-freeze://`` is a Hydra config
+source registered by this plugin: it serves the ``conf/`` directory of the installed package. Nothing is added
+to the search path of an app that does not list it, so other apps' primary configs, ``--help`` and overrides
+are exactly what they would be without lightning-freeze installed.
 """
 
 from __future__ import annotations
@@ -10,10 +18,13 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from hydra.core.config_search_path import ConfigSearchPath
-from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
+from hydra.plugins.config_source import ConfigSource
 
-__all__ = ["LightningFreezeSearchPathPlugin", "conf_dir"]
+__all__ = ["CONFIG_NAME", "SEARCH_PATH", "LightningFreezeConfigSource", "conf_dir"]
+
+CONFIG_NAME = "lightning_freeze"  # the app's primary config: a name no other app uses
+SEARCH_PATH = "lightning-freeze://"
 
 
 def conf_dir() -> Path:
@@ -28,18 +39,18 @@ def conf_dir() -> Path:
         raise ModuleNotFoundError("lightning_freeze is not importable")
     package = Path(next(iter(spec.submodule_search_locations)))
     for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
             return candidate.resolve()
     raise FileNotFoundError(f"lightning-freeze configs not found next to {package}")
 
 
-class LightningFreezeSearchPathPlugin(SearchPathPlugin):
-    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        try:
-            path = conf_dir()
-        except (ModuleNotFoundError, FileNotFoundError):  # a broken install must not break other apps
-            return
-        url = f"file://{path}"
-        if any(element.path == url for element in search_path.get_path()):
-            return  # lightning-freeze's own app: already its primary config dir
-        search_path.append(provider="lightning-freeze", path=url)
+class LightningFreezeConfigSource(FileConfigSource):
+    """The ``lightning-freeze://`` config source: lightning-freeze's ``conf/`` directory, wherever installed."""
+
+    def __init__(self, provider: str, path: str) -> None:
+        ConfigSource.__init__(self, provider=provider, path=path)  # checks the scheme
+        self.path = str(conf_dir())
+
+    @staticmethod
+    def scheme() -> str:
+        return "lightning-freeze"

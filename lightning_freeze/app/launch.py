@@ -1,24 +1,26 @@
-"""DDP inside a Hydra job (single run or multirun), done right.
+"""DDP inside a Hydra job (single run or multirun), started the way torchrun starts it.
 
-Lightning's subprocess launcher starts ranks 1..N-1 by re-running ``sys.argv``. Under ``-m`` every child
-re-runs the whole sweep (in a second sweep dir), and with a non-deterministic sweeper ranks silently train
-different configs; the launcher also leaves ``LOCAL_RANK``/``MASTER_PORT``/``WORLD_SIZE`` in the environment
-and the process group alive, so the next job in the same process believes its ranks already exist.
+Lightning's own subprocess launcher starts ranks 1..N-1 by re-running ``sys.argv``. Under ``-m`` every child
+re-runs the whole sweep (in a second sweep dir), and with a non-deterministic sweeper (random, Optuna) the
+ranks silently train different configs. :func:`run_job` therefore launches the ranks itself, on the external
+launcher path that torchrun uses:
 
-:func:`run_job` fixes all three for one job:
+1. it asks Lightning how many processes this job's trainer would start on this node (a Trainer built from
+   the job's ``trainer`` node, with no callbacks and no logger). Nothing to start (one process, spawn,
+   torchrun, SLURM): the task simply runs;
+2. otherwise it saves the job's composed config (resolved, with the ``hydra`` node) to
+   ``<job dir>/.rank_config.yaml``, sets ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``NODE_RANK``/
+   ``LOCAL_RANK`` and starts ``python -m lightning_freeze.app.launch <job dir>/.rank_config.yaml`` for every
+   other local rank. With ``LOCAL_RANK`` set, Lightning joins these processes and starts none of its own;
+3. every rank runs the task on exactly that config, then meets the others at a barrier and destroys the
+   process group before it exits (a rank that exits first can abort its peer at interpreter exit);
+4. rank 0 waits for the other ranks, checks their exit codes, and restores every DDP environment variable,
+   so the next job of the sweep starts clean. A failing rank fails its job (the others are stopped), not the
+   whole sweep.
 
-1. when Lightning starts the other ranks, it saves the job's composed config (resolved, with the ``hydra``
-   node) to ``<job dir>/.rank_config.yaml`` and makes Lightning start every other rank as
-   ``python -m lightning_freeze.app.launch <job dir>/.rank_config.yaml`` (that exact config, never argv);
-2. all ranks of job j write under job j's output dir; no second sweep exists;
-3. afterwards it waits for the rank processes, destroys the process group and restores every DDP
-   environment variable, so job j+1 starts clean.
-
-A failing rank fails its job (the other ranks are stopped), not the whole sweep.
-
-    @hydra.main(config_path=..., config_name="config", version_base="1.3")
+    @hydra.main(config_path=..., config_name="my_app", version_base="1.3")
     def main(cfg):
-        return run_job(train, cfg)   # train(cfg) builds the Trainer and fits, on every rank
+        return run_job(train, cfg)   # train(cfg) builds the Trainer from cfg.trainer and fits, on every rank
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["DDP_ENV_VARS", "RANK_CONFIG", "load_rank_config", "run_job"]
+__all__ = ["DDP_ENV_VARS", "RANK_CONFIG", "RankProcessError", "load_rank_config", "run_job"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RANK_CONFIG = ".rank_config.yaml"
-# Everything a DDP job may leave behind in os.environ (Lightning's launcher, seed_everything, torchrun).
+# Everything a DDP job may leave behind in os.environ (our launcher, Lightning, seed_everything, torchrun).
 DDP_ENV_VARS = (
     "MASTER_ADDR",
     "MASTER_PORT",
@@ -58,20 +62,26 @@ DDP_ENV_VARS = (
     "PL_GLOBAL_SEED",
     "PL_SEED_WORKERS",
 )
-# Lightning modules whose launcher we steer for the duration of a job (both copies of the code).
-_LAUNCHER_MODULES = (
-    "lightning.pytorch.strategies.launchers.subprocess_script",
-    "lightning.fabric.strategies.launchers.subprocess_script",
-    "pytorch_lightning.strategies.launchers.subprocess_script",
-    "lightning_fabric.strategies.launchers.subprocess_script",
-)
 _CHILD_WAIT_S = 120.0
+
+
+class RankProcessError(RuntimeError):
+    """A rank process of the job failed although rank 0's task returned; ``result`` is what it returned."""
+
+    def __init__(self, failures: list[tuple[int, int]], result: Any) -> None:
+        super().__init__(f"DDP rank process(es) of this job failed: (local rank, exit code) {failures}")
+        self.failures, self.result = failures, result
+
+
+# ----------------------------------------------------------------------------------------------- the job's config
 
 
 def _task_ref(task: Callable[..., Any]) -> dict[str, str]:
     """How a rank process finds ``task``: an importable module, or the file of a ``python script.py`` app."""
     module = task.__module__
     ref = {"module": module, "qualname": task.__qualname__}
+    if "<locals>" in task.__qualname__:
+        raise ValueError(f"run_job needs a module-level task function, got {task.__qualname__}")
     if module == "__main__":
         main = sys.modules["__main__"]
         spec = getattr(main, "__spec__", None)
@@ -82,8 +92,6 @@ def _task_ref(task: Callable[..., Any]) -> dict[str, str]:
             ref["module"] = spec.name  # python -m package.module
         else:
             ref["file"] = os.path.abspath(main.__file__)  # python script.py
-    if "<locals>" in task.__qualname__:
-        raise ValueError(f"run_job needs a module-level task function, got {task.__qualname__}")
     return ref
 
 
@@ -143,26 +151,84 @@ def load_rank_config(path: str | os.PathLike[str]) -> tuple[Callable[..., Any], 
     return _load_task(OmegaConf.to_container(saved.task)), cfg  # type: ignore[arg-type]
 
 
+# ----------------------------------------------------------------------------------------------- how many ranks
+
+
+def local_processes(trainer_node: Any) -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` that Lightning would start itself for this trainer config, by re-running
+    the script; ``None`` when it would start none (one process, spawn/fork, torchrun, SLURM, a bad config).
+
+    Lightning is asked, not imitated: a Trainer is built from the node (no callbacks, logger or checkpoints),
+    and its strategy's launcher and cluster environment say whether it would launch subprocesses.
+    """
+    if not (isinstance(trainer_node, DictConfig) and "_target_" in trainer_node):
+        return None
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = instantiate(
+                trainer_node,
+                callbacks=[],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+    except Exception:  # the task builds the same trainer and reports the error where the job records it
+        return None
+    finally:
+        quiet.setLevel(level)
+    launcher = probe.strategy.launcher
+    if (
+        not isinstance(launcher, _SubprocessScriptLauncher)
+        or launcher.cluster_environment.creates_processes_externally
+    ):
+        return None
+    if probe.num_devices * probe.num_nodes < 2:
+        return None
+    return int(probe.num_devices), int(probe.num_nodes)
+
+
+# ----------------------------------------------------------------------------------------------- the ranks
+
+
+def end_process_group(ok: bool) -> None:
+    """Leave the job's process group cleanly: meet every rank at a barrier (when the job went well), then
+    destroy the group, so no rank exits while a peer still talks to it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if ok:
+            dist.barrier()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
 class _RankWatcher(threading.Thread):
-    """Watches the rank processes of one job. If one fails, the others are stopped; rank 0 (this process)
-    then fails the job by itself (gloo raises when a peer disappears). A rank 0 still blocked after
-    ``grace_s`` (e.g. waiting for a peer that died before the process group formed: that wait cannot be
-    interrupted) is killed, as Lightning's own launcher does."""
+    """Watches the other ranks of one job. If one fails, the rest are stopped; rank 0 (this process) then fails
+    by itself (gloo raises when a peer disappears). A rank 0 still blocked ``grace_s`` later (waiting for a peer
+    that died before the process group formed: that wait cannot be interrupted) is killed, as Lightning's own
+    launcher does."""
 
     def __init__(self, procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
         super().__init__(daemon=True, name="lightning-freeze-rank-watcher")
-        self.procs = procs
-        self.grace_s = grace_s
-        self.failed: list[tuple[int, int]] = []
+        self.procs, self.grace_s = procs, grace_s
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(0.5):
             codes = [p.poll() for p in self.procs]
-            bad = [(p.pid, c) for p, c in zip(self.procs, codes, strict=True) if c not in (None, 0)]
-            if bad:
-                self.failed = bad
-                log.error("DDP rank process(es) %s failed; stopping the other ranks of this job", bad)
+            if any(c not in (None, 0) for c in codes):
+                log.error("a DDP rank of this job failed (exit codes %s); stopping the other ranks", codes)
                 for p in self.procs:
                     if p.poll() is None:
                         p.kill()
@@ -178,120 +244,111 @@ class _RankWatcher(threading.Thread):
         self._stop.set()
 
 
-class _JobLaunch:
-    """The per-job replacements for Lightning's ``_hydra_subprocess_cmd`` and ``_launch_process_observer``."""
+@contextlib.contextmanager
+def _restored_environment() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in DDP_ENV_VARS}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for name in ("lightning.fabric.utilities.rank_zero", "lightning_utilities.core.rank_zero"):
+            fn = getattr(sys.modules.get(name), "rank_zero_only", None)
+            if fn is not None and hasattr(fn, "rank"):
+                fn.rank = 0
 
-    def __init__(self, task: Callable[..., Any], cfg: DictConfig, job_dir: Path) -> None:
-        self.task, self.cfg, self.job_dir = task, cfg, job_dir
-        self.config_path: Path | None = None
-        self.procs: list[subprocess.Popen] = []
-        self.watchers: list[_RankWatcher] = []
 
-    def command(self, local_rank: int | None = None, **_: Any) -> tuple[list[str], str]:
-        if self.config_path is None:  # written once, when the first rank is started
-            self.config_path = write_rank_config(self.task, self.cfg, self.job_dir)
-        return [sys.executable, "-m", "lightning_freeze.app.launch", str(self.config_path)], os.getcwd()
+def _start_ranks(config_path: Path, per_node: int, nodes: int) -> list[subprocess.Popen]:
+    """Set this process up as local rank 0 and start local ranks 1..per_node-1 (the torchrun environment)."""
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    def observe(self, child_processes: list[subprocess.Popen], *args: Any, **kwargs: Any) -> None:
-        self.procs.extend(child_processes)
-        watcher = _RankWatcher(list(child_processes))
-        watcher.start()
-        self.watchers.append(watcher)
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    common = {
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(find_free_network_port()),
+        "WORLD_SIZE": str(per_node * nodes),
+        "NODE_RANK": str(node_rank),
+        "LOCAL_WORLD_SIZE": str(per_node),
+    }
+    os.environ.update({**common, "LOCAL_RANK": "0", "RANK": str(node_rank * per_node)})
+    procs = []
+    for local in range(1, per_node):
+        env = {**os.environ, **common, "LOCAL_RANK": str(local), "RANK": str(node_rank * per_node + local)}
+        command = [sys.executable, "-m", "lightning_freeze.app.launch", str(config_path)]
+        procs.append(subprocess.Popen(command, env=env, cwd=os.getcwd()))
+    return procs
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        saved: list[tuple[Any, str, Any]] = []
-        for name in _LAUNCHER_MODULES:
-            if name.startswith("lightning.") and name not in sys.modules:
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(name)
-            module = sys.modules.get(name)
-            if module is None:
-                continue
-            for attr, replacement in (
-                ("_hydra_subprocess_cmd", self.command),
-                ("_launch_process_observer", self.observe),
-            ):
-                if not hasattr(module, attr):
-                    raise RuntimeError(
-                        f"lightning_freeze.app.launch cannot steer {name}.{attr} (Lightning changed its launcher); "
-                        "pin lightning to the tested version in constraints.txt"
-                    )
-                saved.append((module, attr, getattr(module, attr)))
-                setattr(module, attr, replacement)
+
+def _wait(procs: list[subprocess.Popen], timeout_s: float) -> list[tuple[int, int]]:
+    """Wait for the rank processes (killing any still running at the deadline); (local rank, code) of failures."""
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
         try:
-            yield
-        finally:
-            for module, attr, original in reversed(saved):
-                setattr(module, attr, original)
-
-    def finish(self, failed_job: bool) -> list[tuple[int, int]]:
-        """Wait for the rank processes (kill them after a grace period); return (pid, code) of failures."""
-        deadline = time.monotonic() + (5.0 if failed_job else _CHILD_WAIT_S)
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for w in self.watchers:
-            w.stop()
-        return [(p.pid, p.returncode) for p in self.procs if p.returncode not in (0, None)]
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return [(local, p.returncode) for local, p in enumerate(procs, start=1) if p.returncode != 0]
 
 
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-
-
-def _reset_rank_zero() -> None:
-    for name in ("lightning.fabric.utilities.rank_zero", "lightning_utilities.core.rank_zero"):
-        module = sys.modules.get(name)
-        fn = getattr(module, "rank_zero_only", None) if module else None
-        if fn is not None and hasattr(fn, "rank"):
-            fn.rank = 0
-
-
-def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str = "trainer") -> T:
     """Run ``task(cfg)`` as one Hydra job whose DDP ranks (if any) all run exactly this job's config.
 
-    Outside Hydra, or in a process started by an external launcher (torchrun, SLURM: ``LOCAL_RANK`` is
-    already set), this is just ``task(cfg)``.
+    ``cfg[trainer_key]`` is the job's Trainer node (``_target_: lightning.pytorch.Trainer``). Outside Hydra,
+    in a process started by an external launcher (torchrun: ``LOCAL_RANK`` is set), or when the trainer runs
+    in one process, this is just ``task(cfg)``. Raises :class:`RankProcessError` when a rank process failed
+    although this rank's task returned.
     """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:
         return task(cfg)
     _task_ref(task)  # fail early on a task a rank process could not import
-    launch = _JobLaunch(task, cfg, Path(HydraConfig.get().runtime.output_dir))
-    env_before = {k: os.environ.get(k) for k in DDP_ENV_VARS}
+    layout = local_processes(cfg.get(trainer_key))
+    if layout is None:
+        return task(cfg)
+    config_path = write_rank_config(task, cfg, Path(HydraConfig.get().runtime.output_dir))
     ok = False
-    try:
-        with launch.installed():
+    result: Any = None
+    with _restored_environment():
+        procs = _start_ranks(config_path, *layout)
+        watcher = _RankWatcher(procs)
+        watcher.start()
+        try:
             result = task(cfg)
-        ok = True
-        return result
-    finally:
-        failures = launch.finish(failed_job=not ok)
-        _destroy_process_group()
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
+            ok = True
+        finally:
+            try:
+                end_process_group(ok)
+            except Exception:  # a peer that is gone fails the barrier: its exit code says why
+                ok_barrier = False
             else:
-                os.environ[key] = value
-        _reset_rank_zero()
-        if failures and ok:
-            raise RuntimeError(f"DDP rank process(es) of this job failed: (pid, exit code) {failures}")
+                ok_barrier = True
+            failures = _wait(procs, _CHILD_WAIT_S if ok else 5.0)
+            watcher.stop()
+    if ok and (failures or not ok_barrier):
+        raise RankProcessError(failures or [(-1, -1)], result)
+    return result
 
 
 def _child_main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m lightning_freeze.app.launch <job dir>/.rank_config.yaml")
     task, cfg = load_rank_config(argv[0])
-    task(cfg)
+    ok = False
+    try:
+        task(cfg)
+        ok = True
+    except BaseException:  # noqa: BLE001 - reported, then this rank exits non-zero
+        traceback.print_exc()
+    finally:
+        end_process_group(ok)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

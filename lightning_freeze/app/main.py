@@ -1,21 +1,21 @@
 """Hydra entry point: ``lightning-freeze`` (console script) and ``python -m lightning_freeze``.
 
-``main()`` is the Hydra app; ``train(cfg)`` is one run in the current process. Every object is built
-from the config with ``hydra.utils.instantiate``: the model and datamodule (``task``), the split
-(``split``, merged into the datamodule's arguments), the freezing callback(s) (``freeze``) and the
-``trainer``. Each run writes ``metrics.json`` to its run directory and prints a short result table.
+``main()`` is the Hydra app; ``train(cfg)`` is one run in the current process. Every object is built from the
+config with ``hydra.utils.instantiate``: the model and the datamodule (``task``, whose ``split`` is the
+``split`` group's splitter), the freezing callback(s) (``freeze``), the checkpoints (``checkpoint``) and the
+``trainer``. Everything that can be checked without training is checked first. Each run writes
+``metrics.json`` to its run directory and prints a short result table.
 
 Examples::
 
     lightning-freeze                                   # digits, backbone frozen, holdout split
     lightning-freeze freeze=none trainer.max_epochs=5
     lightning-freeze -m freeze=none,layer_freeze seed=0,1,2
+    lightning-freeze resume=last hydra.run.dir=<an interrupted run's dir>
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 import traceback
@@ -26,12 +26,30 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hydra_plugins.lightning_freeze_searchpath.searchpath import conf_dir
+from hydra_plugins.lightning_freeze_searchpath.searchpath import CONFIG_NAME, conf_dir
+from lightning_freeze.app.arguments import ConfigError, check_arguments
+from lightning_freeze.app.checkpoints import (
+    RESUME_CHOICES,
+    check_checkpoint_file,
+    checkpoint_dir,
+    newest_checkpoint,
+)
+from lightning_freeze.app.results import METRICS_FILE, format_result, write_result
+from lightning_freeze.rules.checks import check_choice, check_int, check_str
 
-__all__ = ["CONFIG_DIR", "build_callbacks", "build_datamodule", "main", "train"]
+__all__ = [
+    "CONFIG_DIR",
+    "CONFIG_NAME",
+    "METRICS_FILE",
+    "build_callbacks",
+    "job_value",
+    "main",
+    "train",
+    "validate_config",
+]
 
 CONFIG_DIR = str(conf_dir())
-METRICS_FILE = "metrics.json"
+_APP = "lightning-freeze"
 
 
 def build_callbacks(node: Any, where: str = "freeze") -> list[Any]:
@@ -64,17 +82,69 @@ def build_callbacks(node: Any, where: str = "freeze") -> list[Any]:
     return callbacks
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
-    """``task.datamodule`` with the ``split`` group's keys added to its arguments."""
+def _node_values(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs no model, data or training: raises :class:`ConfigError` naming the key."""
+    from hydra.utils import get_class
+
+    for key in ("seed", "split_seed"):
+        if key in cfg:
+            check_int(cfg.get(key), key, minimum=0, allow_none=True, where=_APP, error=ConfigError)
+    check_choice(
+        cfg.get("resume"),
+        "resume",
+        RESUME_CHOICES,
+        where=_APP,
+        error=ConfigError,
+        hint="last: resume from the run dir's last.ckpt",
+    )
+    check_str(cfg.get("ckpt_path"), "ckpt_path", allow_none=True, where=_APP, error=ConfigError)
+    check_str(cfg.get("optimized_metric"), "optimized_metric", allow_none=True, where=_APP, error=ConfigError)
+    if cfg.get("ckpt_path") and cfg.get("resume"):
+        raise ConfigError(
+            f"{_APP}: set ckpt_path or resume, not both (got ckpt_path={cfg.ckpt_path!r}, resume={cfg.resume!r})"
+        )
+    for key in ("trainer", "checkpoint"):
+        node = cfg.get(key)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            check_arguments(get_class(node._target_), _node_values(node), key)
+    trainer = _node_values(cfg.get("trainer"))
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if key in trainer and trainer[key] is not None and trainer[key] == 0:
+            raise ConfigError(
+                f"trainer.{key}=0 trains nothing, and the run would report untrained metrics; set trainer.{key} "
+                f"to a positive value" + (" (-1 for no limit)" if key != "limit_train_batches" else "")
+            )
+    if cfg.get("resume") and trainer.get("enable_checkpointing") is False:
+        raise ConfigError(
+            f"resume={cfg.resume!r} needs checkpoints, but trainer.enable_checkpointing=false writes none"
+        )
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from: ``ckpt_path``, or with ``resume=last`` the newest ``last*.ckpt``
+    in the run's checkpoint dir (None when there is none yet: a first attempt starts fresh)."""
+    if cfg.get("ckpt_path"):
+        return check_checkpoint_file(cfg.ckpt_path, "ckpt_path")
+    if cfg.get("resume") == "last":
+        last = newest_checkpoint(checkpoint_dir(cfg.get("checkpoint"), run_dir), "last*.ckpt")
+        return None if last is None else check_checkpoint_file(last, "resume=last")
+    return None
+
+
+def build_checkpoint(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """The ``checkpoint`` node's callback (writing to ``<run dir>/checkpoints`` unless it names a dirpath)."""
     from hydra.utils import instantiate
 
-    split = cfg.get("split")
-    extra: dict[str, Any] = {}
-    if split is not None:
-        extra = {
-            k: v for k, v in OmegaConf.to_container(split, resolve=True).items() if not k.startswith("_")
-        }
-    return instantiate(cfg.task.datamodule, **extra)
+    node = cfg.get("checkpoint")
+    if not (isinstance(node, DictConfig) and "_target_" in node):
+        return []
+    if _node_values(cfg.get("trainer")).get("enable_checkpointing") is False:
+        return []
+    return [instantiate(node, dirpath=str(checkpoint_dir(node, run_dir)))]
 
 
 def _hydra_runtime() -> Any | None:
@@ -90,11 +160,7 @@ def _is_global_zero(trainer: Any | None) -> bool:
 
 
 def _float_metrics(results: list[Mapping[str, Any]] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for result in results or []:
-        for key, value in result.items():
-            out[str(key)] = float(value)
-    return out
+    return {str(k): float(v) for result in results or [] for k, v in result.items()}
 
 
 def _has_stage(datamodule: Any, stage: str) -> bool:
@@ -105,25 +171,15 @@ def _has_stage(datamodule: Any, stage: str) -> bool:
     return bool(getattr(datamodule, f"has_{stage}", True))  # SplitRunDataModule: a split may lack a part
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Run one job in this process: fit, validate, test; write ``metrics.json``; return the result.
+def _is_interruption(err: BaseException, trainer: Any | None) -> bool:
+    """Ctrl+C (Lightning turns it into SystemExit(1)) or SIGTERM (SIGTERMException) while the job ran."""
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    return isinstance(err, SystemExit) and (trainer is None or bool(getattr(trainer, "interrupted", False)))
 
-    ``run_dir`` defaults to Hydra's output directory (or the current directory outside Hydra).
-    On failure ``metrics.json`` records ``status: "failed"`` with the error, and the error is
-    re-raised. Under DDP every rank runs this function; only global rank 0 writes and prints.
-    """
-    import lightning.pytorch as pl
-    import torch
-    from hydra.utils import instantiate
 
-    from lightning_freeze.app._trainable import TrainableFraction, count_params
-
-    start = time.perf_counter()
-    hydra_cfg = _hydra_runtime()
-    if run_dir is None:
-        run_dir = hydra_cfg.runtime.output_dir if hydra_cfg is not None else os.getcwd()
-    run_dir = Path(run_dir)
-    result: dict[str, Any] = {
+def _new_result(cfg: DictConfig, hydra_cfg: Any | None, run_dir: Path) -> dict[str, Any]:
+    return {
         "status": "failed",
         "error": None,
         "metrics": {},
@@ -136,6 +192,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dic
         "total_params": None,
         "epochs": None,
         "global_step": None,
+        "resumed_from": None,
         "seed": cfg.get("seed"),
         "overrides": list(hydra_cfg.overrides.task) if hydra_cfg is not None else [],
         "choices": (
@@ -145,89 +202,132 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dic
         ),
         "run_dir": str(run_dir),
     }
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run one job in this process: check, fit, validate, test; write ``metrics.json``; return the result.
+
+    ``run_dir`` defaults to Hydra's output directory (or the current directory outside Hydra). On failure
+    ``metrics.json`` records ``status: "failed"`` with the error, and the error is re-raised; on Ctrl+C or
+    SIGTERM, ``status: "interrupted"`` with the last epoch and step and the checkpoint to resume from. Under
+    DDP every rank runs this function; only global rank 0 writes and prints.
+    """
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+
+    from lightning_freeze.app._trainable import TrainableFraction, count_params
+    from lightning_freeze.splitrun.resume import ExactResume
+
+    start = time.perf_counter()
+    hydra_cfg = _hydra_runtime()
+    run_dir = Path(
+        run_dir if run_dir is not None else hydra_cfg.runtime.output_dir if hydra_cfg else os.getcwd()
+    )
+    result = _new_result(cfg, hydra_cfg, run_dir)
     trainer = None
     threads = None
     try:
+        validate_config(cfg)
+        ckpt = resume_checkpoint(cfg, run_dir)
+        result["resumed_from"] = None if ckpt is None else str(ckpt)
         if cfg.task.get("num_threads"):
             threads = torch.get_num_threads()
             torch.set_num_threads(int(cfg.task.num_threads))
         if cfg.get("seed") is not None:
             pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = build_datamodule(cfg)
+        datamodule = instantiate(cfg.task.datamodule)
+        if hasattr(datamodule, "check_run_dir"):  # a changed split is refused before anything is written
+            datamodule.check_run_dir(run_dir)
         model = instantiate(cfg.task.model)
         trainable = TrainableFraction()
         callbacks = [
             *build_callbacks(cfg.get("freeze"), "freeze"),
             *build_callbacks(cfg.get("cache"), "cache"),
             *build_callbacks(cfg.get("callbacks"), "callbacks"),
+            *build_checkpoint(cfg, run_dir),
+            ExactResume(),
+            trainable,
         ]
-        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, trainable], default_root_dir=str(run_dir))
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, default_root_dir=str(run_dir))
         fit_start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt is None else str(ckpt))
         result["fit_time_s"] = time.perf_counter() - fit_start
-        if trainable.at_end is None:  # fit ended before training started (e.g. interrupted)
+        if trainable.at_end is None:  # fit ended before training started (e.g. resumed a finished run)
             trainable.at_end = count_params(model)
         result["trainable_params"], result["total_params"] = trainable.at_end
         result["trainable_fraction"] = trainable.at_end[0] / max(trainable.at_end[1], 1)
         result["epochs"], result["global_step"] = trainer.current_epoch, trainer.global_step
-        if getattr(trainer, "interrupted", False):
-            raise RuntimeError("training was interrupted")
+        if trainer.global_step == 0:
+            raise RuntimeError(
+                "the fit trained no step (an empty train part on some rank, or limits that skip training); "
+                "check the split and trainer.limit_train_batches / max_epochs / max_steps"
+            )
         if _has_stage(datamodule, "val"):
             result["val"] = _float_metrics(trainer.validate(model, datamodule=datamodule, verbose=False))
         if _has_stage(datamodule, "test"):
             result["test"] = _float_metrics(trainer.test(model, datamodule=datamodule, verbose=False))
         result["metrics"] = {**result["val"], **result["test"]}
+        job_value(
+            cfg, result
+        )  # an optimized_metric the run did not produce fails the run, not the sweep later
         result["status"] = "ok"
     except BaseException as err:
         result["error"] = f"{type(err).__name__}: {err}"
         result["traceback"] = traceback.format_exc()
+        if _is_interruption(err, trainer):
+            result["status"] = "interrupted"
+            if trainer is not None:
+                result["epochs"], result["global_step"] = trainer.current_epoch, trainer.global_step
+            resume_from = newest_checkpoint(checkpoint_dir(cfg.get("checkpoint"), run_dir))
+            result["resume_from"] = None if resume_from is None else str(resume_from)
+            result["resume_hint"] = (
+                "no checkpoint was written yet: rerun from the start"
+                if resume_from is None
+                else "rerun the same command with resume=last (same run dir)"
+                if resume_from.name.startswith("last")
+                else f"rerun the same command with ckpt_path={resume_from}"
+            )
         raise
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
         result["wall_time_s"] = time.perf_counter() - start
         if _is_global_zero(trainer):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / METRICS_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+            result["written_to"] = str(write_result(run_dir, result))
             print(format_result(result), flush=True)
     return result
 
 
-def format_result(result: Mapping[str, Any]) -> str:
-    """A short, human-readable table of one run's result."""
-    rows: list[tuple[str, str]] = [("status", str(result["status"]))]
-    if result.get("error"):
-        rows.append(("error", str(result["error"]).splitlines()[0][:200]))
-    for key, value in sorted(result.get("metrics", {}).items()):
-        rows.append(
-            (key, f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value))
-        )
-    if result.get("trainable_fraction") is not None:
-        rows.append(
-            (
-                "trainable params",
-                f"{100 * result['trainable_fraction']:.1f}% "
-                f"({result['trainable_params']:,} of {result['total_params']:,})",
-            )
-        )
-    if result.get("epochs") is not None:
-        rows.append(("epochs / steps", f"{result['epochs']} / {result['global_step']}"))
-    if result.get("wall_time_s") is not None:
-        rows.append(("wall time", f"{result['wall_time_s']:.1f} s"))
-    rows.append(("run dir", str(result.get("run_dir"))))
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    body = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-    overrides = " ".join(result.get("overrides") or []) or "(defaults)"
-    return f"\nlightning-freeze: {overrides}\n{line}\n{body}\n{line}"
+def job_value(cfg: DictConfig, result: Mapping[str, Any]) -> Any:
+    """What the job returns to Hydra: the ``optimized_metric`` as a float (for Optuna and other sweepers that
+    optimise a number), else the whole result."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return dict(result)
+    metrics = result.get("metrics") or {}
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; it has {sorted(metrics)}")
+    return float(metrics[name])
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> dict[str, Any]:
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> Any:
     """The Hydra app behind ``lightning-freeze``; one call per job (multirun: one per sweep point)."""
-    from lightning_freeze.app.launch import run_job  # DDP ranks run exactly this job's config
+    from lightning_freeze.app.launch import (
+        RankProcessError,
+        run_job,
+    )  # DDP ranks run exactly this job's config
 
-    return run_job(train, cfg)
+    try:
+        result = run_job(train, cfg)
+    except RankProcessError as err:  # rank 0 finished, another rank did not: the job failed
+        result = dict(err.result)
+        result.update(status="failed", error=f"{type(err).__name__}: {err}")
+        result["written_to"] = str(write_result(Path(result["run_dir"]), result))
+        print(format_result(result), flush=True)
+        raise
+    return job_value(cfg, result)
 
 
 if __name__ == "__main__":

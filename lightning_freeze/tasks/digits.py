@@ -85,6 +85,15 @@ class DigitsDataset(Dataset):
         return self.images[index], self._targets[index]
 
 
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (a Hydra ``DictConfig``/``ListConfig`` too) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def build_backbone(channels: Sequence[int] = (32, 64, 64), dropout: float = 0.1) -> nn.Sequential:
     """Three (or ``len(channels)``) conv blocks: conv -> BatchNorm -> ReLU [-> maxpool] -> dropout.
 
@@ -236,6 +245,9 @@ class DigitsClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
+        pretrain = _plain(
+            pretrain
+        )  # hyperparameters as plain containers: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "cache_dir"])
         self.backbone = build_backbone(channels, dropout)
         self.head = build_head(channels, num_classes, head_dropout)
