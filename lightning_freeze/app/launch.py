@@ -294,24 +294,37 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float) -> list[tuple[int, in
     return [(local, p.returncode) for local, p in enumerate(procs, start=1) if p.returncode != 0]
 
 
+def _run_and_leave(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """The task, then a clean exit from its process group (every rank of an external launcher does this)."""
+    ok = False
+    try:
+        result = task(cfg)
+        ok = True
+        return result
+    finally:
+        end_process_group(ok)
+
+
 def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str = "trainer") -> T:
     """Run ``task(cfg)`` as one Hydra job whose DDP ranks (if any) all run exactly this job's config.
 
     ``cfg[trainer_key]`` is the job's Trainer node (``_target_: lightning.pytorch.Trainer``). Outside Hydra,
-    in a process started by an external launcher (torchrun: ``LOCAL_RANK`` is set), or when the trainer runs
-    in one process, this is just ``task(cfg)``. Raises :class:`RankProcessError` when a rank process failed
-    although this rank's task returned.
+    in a process started by an external launcher (torchrun: ``LOCAL_RANK`` is set; SLURM), or when the trainer
+    runs in one process, the task runs as it is, and leaves its process group (if it made one) cleanly.
+    Raises :class:`RankProcessError` when a rank process failed although this rank's task returned.
     """
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:
+    if not HydraConfig.initialized():
         return task(cfg)
+    if "LOCAL_RANK" in os.environ:
+        return _run_and_leave(task, cfg)
     _task_ref(task)  # fail early on a task a rank process could not import
     layout = local_processes(cfg.get(trainer_key))
     if layout is None:
-        return task(cfg)
+        return _run_and_leave(task, cfg)
     config_path = write_rank_config(task, cfg, Path(HydraConfig.get().runtime.output_dir))
-    ok = False
+    ok, left_cleanly = False, False
     result: Any = None
     with _restored_environment():
         procs = _start_ranks(config_path, *layout)
@@ -323,13 +336,12 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str =
         finally:
             try:
                 end_process_group(ok)
+                left_cleanly = True
             except Exception:  # a peer that is gone fails the barrier: its exit code says why
-                ok_barrier = False
-            else:
-                ok_barrier = True
+                log.exception("the ranks of this job did not meet at the end")
             failures = _wait(procs, _CHILD_WAIT_S if ok else 5.0)
             watcher.stop()
-    if ok and (failures or not ok_barrier):
+    if ok and (failures or not left_cleanly):
         raise RankProcessError(failures or [(-1, -1)], result)
     return result
 

@@ -20,6 +20,10 @@ from typing import Any
 
 __all__ = ["describe", "paired"]
 
+# Differences equal to within this relative tolerance are one difference: 0.85 - 0.80 and 0.95 - 0.90 differ
+# only by float rounding, and a t statistic from that rounding noise would be meaningless.
+_SAME = 1e-9
+
 
 def describe(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     """n, mean, sample std (ddof=1), and the ``level`` CI of the mean from Student's t (None below 2 values)."""
@@ -42,8 +46,8 @@ def describe(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
 def paired(baseline: Sequence[float], other: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     """Paired comparison ``other - baseline``: mean difference, its CI, t statistic and two-sided p-value.
 
-    With fewer than two pairs, or pairs that all differ by the same amount (zero variance), ``t`` and
-    ``p_value`` are None and ``note`` says why.
+    With fewer than two pairs, or pairs that all differ by the same amount (zero variance, up to float
+    rounding), ``t`` and ``p_value`` are None and ``note`` says why.
     """
     if len(baseline) != len(other):
         raise ValueError("paired samples must have the same length")
@@ -55,8 +59,8 @@ def paired(baseline: Sequence[float], other: Sequence[float], level: float = 0.9
     if n < 2:
         out["note"] = f"{n} pair(s): no spread to test"
         return out
-    if out["std"] == 0.0:
-        out["note"] = f"zero variance: every pair differs by exactly {diffs[0]:g}, so there is no t statistic"
+    if max(diffs) - min(diffs) <= _SAME * max(1.0, max(abs(d) for d in diffs)):
+        out["note"] = f"zero variance: every pair differs by exactly {out['mean_diff']:.6g}, so there is no t statistic"
         return out
     from scipy import stats
 
