@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 
 
@@ -14,3 +16,15 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SlowUntilResumed(pl.Callback):
+    """Sleep after every step of a run that did not resume from a checkpoint: the first attempt of a job is
+    long enough to be preempted; the resumed attempt runs at full speed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.ckpt_path is None:
+            time.sleep(self.seconds)

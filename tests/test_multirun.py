@@ -1,6 +1,6 @@
-"""Parallel runs with the real app in real processes: DDP inside a Hydra multirun (every rank of job j runs
-job j's composed config, one dir per job, no second sweep), the joblib and submitit-local launchers, and
-the sweep summary written by the Hydra callback at the end."""
+"""Parallel runs with the real app in real processes: DDP inside a Hydra multirun (every rank of job j runs job
+j's composed config, one dir per job, no second sweep), an Optuna sweep over DDP jobs, the joblib and
+submitit-local launchers, and the sweep summary written by the Hydra callback, failed jobs included."""
 
 from __future__ import annotations
 
@@ -9,27 +9,35 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import read_metrics, run_app
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
-REPORT = "+hydra.callbacks.report={_target_: lightning_freeze.splitrun.report.SweepSummary}"
+PROBE = "+callbacks.probe={_target_: rank_probe.RankProbe, stamp: '${now:%H:%M:%S.%f}'}"
+PROBE_ENV = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
 FAST = [
     "task.model.pretrained=false",
     "trainer.max_steps=3",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.enable_checkpointing=false",
-    "+trainer.logger=false",
+    "trainer.logger=false",
     "freeze=none",
 ]
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
-    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(
+        (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: int(p.name)
+    )
 
 
 def _check(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _ranks(job: Path) -> tuple[dict, dict]:
+    return tuple(json.loads((job / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
 
 
 @pytest.mark.slow
@@ -43,11 +51,10 @@ def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
         "split.k=3",
         "split.fold=0,1",
         *FAST,
-        "+callbacks.probe={_target_: rank_probe.RankProbe, stamp: '${now:%H:%M:%S.%f}'}",
-        REPORT,
+        PROBE,
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        env={"PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])},
+        env=PROBE_ENV,
     )
     _check(proc)
     jobs = _job_dirs(sweep)
@@ -55,10 +62,12 @@ def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep, no stray outputs/
     records = []
     for num, job in enumerate(jobs):
-        r0, r1 = (json.loads((job / f"rank{r}.json").read_text()) for r in (0, 1))
+        r0, r1 = _ranks(job)
         assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
-        for key in ("stamp", "overrides", "job_num", "split_hashes", "master_port"):
-            assert r0[key] == r1[key], key  # both ranks: this job's composed config, this job's group
+        for key in ("stamp", "overrides", "job_num", "split_hashes", "master_port", "params_sha256"):
+            assert r0[key] == r1[key], (
+                key
+            )  # both ranks: this job's config, this job's group, identical replicas
         assert r0["job_num"] == num and f"split.fold={num}" in r0["overrides"]
         assert read_metrics(job)["status"] == "ok"
         records.append((r0, r1))
@@ -68,6 +77,45 @@ def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
     assert a0["master_port"] != b0["master_port"]  # no stale MASTER_PORT carried into job 1
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["n_ok"] == 2 and summary["replicate_axes"] == ["split.fold"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0",
+        "task.model.optimizer.lr=interval(0.0005, 0.05)",
+        "optimized_metric=val/acc",
+        "trainer=ddp_cpu",
+        *FAST,
+        PROBE,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env=PROBE_ENV,
+    )
+    _check(proc)
+    jobs = _job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        r0, r1 = _ranks(job)
+        assert (
+            r0["lr"] == r1["lr"] and r0["stamp"] == r1["stamp"] and r0["params_sha256"] == r1["params_sha256"]
+        )
+        (override,) = [o for o in r0["overrides"] if o.startswith("task.model.optimizer.lr=")]
+        assert float(override.split("=")[1]) == pytest.approx(
+            r0["lr"]
+        )  # the trial's sampled value, on both ranks
+        lrs.append(r0["lr"])
+    assert lrs[0] != lrs[1]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(read_metrics(j)["metrics"]["val/acc"] for j in jobs)
 
 
 @pytest.mark.slow
@@ -83,7 +131,6 @@ def test_launchers_run_folds_in_parallel_and_the_sweep_is_summarised(tmp_path, l
         "split.k=2",
         "split.fold=0,1",
         *FAST,
-        REPORT,
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
@@ -93,10 +140,30 @@ def test_launchers_run_folds_in_parallel_and_the_sweep_is_summarised(tmp_path, l
     hashes = []
     for job in jobs:
         assert read_metrics(job)["status"] == "ok"
-        manifest = json.loads((job / "split_manifest.json").read_text())
-        hashes.append(manifest["parts"]["val"]["sha256"])
+        hashes.append(json.loads((job / "split_manifest.json").read_text())["parts"]["val"]["sha256"])
     assert hashes[0] != hashes[1]
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["n_ok"] == 2 and not summary["failed"]
     assert summary["conditions"][0]["metrics"]["val/acc"]["n"] == 2
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
+
+
+def test_a_failed_job_still_leaves_a_summary_that_lists_it(tmp_path):
+    """Hydra skips on_multirun_end after a failed job; the summary is written at every job end instead."""
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        "-m",
+        "split=kfold",
+        "split.k=2",
+        "split.fold=0,7",
+        "freeze=none",
+        *FAST,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0  # the sweep reports the failure
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["n_jobs"] == 2 and summary["n_ok"] == 1
+    (failed,) = summary["failed"]
+    assert failed["overrides"]["split.fold"] == "7" and "fold must be" in failed["error"]
+    assert "Failed jobs" in (sweep / "summary.md").read_text()
