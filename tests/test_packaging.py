@@ -31,11 +31,16 @@ def test_wheel_contains_configs_plugin_and_entry_point(wheel: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = sorted(p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml"))
     assert (
-        "config.yaml" in configs and "task/digits.yaml" in configs and "freeze/layer_freeze.yaml" in configs
+        "lightning_freeze.yaml" in configs
+        and "task/digits.yaml" in configs
+        and "freeze/layer_freeze.yaml" in configs
     )
+    assert "config.yaml" not in configs and "hydra/launcher/slurm.yaml" in configs
     missing = [c for c in configs if f"lightning_freeze/conf/{c}" not in names]
     assert not missing, f"configs missing from the wheel: {missing}"
-    assert "hydra_plugins/lightning_freeze_searchpath/searchpath.py" in names
+    assert (
+        "hydra_plugins/lightning_freeze_searchpath/searchpath.py" in names
+    )  # the lightning-freeze:// source
     assert "hydra_plugins/__init__.py" not in names  # a namespace package shared with other plugins
     assert "lightning_freeze/py.typed" in names
     assert "lightning_freeze/tasks/digits.py" in names and "lightning_freeze/__main__.py" in names
@@ -73,4 +78,53 @@ def test_installed_wheel_finds_its_configs(wheel: Path, tmp_path: Path):
     assert f"file://{wheel_conf} " in main_row + " "
     assert str(REPO_ROOT / "conf") not in proc.stdout  # nothing comes from the checkout
     assert "lightning_freeze.tasks.digits.DigitsClassifier" in proc.stdout
-    assert "split: holdout" in proc.stdout
+    assert "_target_: lightning_freeze.splitrun.Holdout" in proc.stdout
+
+
+def test_installed_wheel_leaves_other_hydra_apps_alone_and_serves_apps_that_ask(wheel: Path, tmp_path: Path):
+    """Hydra's structured-config tutorial app (`config_name="config"`) runs as without us; an app that lists
+    `lightning-freeze://` composes our groups from the wheel."""
+    from test_hydra_apps import TUTORIAL
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    (tmp_path / "my_app.py").write_text(TUTORIAL)
+    tutorial = subprocess.run(
+        [sys.executable, "my_app.py", "hydra.run.dir=out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert tutorial.returncode == 0, tutorial.stderr[-3000:]
+    assert tutorial.stdout.strip() == "Host: localhost, port: 3306"
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text(
+        "defaults:\n  - split: arms\n  - _self_\nhydra:\n  searchpath:\n    - lightning-freeze://\n"
+    )
+    (tmp_path / "mine.py").write_text(
+        "import hydra\nfrom omegaconf import OmegaConf\n"
+        "@hydra.main(version_base='1.3', config_path='conf', config_name='mine')\n"
+        "def main(cfg):\n    print(OmegaConf.to_yaml(cfg))\nmain()\n"
+    )
+    mine = subprocess.run(
+        [sys.executable, "mine.py", "hydra.run.dir=out", "--info", "searchpath"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert mine.returncode == 0, mine.stderr[-3000:]
+    assert "lightning-freeze://" in mine.stdout
+    composed = subprocess.run(
+        [sys.executable, "mine.py", "hydra.run.dir=out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "_target_: lightning_freeze.splitrun.Arms" in composed.stdout, composed.stderr[-3000:]
