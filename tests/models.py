@@ -135,3 +135,28 @@ def trainer(**kwargs) -> pl.Trainer:
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers, cloned."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class AtTrainEnd(pl.Callback):
+    """Records, when training ends (before the freezing callback hands the model back in teardown), each
+    parameter's ``requires_grad``, whether its ``.grad`` is None and whether the optimizer holds state for it."""
+
+    def __init__(self) -> None:
+        self.requires_grad: dict[str, bool] = {}
+        self.grad_is_none: dict[str, bool] = {}
+        self.in_optimizer_state: dict[str, bool] = {}
+
+    def on_train_end(self, trainer, pl_module):
+        state = trainer.optimizers[0].state
+        for name, p in pl_module.named_parameters():
+            self.requires_grad[name] = p.requires_grad
+            self.grad_is_none[name] = p.grad is None
+            self.in_optimizer_state[name] = p in state
+
+    def frozen(self, prefix: str) -> bool:
+        """Every parameter under ``prefix`` was frozen: no grad, no gradient, no optimizer state."""
+        names = [n for n in self.requires_grad if n.startswith(prefix)]
+        return bool(names) and all(
+            not self.requires_grad[n] and self.grad_is_none[n] and not self.in_optimizer_state[n]
+            for n in names
+        )

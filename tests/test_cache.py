@@ -93,7 +93,7 @@ def _frozen(model, spec, names=None, norm="eval"):
     layers = select_layers(model, spec)
     engine = FreezeEngine(model, layers, norm=norm)
     engine.freeze(names or [layer.name for layer in layers])
-    managed = {id(m) for n in engine.frozen for m in engine._mode_managed_modules(engine.by_name[n])}
+    managed = {id(m) for m in engine.eval_modules()}
     return engine, managed
 
 
@@ -275,8 +275,8 @@ def test_hydra_cache_group_builds_the_callback(conf_dir):
     from lightning_freeze.app.main import build_callbacks
 
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        default = compose("config")
-        on = compose("config", overrides=["cache=frozen_prefix", "cache.max_bytes=1GB"])
+        default = compose("lightning_freeze")
+        on = compose("lightning_freeze", overrides=["cache=frozen_prefix", "cache.max_bytes=1GB"])
     assert build_callbacks(default.get("cache"), "cache") == []
     (cache,) = build_callbacks(on.cache, "cache")
     assert isinstance(cache, FrozenPrefixCache) and cache.max_bytes == "1GB" and cache.module == "auto"
@@ -303,10 +303,9 @@ def test_cuda_pinned_path_is_bit_identical():
     assert cache.history[-1]["hit_rate"] == 1.0
 
 
-def test_freezeout_auto_keeps_the_cache_when_frozen_past_what_can_be_cached():
-    # layers="auto" opens the blocks: Linear, BatchNorm; the block's own dropout belongs to no layer and
-    # stays in training mode, so only Linear-BN-ReLU of backbone.0 can be cached. Freezing deeper layers
-    # must neither drop that cache nor change the results.
+def test_freezeout_auto_extends_the_cache_as_each_block_freezes():
+    # layers="auto" gives the backbone's blocks; FreezeOut freezes them one by one and the cache pushes its
+    # stored rows through each newly frozen block instead of starting over, with results unchanged.
     make = lambda: FreezeOut(layers="auto", t0=0.3, plot=False)  # noqa: E731
     ref, _ = fit([make()], epochs=3)
     cache = FrozenPrefixCache()
@@ -314,7 +313,7 @@ def test_freezeout_auto_keeps_the_cache_when_frozen_past_what_can_be_cached():
         warnings.simplefilter("always")
         model, _ = fit([make()], cache=cache, epochs=3)
     same(ref, model)
-    assert len([w for w in caught if "cannot be cached as one piece" in str(w.message)]) == 1
-    assert cache.history[-1]["cached"] == "children 0..2 of 'backbone.0'"
-    assert [e["action"] for e in cache.events] == ["extend", "drop"]  # drop: end of fit
+    assert not [w for w in caught if "FrozenPrefixCache" in str(w.message)]
+    assert cache.history[-1]["cached"] == "module 'backbone'"
+    assert [e["action"] for e in cache.events] == ["extend", "extend", "drop"]  # drop: end of fit
     assert cache.history[-1]["train_hits"] == 64

@@ -22,7 +22,7 @@ FAST = [
 
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("lightning_freeze", overrides=list(overrides))
 
 
 def test_overrides_reach_the_callback():
@@ -44,9 +44,9 @@ def test_job_runs_and_freezes(tmp_path):
 @pytest.mark.parametrize(
     "override, error, match",
     [
-        ("freeze.t0=1.5", InstantiationException, r"t0 must be in \(0, 1\]"),
-        ("freeze.t0=0", InstantiationException, r"t0 must be in \(0, 1\]"),
-        ("freeze.schedule=quadratic", InstantiationException, "schedule='quadratic' is unknown"),
+        ("freeze.t0=1.5", InstantiationException, r"t0 must be a number in \(0, 1\]"),
+        ("freeze.t0=0", InstantiationException, r"t0 must be a number in \(0, 1\]"),
+        ("freeze.schedule=quadratic", InstantiationException, "schedule='quadratic' is not supported"),
         ("freeze.layers=encoder.*", LayerSpecError, "matches no parameter-owning module"),
         ("freeze.layers=[backbone.0,backbone.1,backbone.2,head]", None, None),
     ],

@@ -13,7 +13,7 @@ from lightning_freeze import ProgressiveUnfreezing
 
 def _freeze_node(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides)).freeze
+        return compose("lightning_freeze", overrides=list(overrides)).freeze
 
 
 def test_backbone_preset_has_backbone_finetuning_defaults():

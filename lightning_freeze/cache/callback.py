@@ -9,7 +9,7 @@ change nothing else::
 How it works (details and limits: docs/cache.md):
 
 - **What is cached.** ``module="auto"`` takes the longest frozen prefix the freezing callback reports
-  (``engine_for(model).frozen_prefix()``) and finds a place in the model that computes exactly it:
+  (``engine.frozen_prefix()`` of the freezing callback on the Trainer) and finds a place in the model that computes exactly it:
   one module whose parameters are exactly the prefix's (``backbone``), or a run of consecutive children
   of a plain ``nn.Sequential`` (``backbone.0..k`` while FreezeOut freezes them one by one). A named
   ``module`` caches exactly that module. When no such place exists, or a module on the way could
@@ -186,12 +186,7 @@ def find_plan(model: nn.Module, layers: Sequence[Any], managed: set[int]) -> Pla
 
 
 def _managed_modules(engine: Any) -> set[int]:
-    if engine is None:
-        return set()
-    found: set[int] = set()
-    for name in engine.frozen:
-        found.update(id(m) for m in engine._mode_managed_modules(engine.by_name[name]))
-    return found
+    return set() if engine is None else {id(m) for m in engine.eval_modules()}
 
 
 # ---------------------------------------------------------------------------------------------- validity
@@ -462,9 +457,15 @@ class FrozenPrefixCache(Callback):
 
     # ------------------------------------------------------------------ planning and installing
     def _engine(self) -> Any:
-        from lightning_freeze.engine.freezing import engine_for
+        from lightning_freeze.callbacks.base import FreezingCallback
 
-        return engine_for(self._model) if self._model is not None else None
+        trainer = self._trainer
+        owner = (
+            next((cb for cb in trainer.callbacks if isinstance(cb, FreezingCallback)), None)
+            if trainer
+            else None
+        )
+        return owner.engine if owner is not None else None
 
     def _refresh(self, pl_module: pl.LightningModule) -> None:
         if not self._active or self.off_reason is not None:

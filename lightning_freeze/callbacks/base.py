@@ -3,14 +3,19 @@
 A subclass decides *when* layers freeze or thaw and calls :meth:`FreezingCallback.transition`; this
 class does the rest in the same way for every callback:
 
-- ``setup``: resolve the layers and freeze the ones the subclass starts frozen, before DDP wraps the
+- ``setup``: resolve the layers (``auto`` runs the model once on the first samples of the training
+  data, see :func:`example_batch`) and freeze the ones the subclass starts frozen, before DDP wraps the
   model, so DDP never registers them and needs no ``find_unused_parameters``;
 - ``load_state_dict`` (resume): put every layer back in the state it had when the checkpoint was saved,
   also before DDP wraps the model;
 - ``on_fit_start``: split the user's optimizer into per-layer named groups and adapt its schedulers,
   before Lightning restores the optimizer and scheduler state, so the saved groups line up;
+- ``on_train_start``: keep frozen layers in eval mode from here on (after Lightning's check for modules
+  left in eval mode);
 - on every transition under DDP: wrap the model in a fresh ``DistributedDataParallel``, so newly thawed
-  parameters are all-reduced and frozen ones cost no communication.
+  parameters are all-reduced and frozen ones cost no communication;
+- ``teardown`` and ``on_exception``: hand the model back as it was given (``requires_grad``, modes), so
+  a second fit with a new Trainer, or a retry after a failure, starts clean.
 """
 
 from __future__ import annotations
@@ -26,18 +31,25 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
-from lightning_freeze.engine.layers import Layer, select_layers
+from lightning_freeze.engine.layers import Layer, check_forward_order, preserved_rng, select_layers
 from lightning_freeze.rules.checks import check_bool, check_choice, check_layer_spec
 
 LayerSpec = str | Sequence[str]
 _MAX_HISTORY_POINTS = 1000
+_EXAMPLE_SAMPLES = 2
+_STATE_KIND = "lightning_freeze.FreezingCallback"
 
 
 class FreezingCallback(Callback):
     """Base class: owns the layers, the engine and everything shared by the freezing callbacks."""
+
+    #: whether the order of the managed layers means something (the head last, freeze order): checked
+    #: against the forward order when an example batch is at hand.
+    ordered_layers = False
 
     def __init__(self, layers: LayerSpec = "auto", norm: str = "eval", plot: bool = True) -> None:
         super().__init__()
@@ -80,29 +92,77 @@ class FreezingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.layers = select_layers(pl_module, self.layer_spec)
+        name = type(self).__name__
+        others = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if isinstance(cb, FreezingCallback) and cb is not self
+        ]
+        if others:
+            raise ValueError(
+                f"{name} and {others} would manage the same model; use one freezing callback per Trainer"
+            )
+        self._release()  # a previous fit of this callback object that never reached teardown
+        example = self._example(trainer, pl_module)
+        self.layers = select_layers(pl_module, self.layer_spec, example_input=example)
+        if self.ordered_layers and example is not None:
+            check_forward_order(pl_module, self.layers, example, self.layer_spec, name)
         self.prepare(trainer, self.layers)
-        self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm)
-        self.engine.register()
+        self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm, owner=name)
         self.events, self.history = [], {"step": [], "lr": {}}
         self.engine.freeze(self.initially_frozen(self.layers))
         self._frozen_at_start = sorted(self.engine.frozen, key=[layer.name for layer in self.layers].index)
+        if self.engine.frozen and trainable_counts(pl_module)[0] == 0:
+            self._release()
+            raise ValueError(
+                f"{name}: with layers={self.layer_spec!r} every parameter of the model is frozen at the start, so "
+                "nothing would train (autograd fails on the first backward). Leave the head out of `layers` "
+                "(e.g. layers='backbone.*')."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._require_engine()
-        if len(trainer.optimizers) != 1:
+        name = type(self).__name__
+        if len(trainer.optimizers) != 1 or not trainer.optimizers[0].param_groups:
             raise ValueError(
-                f"{type(self).__name__} needs configure_optimizers to return exactly one optimizer, got "
-                f"{len(trainer.optimizers)}"
+                f"{name} needs configure_optimizers to return exactly one optimizer (with the model's "
+                f"parameters), got {len(trainer.optimizers)} optimizer(s)"
+                + (
+                    " and no param groups"
+                    if trainer.optimizers and not trainer.optimizers[0].param_groups
+                    else ""
+                )
             )
         engine.attach(trainer.optimizers[0], self._schedulers(trainer))
         self.on_optimizer_attached(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning hands us our state only from the entry under our own state key; a checkpoint of another
+        # freezing setup would fail later, in torch, on param groups that do not line up. Say so now.
+        saved = checkpoint.get("callbacks", {})
+        others = sorted(
+            v["callback"]
+            for k, v in saved.items()
+            if k != self.state_key and isinstance(v, dict) and v.get("kind") == _STATE_KIND
+        )
+        if self.state_key in saved or not (others or checkpoint.get("optimizer_states")):
+            return
+        name = type(self).__name__
+        what = f"with {others}, not with {name}" if others else f"without {name} (no state of it)"
+        raise ValueError(
+            f"{name}: the checkpoint was saved {what}, so its optimizer holds other param groups. Resume with the "
+            "freezing callback it was saved with, or start a new fit from its weights: "
+            "model.load_state_dict(torch.load(path)['state_dict'])"
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in on_fit_start: asking for the step count there loads the train dataloader before Lightning
         # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
         total = trainer.estimated_stepping_batches
         self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
+        self._require_engine().activate_modes()
         self._record(trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -120,15 +180,26 @@ class FreezingCallback(Callback):
             self._write_timeline(out_dir, trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.engine is not None:
-            self.engine.detach()
-            self.engine.unregister()
+        if stage == "fit":
+            self._release()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Hand the model back as it was given; the layers, events and history stay readable."""
+        if self.engine is not None:
+            self.engine.release()
 
     def state_dict(self) -> dict[str, Any]:
         engine = self.engine
         if engine is None:  # a checkpoint saved outside fit (trainer.validate/test) has nothing of ours
             return {}
         return {
+            "kind": _STATE_KIND,
+            "callback": type(self).__name__,
             "layers": [layer.name for layer in self.layers],
             "frozen": [layer.name for layer in self.layers if engine.is_frozen(layer.name)],
             "events": list(self.events),
@@ -208,6 +279,17 @@ class FreezingCallback(Callback):
         return optim.current_lr(engine.optimizer, engine.group_indices(name)[0])
 
     # ------------------------------------------------------------------ internals
+    def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """What ``auto`` and the order check run the model on: ``example_input_array``, else a batch of the
+        first samples of the training data (None if neither is at hand)."""
+        specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
+        wanted = self.ordered_layers or any(s.strip().startswith("auto") for s in specs)
+        if not wanted:
+            return None
+        if getattr(pl_module, "example_input_array", None) is not None:
+            return pl_module.example_input_array
+        return example_batch(trainer)
+
     def _require_engine(self) -> FreezeEngine:
         if self.engine is None:
             raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
@@ -260,6 +342,61 @@ class FreezingCallback(Callback):
         path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))
         if path:
             rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
+
+
+def example_batch(trainer: pl.Trainer) -> Any:
+    """A batch of the first samples of the training data, or None.
+
+    Built from the train loader's dataset and ``collate_fn`` by index, never by iterating the loader: no
+    sampler, generator or worker is touched, and the random generators are restored afterwards (a
+    dataset that augments draws from them), so the data order and an exact resume are as without it.
+    An ``IterableDataset`` has no first samples to read this way: None.
+    """
+    loader = _first_loader(_train_loaders(trainer))
+    dataset = getattr(loader, "dataset", None)
+    if loader is None or dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    try:
+        size = min(len(dataset), _EXAMPLE_SAMPLES)
+    except TypeError:
+        return None
+    if size == 0:
+        return None
+    with preserved_rng():
+        if getattr(loader, "batch_size", None) is None and getattr(loader, "batch_sampler", None) is None:
+            return loader.collate_fn(dataset[0])  # automatic batching off: items are batches
+        return loader.collate_fn([dataset[i] for i in range(size)])
+
+
+def _train_loaders(trainer: pl.Trainer) -> Any:
+    # Where Lightning keeps what fit() was given: a loader, or the datamodule / model with a train_dataloader
+    # hook. Before the fit loop sets up its data (it has not at setup) this is the only handle on it.
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    instance = getattr(source, "instance", None)
+    if instance is None:
+        instance = trainer.datamodule
+    if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
+        try:
+            return instance.train_dataloader()
+        except Exception:  # noqa: BLE001 - no loader yet (or not implemented): no example
+            return None
+    return instance
+
+
+def _first_loader(loaders: Any) -> Any:
+    if isinstance(loaders, DataLoader):
+        return loaders
+    for attr in ("iterables", "flattened"):  # CombinedLoader
+        if hasattr(loaders, attr):
+            return _first_loader(getattr(loaders, attr))
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = _first_loader(item)
+            if found is not None:
+                return found
+    return None
 
 
 def _rewrap_ddp(trainer: pl.Trainer) -> None:

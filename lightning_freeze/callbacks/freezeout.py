@@ -64,6 +64,8 @@ class FreezeOut(FreezingCallback):
     [('backbone.0', 4), ('backbone.1', 6), ('backbone.2', 7)]
     """
 
+    ordered_layers = True
+
     def __init__(
         self,
         layers: LayerSpec = "auto",

@@ -69,6 +69,8 @@ class ProgressiveUnfreezing(FreezingCallback):
         ProgressiveUnfreezing(["backbone.*", "head"], monitor="val/loss", patience=2, restore_best=True)
     """
 
+    ordered_layers = True
+
     def __init__(
         self,
         layers: LayerSpec = "auto",

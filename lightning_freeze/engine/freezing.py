@@ -1,19 +1,26 @@
 """The one place that freezes and thaws layers.
 
 Freezing a layer sets ``requires_grad=False`` and ``.grad=None`` on its parameters, takes them out of
-the optimizer's param groups and frees their optimizer state, and keeps its norm and dropout modules in
-eval mode. Thawing undoes exactly that. A parameter the user had frozen before we saw the model is never
-thawed.
+the optimizer's param groups and frees their optimizer state, and keeps its modules in eval mode (norm
+statistics fixed, dropout off). Thawing undoes exactly that. A parameter the user had frozen before we
+saw the model is never thawed, and :meth:`FreezeEngine.release` hands the model back as it was given.
 
-Eval mode is kept with a forward pre-hook on each module of a frozen layer rather than by calling
-``eval()`` once: Lightning switches the whole model back to ``train()`` after every validation run, and
-it warns about modules that are in eval mode when training starts. The hook puts the module back in
-eval right before it runs, which survives both and costs one attribute check per module call.
+**Tied parameters.** A parameter held by several modules (GPT-2's ``wte`` and ``lm_head``) is frozen only
+when every layer that uses it is frozen; a module outside the managed layers that uses it counts as a
+user that always trains. Freezing one user of a tie keeps the shared tensor trainable and says so once.
+
+**Eval mode** is kept by replacing ``train()`` on each frozen layer's top modules: Lightning switches the
+whole model back to ``train()`` after every validation run, and the replacement keeps the frozen part in
+eval through that. The mode of a module then changes only at a freeze or a thaw, so a ``torch.compile``'d
+model recompiles at most once per transition (a per-call hook would flip it on every call). The modes are
+applied from :meth:`FreezeEngine.activate_modes` on (the callbacks call it at train start, after
+Lightning's check for modules left in eval mode).
 """
 
 from __future__ import annotations
 
-import weakref
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -24,19 +31,12 @@ from lightning_freeze.engine.optim import GroupLayout, split_into_layer_groups
 from lightning_freeze.rules.checks import check_choice
 
 NORM_MODES = ("eval", "train")
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
+NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, FreezeEngine] = weakref.WeakKeyDictionary()
-
-
-def engine_for(model: nn.Module) -> FreezeEngine | None:
-    """The engine that manages ``model``'s layers, if a freezing callback set one up."""
-    return _ENGINES.get(model)
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:
@@ -48,44 +48,32 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _keep_eval(module: nn.Module, args: object) -> None:
-    if module.training:
-        module.training = False
-
-
 class FreezeEngine:
     """Frozen/thawed state of an ordered set of layers of one model.
 
     ``norm="eval"`` (default) freezes norm layers like everything else: statistics and affine weights are
     fixed. ``norm="train"`` is fastai's ``train_bn``: norm layers inside frozen layers keep training, both
-    their running statistics and their affine weights.
+    their running statistics and their affine weights. ``owner`` names the callback in messages.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[Layer], norm: str = "eval") -> None:
-        check_choice(norm, "norm", NORM_MODES, where="FreezeEngine")
+    def __init__(
+        self, model: nn.Module, layers: Sequence[Layer], norm: str = "eval", owner: str = ""
+    ) -> None:
+        self.norm = check_choice(norm, "norm", NORM_MODES, where=owner or "FreezeEngine")
         self.model = model
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
-        self.norm = norm
-        self.user_frozen = {id(p) for layer in self.layers for p in layer.params if not p.requires_grad}
+        self.owner = owner or "FreezeEngine"
+        self.requires_grad_at_start = {id(p): p.requires_grad for layer in self.layers for p in layer.params}
+        self.user_frozen = {pid for pid, trains in self.requires_grad_at_start.items() if not trains}
         self.frozen: set[str] = set()
         self.optimizer: Optimizer | None = None
         self.layout: GroupLayout | None = None
-        self._hooks: dict[str, list] = {}
+        self.modes_active = False
         self._norm_params = self._params_of_norm_modules() if norm == "train" else set()
-
-    def register(self) -> None:
-        other = _ENGINES.get(self.model)
-        if other is not None and other is not self:
-            raise RuntimeError(
-                "two freezing callbacks manage the same model; use one of LayerFreeze, FreezeOut and "
-                "ProgressiveUnfreezing per Trainer"
-            )
-        _ENGINES[self.model] = self
-
-    def unregister(self) -> None:
-        if _ENGINES.get(self.model) is self:
-            del _ENGINES[self.model]
+        self._users = self._users_of_params()
+        self._kept_eval: dict[int, tuple[nn.Module, object]] = {}  # id -> (module, its own train() before)
+        self._told: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ queries
     def is_frozen(self, name: str) -> bool:
@@ -100,11 +88,16 @@ class FreezeEngine:
             prefix.append(layer)
         return prefix
 
-    def freezable(self, layer: Layer) -> list[nn.Parameter]:
-        return [p for p in layer.params if id(p) not in self.user_frozen and id(p) not in self._norm_params]
-
     def trainable(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.params if p.requires_grad]
+
+    def eval_modules(self) -> list[nn.Module]:
+        """The modules kept in eval mode because their layer is frozen (norm layers too unless norm='train')."""
+        return [m for name in self.frozen for m in self._mode_managed(self.by_name[name])]
+
+    def tied_users(self, param: nn.Parameter) -> list[str | None]:
+        """The layers that use ``param`` (None: a module outside the managed layers)."""
+        return list(self._users.get(id(param), []))
 
     # ------------------------------------------------------------------ optimizer
     def attach(self, optimizer: Optimizer, schedulers: Sequence[object] = ()) -> GroupLayout:
@@ -126,50 +119,138 @@ class FreezeEngine:
     def freeze(self, names: Iterable[str]) -> list[str]:
         """Freeze the named layers; returns the names that changed."""
         changed = [n for n in names if n not in self.frozen]
+        self.frozen.update(changed)
         for name in changed:
             layer = self.by_name[name]
-            for p in self.freezable(layer):
-                p.requires_grad_(False)
-                p.grad = None
-                if self.optimizer is not None:
-                    self.optimizer.state.pop(p, None)
-            self._sync_groups(layer)
-            self._hooks[name] = [
-                m.register_forward_pre_hook(_keep_eval) for m in self._mode_managed_modules(layer)
-            ]
-            self.frozen.add(name)
+            for p in self._freezable(layer):
+                if self._all_users_frozen(p):
+                    p.requires_grad_(False)
+                    p.grad = None
+                    if self.optimizer is not None:
+                        self.optimizer.state.pop(p, None)
+                else:
+                    self._tell_tie(layer, p)
+            if self.modes_active:
+                self._keep_eval(layer)
+        self._sync_groups(changed)
         return changed
 
     def thaw(self, names: Iterable[str]) -> list[str]:
         """Thaw the named layers; returns the names that changed."""
         changed = [n for n in names if n in self.frozen]
+        self.frozen.difference_update(changed)
         for name in changed:
             layer = self.by_name[name]
-            for p in self.freezable(layer):
+            for p in self._freezable(layer):
                 p.requires_grad_(True)
-            self._sync_groups(layer)
-            for handle in self._hooks.pop(name, []):
-                handle.remove()
-            for module in self._mode_managed_modules(layer):
-                module.training = self.model.training
-            self.frozen.discard(name)
+            self._release_eval(layer)
+        self._sync_groups(changed)
         return changed
 
-    def _sync_groups(self, layer: Layer) -> None:
-        # Rebuild the layer's group lists from the layer's own order, so a resumed run lays out the
-        # optimizer exactly like the run that saved it.
-        if self.optimizer is None or self.layout is None:
-            return
-        for index in self.layout.layer_groups[layer.name]:
-            self.optimizer.param_groups[index]["params"] = [
-                p for p in layer.params if p.requires_grad and self.layout.param_group[id(p)] == index
-            ]
+    def activate_modes(self) -> None:
+        """From now on keep frozen layers in eval mode (and put those frozen so far there now)."""
+        self.modes_active = True
+        for name in self.frozen:
+            self._keep_eval(self.by_name[name])
 
-    def _mode_managed_modules(self, layer: Layer) -> list[nn.Module]:
+    def release(self) -> None:
+        """Hand the model back as it was given: every ``requires_grad`` as before, no mode override left, no
+        optimizer attached. Safe to call more than once."""
+        self.frozen.clear()
+        for layer in self.layers:
+            for p in layer.params:
+                p.requires_grad_(self.requires_grad_at_start.get(id(p), p.requires_grad))
+            self._release_eval(layer)
+        self.modes_active = False
+        self.detach()
+
+    # ------------------------------------------------------------------ internals
+    def _freezable(self, layer: Layer) -> list[nn.Parameter]:
+        return [p for p in layer.params if id(p) not in self.user_frozen and id(p) not in self._norm_params]
+
+    def _all_users_frozen(self, p: nn.Parameter) -> bool:
+        return all(user is not None and user in self.frozen for user in self._users.get(id(p), ()))
+
+    def _tell_tie(self, layer: Layer, p: nn.Parameter) -> None:
+        training = [
+            u or "a module outside the managed layers" for u in self._users[id(p)] if u not in self.frozen
+        ]
+        key = (layer.name, str(id(p)))
+        if key in self._told:
+            return
+        self._told.add(key)
+        pname = next((n for n, q in self.model.named_parameters() if q is p), "a parameter")
+        warnings.warn(
+            f"{self.owner}: {layer.name!r} shares {pname!r} with {training} (tied weights); the shared tensor "
+            "keeps training until every layer that uses it is frozen",
+            stacklevel=3,
+        )
+
+    def _users_of_params(self) -> dict[int, list[str | None]]:
+        """id(param) -> the managed layers that use it, plus None if a module outside them does."""
+        managed = {id(p) for layer in self.layers for p in layer.params}
+        covering: dict[int, str] = {}  # module id -> the layer whose modules contain it
+        holding: dict[int, str] = {}  # module id -> the layer made of that module's own parameters
+        for layer in self.layers:
+            if layer.holder is not None:
+                holding[id(layer.holder)] = layer.name
+            for top in layer.modules:
+                covering.update((id(m), layer.name) for m in top.modules())
+        users: dict[int, list[str | None]] = {}
+        for module in self.model.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) in managed:
+                    user = covering.get(id(module), holding.get(id(module)))
+                    if user not in users.setdefault(id(p), []):
+                        users[id(p)].append(user)
+        return users
+
+    def _sync_groups(self, changed: Sequence[str]) -> None:
+        # Rebuild the group lists of every layer that holds a parameter of a changed layer (a tie may live in
+        # another layer's group), from the layer's own order, so a resumed run lays out the optimizer
+        # exactly like the run that saved it.
+        if self.optimizer is None or self.layout is None or not changed:
+            return
+        touched = {id(p) for name in changed for p in self.by_name[name].params}
+        for layer in self.layers:
+            if not any(id(p) in touched for p in layer.params):
+                continue
+            for index in self.layout.layer_groups[layer.name]:
+                self.optimizer.param_groups[index]["params"] = [
+                    p for p in layer.params if p.requires_grad and self.layout.param_group[id(p)] == index
+                ]
+
+    def _mode_managed(self, layer: Layer) -> list[nn.Module]:
         modules = [m for top in layer.modules for m in top.modules()]
         if self.norm == "train":
-            modules = [m for m in modules if not isinstance(m, _NORM_TYPES)]
+            modules = [m for m in modules if not isinstance(m, NORM_TYPES)]
         return modules
+
+    def _keep_eval(self, layer: Layer) -> None:
+        norm_trains = self.norm == "train"
+        for top in layer.modules:
+            if id(top) in self._kept_eval:
+                continue
+            self._kept_eval[id(top)] = (top, top.__dict__.get("train"))
+
+            def train(module: nn.Module, mode: bool = True) -> nn.Module:
+                for m in module.modules():
+                    m.training = bool(mode) and norm_trains and isinstance(m, NORM_TYPES)
+                return module
+
+            top.train = types.MethodType(train, top)  # type: ignore[method-assign]
+            top.train(self.model.training)
+
+    def _release_eval(self, layer: Layer) -> None:
+        for top in layer.modules:
+            kept = self._kept_eval.pop(id(top), None)
+            if kept is None:
+                continue
+            if kept[1] is None:
+                del top.train
+            else:
+                top.train = kept[1]  # type: ignore[method-assign]
+            top.train(self.model.training)
 
     def _params_of_norm_modules(self) -> set[int]:
         return {
@@ -177,6 +258,6 @@ class FreezeEngine:
             for layer in self.layers
             for top in layer.modules
             for m in top.modules()
-            if isinstance(m, _NORM_TYPES)
+            if isinstance(m, NORM_TYPES)
             for p in m.parameters(recurse=False)
         }

@@ -2,19 +2,44 @@
 
 A spec is a string or a list of strings. Each string is a glob on qualified module names
 (``backbone.*``), a regex written ``re:...``, or ``auto`` (optionally sliced: ``auto[:-1]``).
-A glob or regex yields one layer per top-most matching module that owns parameters; ``auto``
-yields the parameter-owning blocks of the model in forward-execution order.
+A glob or regex yields one layer per top-most matching module that owns parameters.
+
+``auto`` yields the model's blocks in the order the forward pass first calls them:
+
+1. A *repeated container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict`` with at least
+   two parameter-owning children, all of one class (BERT's ``encoder.layer``, GPT-2's ``h``, a ResNet
+   stage's blocks). Its children are blocks, and they are never split further.
+2. Descending from the model, a module that contains a repeated container (at any depth) is opened:
+   its direct parameters, if any, form a block named after it, and each parameter-owning child is
+   examined in turn. Any other parameter-owning module is one block.
+3. If that leaves a single block that has parameter-owning children (``self.model = MLP()``), it is
+   opened into them, until there are at least two blocks.
+4. The blocks are ordered by one forward pass in eval mode without gradients, on
+   ``example_input`` (or ``model.example_input_array``, or a batch the caller found); blocks the
+   forward pass never calls are left out.
+
+So BERT gives its embeddings, each encoder layer, the pooler and the classifier; a ResNet its stem,
+its stages (or residual blocks) and the classifier.
+
+Tied parameters (one tensor held by two modules, e.g. GPT-2's ``wte`` and ``lm_head``) may belong to
+several layers; the freezing engine keeps such a parameter trainable while any user of it trains.
+Module names of a ``torch.compile``'d submodule are written without ``_orig_mod``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import inspect
+import random
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,20 +49,51 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class LayerSpecError(ValueError):
-    """A layer spec that matches nothing, matches a parameter twice, or cannot be parsed."""
+    """A layer spec that matches nothing, selects a module twice, or cannot be parsed."""
 
 
 @dataclass(frozen=True, eq=False)
 class Layer:
-    """One unit that a callback freezes, thaws and gives its own optimizer param group."""
+    """One unit that a callback freezes, thaws and gives its own optimizer param group.
+
+    ``modules`` are the modules whose mode (eval while frozen) the layer manages. A layer made of a
+    module's own parameters only (``auto`` opening a module that holds parameters directly) has no
+    modules to manage; ``holder`` is that module.
+    """
 
     name: str
     modules: tuple[nn.Module, ...]
     params: tuple[nn.Parameter, ...] = field(repr=False)
+    holder: nn.Module | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def covers(self, module: nn.Module) -> bool:
+        """Whether ``module``'s direct parameters, where the layer has them, are the layer's."""
+        if self.holder is not None:
+            return module is self.holder
+        return any(module is m for top in self.modules for m in top.modules())
+
+
+class ForwardOrderError(LayerSpecError):
+    """``auto`` could not run the model once to find the order of its blocks."""
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified module names as a user writes them: a ``torch.compile`` wrapper's ``_orig_mod`` left out."""
+    named: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if _is_compiled_wrapper(module):
+            continue
+        clean = ".".join(part for part in name.split(".") if part != "_orig_mod")
+        named.setdefault(clean, module)
+    return named
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
 
 
 def select_layers(
@@ -45,7 +101,9 @@ def select_layers(
 ) -> list[Layer]:
     """Resolve ``spec`` on ``model`` into ordered layers.
 
-    ``auto`` needs one forward pass: pass ``example_input`` or set ``model.example_input_array``.
+    ``auto`` needs one forward pass: pass ``example_input`` (what ``model`` is called with: a tensor, a
+    tuple of positional arguments, a dict of keyword arguments, or a batch as a loader yields it) or set
+    ``model.example_input_array``. The freezing callbacks pass the first sample batch of the training data.
 
     >>> from torch import nn
     >>> model = nn.Sequential()
@@ -53,14 +111,14 @@ def select_layers(
     >>> model.head = nn.Linear(8, 2)
     >>> [layer.name for layer in select_layers(model, "backbone.*")]   # parameter-owning children only
     ['backbone.0', 'backbone.2']
-    >>> [layer.name for layer in select_layers(model, ["re:backbone\\.0", "head"])]
+    >>> [layer.name for layer in select_layers(model, ["re:backbone\\\\.0", "head"])]
     ['backbone.0', 'head']
     >>> [layer.name for layer in select_layers(model, "auto", example_input=torch.zeros(1, 4))]
     ['backbone.0', 'backbone.2', 'head']
     """
     specs = check_layer_spec(spec, error=LayerSpecError)
     specs = [specs] if isinstance(specs, str) else specs
-    named = dict(model.named_modules())
+    named = named_modules(model)
     layers = [layer for one in specs for layer in _resolve_one(model, named, one, example_input, "layers")]
     _check_disjoint(layers)
     return layers
@@ -77,7 +135,7 @@ def layers_within(
     """
     specs = check_layer_spec(spec, where=where, error=LayerSpecError)
     specs = [specs] if isinstance(specs, str) else specs
-    named = dict(model.named_modules())
+    named = named_modules(model)
     covered: set[str] = set()
     for one in specs:
         selected = {id(p) for layer in _resolve_one(model, named, one, None, where) for p in layer.params}
@@ -104,7 +162,7 @@ def _resolve_one(
 ) -> list[Layer]:
     auto = AUTO_SPEC.match(spec.strip())
     if auto:
-        found = _sliced(_auto_layers(model, example_input), auto.groups(), spec)
+        found = _sliced(auto_layers(model, example_input), auto.groups(), spec)
     else:
         found = [_make_layer(name, named[name]) for name in _matching_names(named, spec)]
     if not found:
@@ -118,10 +176,7 @@ def _make_layer(name: str, module: nn.Module) -> Layer:
 
 def _matching_names(named: dict[str, nn.Module], spec: str) -> list[str]:
     if spec.startswith("re:"):
-        try:
-            pattern = re.compile(spec[3:])
-        except re.error as err:
-            raise LayerSpecError(f"layers: bad regex {spec!r}: {err}") from None
+        pattern = re.compile(spec[3:])
         hits = [n for n in named if n and pattern.fullmatch(n)]
     else:
         hits = [n for n in named if n and fnmatch.fnmatchcase(n, spec)]
@@ -140,118 +195,296 @@ def _owns_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _sliced(names: list[Layer], groups: tuple[str | None, ...], spec: str) -> list[Layer]:
+def _sliced(layers: list[Layer], groups: tuple[str | None, ...], spec: str) -> list[Layer]:
     if groups == (None, None, None):
-        return names
+        return layers
     start, stop, step = (int(g) if g not in (None, "") else None for g in groups)
     if groups[1] is None:  # auto[i]: a single index
-        if start is None or not -len(names) <= start < len(names):
-            found = [layer.name for layer in names]
-            raise LayerSpecError(f"layers: {spec!r} is out of range; auto found {len(names)} blocks: {found}")
-        return [names[start]]
-    return names[slice(start, stop, step)]
+        if start is None or not -len(layers) <= start < len(layers):
+            found = [layer.name for layer in layers]
+            raise LayerSpecError(
+                f"layers: {spec!r} is out of range; auto found {len(layers)} blocks: {found}"
+            )
+        return [layers[start]]
+    return layers[slice(start, stop, step)]
 
 
-def _auto_layers(model: nn.Module, example_input: Any = None) -> list[Layer]:
-    """The parameter-owning blocks of ``model``, in the order the forward pass first calls them.
-
-    Containers (Sequential, ModuleList, ModuleDict) and single-child wrappers are opened up; any other
-    module that owns parameters is one block. Parameters held directly by an opened module form a block
-    under that module's own name. Blocks the forward pass never calls are left out.
-    """
+# ---------------------------------------------------------------------------------------------- auto
+def auto_layers(model: nn.Module, example_input: Any = None) -> list[Layer]:
+    """The blocks of ``model`` in forward order (the rule is in this module's docstring)."""
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
     if example_input is None:
-        raise LayerSpecError(
-            "layers='auto' needs one forward pass to find the execution order: set `example_input_array` "
-            "on your LightningModule, or name the layers explicitly (e.g. layers='backbone.*')"
+        raise ForwardOrderError(
+            "layers='auto' needs one forward pass to find the execution order, and no example input was found: "
+            "set `example_input_array` on your LightningModule, or name the layers explicitly "
+            "(e.g. layers='backbone.*')"
         )
-    candidates = _candidate_blocks(model, "", force_open=True)
-    # A model that is one big block (a LightningModule holding ``self.model = ResNet()``) is opened up.
-    while (
-        len(candidates) == 1
-        and not candidates[0][2]
-        and any(_owns_params(c) for c in candidates[0][1].children())
-    ):
-        candidates = _candidate_blocks(candidates[0][1], candidates[0][0], force_open=True)
-    order: dict[str, int] = {}
-    handles = []
-    for name, module, _ in candidates:
-
-        def hook(mod, args, name=name):  # noqa: ARG001 - signature fixed by torch
-            order.setdefault(name, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            _call_forward(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in was_training.items():
-            module.training = mode
+    candidates = blocks_of(model)
+    order = _first_calls(model, [(name, module) for name, module, _ in candidates], example_input)
     layers = {
-        name: Layer(name or "<root>", (), tuple(module.parameters(recurse=False)))
+        name: Layer(name or "<root>", (), tuple(module.parameters(recurse=False)), holder=module)
         if own_only
         else _make_layer(name, module)
         for name, module, own_only in candidates
     }
-    return [layers[name] for name in sorted(order, key=order.__getitem__)]
+    return [layers[name] for name in order]
 
 
-def _call_forward(model: nn.Module, example_input: Any) -> None:
+def _first_calls(model: nn.Module, hooked: Sequence[tuple[str, nn.Module]], example: Any) -> list[str]:
+    """The names in ``hooked`` in the order one forward pass on ``example`` first enters their modules."""
+    order: dict[str, int] = {}
+    handles = []
+    for name, module in hooked:
+
+        def hook(mod: nn.Module, args: Any, name: str = name) -> None:  # noqa: ARG001 - torch's signature
+            order.setdefault(name, len(order))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        call_with_example(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(order, key=order.__getitem__)
+
+
+def forward_order(model: nn.Module, layers: Sequence[Layer], example: Any) -> list[str]:
+    """The names of ``layers`` in the order one forward pass on ``example`` first calls them."""
+    hooked = [
+        (layer.name, module)
+        for layer in layers
+        for module in layer.modules or ((layer.holder,) if layer.holder is not None else ())
+    ]
+    return _first_calls(model, hooked, example)
+
+
+def check_forward_order(
+    model: nn.Module, layers: Sequence[Layer], example: Any, spec: Any, where: str
+) -> None:
+    """Raise :class:`LayerSpecError` when ``layers`` are not listed in forward order (the head last)."""
+    called = forward_order(model, layers, example)
+    listed = [layer.name for layer in layers if layer.name in called]
+    if listed != called:
+        raise LayerSpecError(
+            f"{where}: layers={spec!r} lists the layers in the order {listed}, but the forward pass runs them in "
+            f"the order {called}. The order matters here (the last layer is the head): list them in forward "
+            "order, or use layers='auto'."
+        )
+
+
+def blocks_of(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, own_only)`` per ``auto`` block, in registration order; ``own_only`` blocks hold just
+    the module's direct parameters."""
+    repeated = _modules_with_repeats(model)
+    blocks = _open(model, "", repeated)
+    while len(blocks) == 1 and not blocks[0][2] and any(_owns_params(c) for c in blocks[0][1].children()):
+        name, module, _ = blocks[0]
+        blocks = _open(module, name, repeated, force=True)
+    return blocks
+
+
+def is_repeated_container(module: nn.Module) -> bool:
+    """A Sequential/ModuleList/ModuleDict with two or more parameter-owning children, all of one class."""
+    if not isinstance(module, _CONTAINERS):
+        return False
+    kinds = [type(child) for child in module.children() if _owns_params(child)]
+    return len(kinds) >= 2 and len(set(kinds)) == 1
+
+
+def _modules_with_repeats(model: nn.Module) -> set[int]:
+    """ids of the modules that contain a repeated container (themselves included)."""
+    found: set[int] = set()
+
+    def visit(module: nn.Module) -> bool:
+        inside = [visit(child) for child in module.children()]  # every child visited: no short-circuit
+        has = is_repeated_container(module) or any(inside)
+        if has:
+            found.add(id(module))
+        return has
+
+    visit(model)
+    return found
+
+
+def _open(
+    module: nn.Module, prefix: str, repeated: set[int], force: bool = False
+) -> list[tuple[str, nn.Module, bool]]:
+    if not force and id(module) not in repeated:
+        return [(prefix, module, False)]
+    found: list[tuple[str, nn.Module, bool]] = []
+    if next(module.parameters(recurse=False), None) is not None:
+        found.append((prefix, module, True))
+    elements = is_repeated_container(module)
+    for name, child in _named_children(module):
+        if not _owns_params(child):
+            continue
+        child_name = f"{prefix}.{name}" if prefix else name
+        # Elements of a repeated container are the blocks, even when they hold repeated parts themselves.
+        found.extend([(child_name, child, False)] if elements else _open(child, child_name, repeated))
+    return found
+
+
+def _named_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        if _is_compiled_wrapper(child):
+            yield name, child._orig_mod  # type: ignore[misc]
+        else:
+            yield name, child
+
+
+# ---------------------------------------------------------------------------------------------- one forward pass
+def call_with_example(model: nn.Module, example: Any) -> None:
+    """Run ``model`` once on ``example`` in eval mode, without gradients, leaving no trace.
+
+    The random generators (torch, numpy, Python) and every module's train/eval mode are restored
+    afterwards, and a ``torch.compile``'d submodule runs eagerly, so the training run that follows is
+    the run it would have been. ``example`` is tried the ways models are called: a dict as keyword
+    arguments (keys the forward does not take dropped), a tuple or list as ``(x, ...)`` with ``forward(x)``
+    or as positional arguments, anything else as the one argument. A model whose own ``forward`` is not
+    implemented (a LightningModule that calls ``self.model`` in ``training_step``) is tried through its one
+    parameter-owning child.
+    """
     device = next(model.parameters()).device
-    moved = _to_device(example_input, device)
-    if isinstance(moved, tuple):
-        model(*moved)
-    elif isinstance(moved, dict):
-        model(**moved)
+    example = _to_device(example, device)
+    targets = [model]
+    children = [c for c in model.children() if _owns_params(c)]
+    if len(children) == 1:
+        targets.append(children[0])
+    errors: list[str] = []
+    with _no_trace(model):
+        for target in targets:
+            for args, kwargs in _call_forms(target, example):
+                try:
+                    target(*args, **kwargs)
+                    return
+                except NotImplementedError as err:
+                    errors.append(f"{type(target).__name__}.forward: not implemented ({err})")
+                    break
+                except Exception as err:  # noqa: BLE001 - any failure means: try the next form
+                    errors.append(
+                        f"{type(target).__name__}({_describe(args, kwargs)}): {type(err).__name__}: {err}"
+                    )
+    raise ForwardOrderError(
+        "layers='auto' could not run the model once on an example batch to find the order of its blocks:\n  "
+        + "\n  ".join(errors[:6])
+        + "\nSet `example_input_array` on your LightningModule (what forward() takes), or name the layers "
+        "explicitly (e.g. layers='backbone.*')"
+    )
+
+
+def _call_forms(target: nn.Module, example: Any) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    if isinstance(example, Mapping):
+        accepted = _keyword_names(target)
+        if accepted is None:  # forward(**kwargs): everything, then only the names it spells out
+            yield (), dict(example)
+            accepted = _keyword_names(target, named_only=True) or set()
+        kwargs = {k: v for k, v in example.items() if k in accepted}
+        if kwargs:
+            yield (), kwargs
+        yield (example,), {}
+    elif isinstance(example, (tuple, list)):
+        if example:
+            yield (example[0],), {}
+            if isinstance(example[0], Mapping):
+                yield from _call_forms(target, example[0])
+        yield tuple(example), {}
+        yield (example,), {}
     else:
-        model(moved)
+        yield (example,), {}
+
+
+def _keyword_names(target: nn.Module, named_only: bool = False) -> set[str] | None:
+    """The keyword arguments ``target.forward`` takes, or None when it takes any (``**kwargs``), unless
+    ``named_only``."""
+    try:
+        params = inspect.signature(target.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if not named_only and any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"tensor{tuple(v.shape)}"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{k}: {one(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (tuple, list)):
+            return "(" + ", ".join(one(x) for x in v) + ")"
+        return type(v).__name__
+
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
+
+
+@contextlib.contextmanager
+def preserved_rng(devices: Sequence[int] = ()) -> Iterator[None]:
+    """Torch's (CPU and the given CUDA devices), numpy's and Python's global random states, as they were."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+@contextlib.contextmanager
+def _no_trace(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    eager = stance("force_eager") if stance is not None else contextlib.nullcontext()
+    try:
+        model.eval()
+        with torch.no_grad(), preserved_rng(_cuda_devices(model)), eager:
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_to_device(o, device) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
 
 
-def _candidate_blocks(
-    module: nn.Module, prefix: str, force_open: bool = False
-) -> list[tuple[str, nn.Module, bool]]:
-    """(name, module, own_only) per block; own_only blocks hold just the module's direct parameters."""
-    children = [(n, c) for n, c in module.named_children() if _owns_params(c)]
-    own = next(module.parameters(recurse=False), None) is not None
-    opened = force_open or isinstance(module, _CONTAINERS) or (len(children) == 1 and not own)
-    if not opened:
-        return [(prefix, module, False)]
-    # Parameters held directly by an opened module form a block of their own (no submodules: no mode to manage).
-    found: list[tuple[str, nn.Module, bool]] = [(prefix, module, True)] if own else []
-    for name, child in children:
-        found.extend(_candidate_blocks(child, f"{prefix}.{name}" if prefix else name))
-    return found
-
-
+# ---------------------------------------------------------------------------------------------- checks
 def _check_disjoint(layers: list[Layer]) -> None:
-    owner: dict[int, str] = {}
-    for layer in layers:
-        for p in layer.params:
-            if id(p) in owner and owner[id(p)] != layer.name:
-                raise LayerSpecError(
-                    f"layers: {layer.name!r} and {owner[id(p)]!r} share parameters; each parameter may belong "
-                    "to one layer only. Narrow one of the specs."
-                )
-            owner[id(p)] = layer.name
+    """Two layers may share a parameter only through a tie (one tensor held by two separate modules), never
+    because one layer's module contains the other's."""
     names = [layer.name for layer in layers]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
     if dupes:
         raise LayerSpecError(f"layers: {dupes} are selected more than once; list each layer once")
+    inside: dict[int, str] = {}  # module id -> the layer whose modules contain it
+    for layer in layers:
+        for top in layer.modules:
+            for module in top.modules():
+                other = inside.setdefault(id(module), layer.name)
+                if other != layer.name:
+                    raise LayerSpecError(
+                        f"layers: {layer.name!r} and {other!r} contain the same module, so both select its "
+                        "parameters; each module may belong to one layer only. Narrow one of the specs."
+                    )
+    for layer in layers:
+        if layer.holder is not None and id(layer.holder) in inside:
+            raise LayerSpecError(
+                f"layers: the parameters of {layer.name!r} lie inside {inside[id(layer.holder)]!r}; each module "
+                "may belong to one layer only. Narrow one of the specs."
+            )
 
 
 def _no_match_message(spec: str, named: dict[str, nn.Module], where: str) -> str:

@@ -84,12 +84,16 @@ def split_into_layer_groups(
     managed = {id(p) for layer in layers for p in layer.params}
     live = {id(p) for p in trainable}
 
+    # A tied parameter (in several layers) trains in the group of the last layer that uses it: the one
+    # that trains longest when layers freeze front to back or thaw back to front.
+    home = {id(p): layer.name for layer in layers for p in layer.params}
     new_groups: list[dict] = []
     source: list[int] = []
     layer_groups: dict[str, list[int]] = {}
     param_group: dict[int, int] = {}
     for layer in layers:
-        sources = sorted({group_of[id(p)] for p in layer.params if id(p) in group_of}) or [0]
+        own = [p for p in layer.params if home[id(p)] == layer.name]
+        sources = sorted({group_of[id(p)] for p in own if id(p) in group_of}) or [0]
         index_of_source = {}
         for src in sources:
             group = {k: v for k, v in old_groups[src].items() if k != "params"}
@@ -99,7 +103,7 @@ def split_into_layer_groups(
             index_of_source[src] = len(new_groups)
             new_groups.append(group)
             source.append(src)
-        for p in layer.params:
+        for p in own:
             index = index_of_source[group_of.get(id(p), sources[0])]
             param_group[id(p)] = index
             if id(p) in live:
