@@ -71,6 +71,7 @@ class FreezeEngine:
         self.layout: GroupLayout | None = None
         self.modes_active = False
         self._norm_params = self._params_of_norm_modules() if norm == "train" else set()
+        self._outside_users: dict[int, list[str]] = {}  # id(param) -> modules outside the layers that use it
         self._users = self._users_of_params()
         self._kept_eval: dict[int, tuple[nn.Module, object]] = {}  # id -> (module, its own train() before)
         self._told: set[tuple[str, str]] = set()
@@ -172,9 +173,8 @@ class FreezeEngine:
         return all(user is not None and user in self.frozen for user in self._users.get(id(p), ()))
 
     def _tell_tie(self, layer: Layer, p: nn.Parameter) -> None:
-        training = [
-            u or "a module outside the managed layers" for u in self._users[id(p)] if u not in self.frozen
-        ]
+        training = [u for u in self._users[id(p)] if u is not None and u not in self.frozen]
+        training += self._outside_users.get(id(p), [])
         key = (layer.name, str(id(p)))
         if key in self._told:
             return
@@ -197,12 +197,14 @@ class FreezeEngine:
             for top in layer.modules:
                 covering.update((id(m), layer.name) for m in top.modules())
         users: dict[int, list[str | None]] = {}
-        for module in self.model.modules():
+        for name, module in self.model.named_modules():
             for p in module.parameters(recurse=False):
                 if id(p) in managed:
                     user = covering.get(id(module), holding.get(id(module)))
                     if user not in users.setdefault(id(p), []):
                         users[id(p)].append(user)
+                    if user is None:
+                        self._outside_users.setdefault(id(p), []).append(name)
         return users
 
     def _sync_groups(self, changed: Sequence[str]) -> None:
