@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# 5-fold stratified cross-validation on the digits task: frozen backbone (freeze=layer_freeze) against
-# full fine-tuning (freeze=none). Ten jobs in one Hydra multirun; the folds are the same for both
-# strategies (a split is a pure function of data, spec and seed), so the comparison is paired by fold.
+# 5-fold stratified cross-validation on the digits task: frozen backbone (freeze=layer_freeze) against full
+# fine-tuning (freeze=none). Ten jobs in one Hydra multirun; both strategies train on the same five splits
+# (a split is a pure function of data, splitter and seed), so the report pairs them by the split manifest.
 #
 #   examples/kfold_compare.sh                       # sequential (basic launcher)
 #   LAUNCHER=joblib examples/kfold_compare.sh       # folds in parallel processes
 #   EPOCHS=10 examples/kfold_compare.sh trainer=ddp_cpu   # extra Hydra overrides go last
 #
-# Prints the summary (mean, std, 95% CI per strategy; paired difference, CI and p-value across folds)
-# and leaves summary.json / summary.md / summary.png at the sweep root.
+# The app's sweep callback prints the summary (mean, std, 95% CI per strategy; paired difference, CI and
+# p-value across folds) and leaves summary.json / summary.md / summary.png at the sweep root. Rebuild it any
+# time, e.g. against another baseline: lightning-freeze-report "$SWEEP" --baseline freeze=layer_freeze
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,5 +22,3 @@ SWEEP=${SWEEP:-multirun/kfold_compare/$(date +%Y-%m-%d_%H-%M-%S)}
   trainer.max_epochs="${EPOCHS:-5}" trainer.enable_progress_bar=false \
   ${LAUNCHER:+hydra/launcher=$LAUNCHER} \
   hydra.sweep.dir="$SWEEP" "$@"
-
-"$PY" -m lightning_freeze.splitrun.report "$SWEEP" --baseline freeze=none

@@ -10,7 +10,7 @@ import torch
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from lightning_freeze.app.main import train
+from lightning_freeze.app.main import CONFIG_NAME, train
 from lightning_freeze.tasks.digits import (
     DigitsClassifier,
     DigitsDataset,
@@ -119,7 +119,7 @@ def test_frozen_backbone_transfers_well(tmp_path: Path):
     """The default job: backbone pretrained on 0-4 and frozen; only the head learns 5-9."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
-            "config", overrides=["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+            CONFIG_NAME, overrides=["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
         )
     pretrained = DigitsClassifier().backbone.state_dict()  # from the (session) cache
     result = train(cfg, run_dir=tmp_path)
@@ -129,7 +129,8 @@ def test_frozen_backbone_transfers_well(tmp_path: Path):
     assert result["metrics"]["test/acc"] >= 0.9
     assert result["epochs"] == cfg.trainer.max_epochs
     # the frozen backbone (weights and BatchNorm statistics) is exactly the pretrained one
-    checkpoint = next((tmp_path / "lightning_logs").rglob("*.ckpt"))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     for key, value in pretrained.items():
         assert torch.equal(state[f"backbone.{key}"], value), key

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, read_metrics
 
+from lightning_freeze.app.main import CONFIG_NAME
+
 README = (REPO_ROOT / "README.md").read_text()
 
 
@@ -44,10 +46,16 @@ def test_readme_config_table_matches_conf():
     rows = re.findall(r"^\| `(\w+)` \| (.*?) \| `(\w+)` \|$", _section("The Hydra app"), flags=re.M)
     conf = REPO_ROOT / "conf"
     documented = {group: re.findall(r"`(\w+)`(?![^(]*\))", options) for group, options, _ in rows}
-    actual = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir()}
+    # conf/hydra holds options of Hydra's own groups (hydra/launcher=slurm), documented with the cluster recipe
+    actual = {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in conf.iterdir()
+        if d.is_dir() and d.name != "hydra"
+    }
     assert {g: sorted(o) for g, o in documented.items()} == actual
+    assert all(f"hydra/launcher={p.stem}" in README for p in (conf / "hydra" / "launcher").glob("*.yaml"))
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True)
+        cfg = compose(CONFIG_NAME, return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     assert {group: default for group, _, default in rows} == {group: choices[group] for group, _, _ in rows}
 
@@ -87,7 +95,11 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     finally:
         torch.set_num_threads(threads)
     assert namespace["trainer"].current_epoch == 2
-    assert all(not p.requires_grad for p in namespace["model"].backbone.parameters())
+    from lightning_freeze.tasks.digits import DigitsClassifier
+
+    pretrained = DigitsClassifier().backbone.state_dict()  # the cached pretrained backbone
+    trained = namespace["model"].backbone.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in pretrained.items())  # the frozen backbone did not move
 
 
 def test_plain_trainer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
@@ -143,7 +155,7 @@ def test_readme_app_commands_run(tmp_path: Path):
         cfg_only = "--cfg" in args
         overrides = [a for a in args if a not in ("--cfg", "job")]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=overrides if cfg_only else [*overrides, *short])
+            cfg = compose(CONFIG_NAME, overrides=overrides if cfg_only else [*overrides, *short])
         if cfg_only:
             assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
             continue
@@ -187,3 +199,25 @@ def test_make_run_on_a_fresh_copy(tmp_path: Path):
     assert result["status"] == "ok" and result["metrics"]["val/acc"] > 0.9
     assert Path(result["run_dir"]).resolve() == metrics.parent.resolve()
     assert list((clone / "outputs" / ".cache").glob("digits_pretrained_*.pt"))  # the pretrain cache
+
+
+@pytest.mark.slow
+def test_kfold_compare_example_runs(tmp_path: Path):
+    """examples/kfold_compare.sh as written (one epoch): ten jobs, a summary that pairs the five folds."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PY": sys.executable, "SWEEP": str(sweep), "EPOCHS": "1"}
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "examples" / "kfold_compare.sh"), "trainer.enable_model_summary=false"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["n_ok"] == 10 and summary["compare_axes"] == ["freeze"]
+    (acc,) = [c for c in summary["comparisons"] if c["metric"] == "val/acc"]
+    assert acc["baseline"] == "freeze=none" and acc["n"] == 5 and acc["unpaired"] == 0
+    assert "Paired comparisons" in proc.stdout

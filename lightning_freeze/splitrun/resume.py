@@ -107,15 +107,17 @@ class ExactResume(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop
+        # Lightning's private loop state (2.4-2.6), read defensively: another version only skips the repair
         pending = getattr(loop, "_combined_loader_states_to_load", None)
+        fetcher = getattr(loop, "_data_fetcher", None)
         if (
             pending
             and loop.restarting
-            and loop._combined_loader is not None
-            and loop._data_fetcher is not None
+            and getattr(loop, "_combined_loader", None) is not None
+            and fetcher is not None
         ):
             loop._load_combined_loader_states()
-            iter(loop._data_fetcher)
+            iter(fetcher)
         states, self._pending_rng = self._pending_rng, None
         if not states:
             return
