@@ -222,13 +222,18 @@ def lightning_contender(
     device,
     callbacks: Callable[[BenchModule], list],
     note: str,
+    module_factory: Callable[..., L.LightningModule] | None = None,
     **module_kw,
 ) -> Contender:
-    """A contender whose round is one short fit; it also records whether the backbone stayed unchanged."""
+    """A contender whose round is one short fit; it also records whether the backbone stayed unchanged.
+
+    ``module_factory(net, **module_kw)`` wraps the net (default: :class:`BenchModule`); the module must
+    expose the frozen prefix as ``backbone``.
+    """
     info: dict[str, str] = {}
 
     def run() -> float:
-        module = BenchModule(make_net(), **module_kw)
+        module = (module_factory or BenchModule)(make_net(), **module_kw)
         before = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
 
         def check(trainer, mod):

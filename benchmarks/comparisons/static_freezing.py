@@ -8,12 +8,14 @@ how much it gives away.  "Lightning, nothing frozen" separates Lightning's own l
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from benchmarks import peers
+from benchmarks import hf, peers
 from benchmarks.harness import (
     BenchContext,
     Contender,
@@ -32,16 +34,30 @@ TARGET_SHARES = (0.30, 0.70, 0.85)
 BASELINE = "PyTorch, hand-frozen (optimum)"
 
 
-def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, device) -> list[Contender]:
+def build_contenders(
+    make_net: Callable[[], nn.Module],
+    batches,
+    skip: int,
+    device,
+    prefix: list[str] | None = None,
+) -> list[Contender]:
+    """The six contenders on ``make_net()``: a :class:`SplitNet`, or (``prefix`` given) a transformers model
+    whose first blocks ``prefix`` are the frozen part."""
+    module_kw = (
+        {} if prefix is None else {"module_factory": functools.partial(hf.HFBenchModule, prefix=prefix)}
+    )
+
     def plain(frozen: bool) -> Contender:
         info: dict[str, str] = {}
 
         def run() -> float:
             net = make_net()
-            before = {k: v.detach().clone() for k, v in net.backbone.state_dict().items()}
-            step_s = plain_step_round(net, batches, frozen=frozen, skip=skip, device=device)
-            info["frozen_prefix_unchanged"] = frozen_prefix_report(before, net)
-            return step_s
+            if prefix is None:
+                before = {k: v.detach().clone() for k, v in net.backbone.state_dict().items()}
+                step_s = plain_step_round(net, batches, frozen=frozen, skip=skip, device=device)
+                info["frozen_prefix_unchanged"] = frozen_prefix_report(before, net)
+                return step_s
+            return hf.plain_round(net, prefix, batches, frozen=frozen, skip=skip, device=device)
 
         name, note = (
             (BASELINE, "prefix under no_grad + eval; optimizer holds trainable params only")
@@ -61,6 +77,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             device,
             lambda m: [],
             note="Lightning's own loop cost, no freezing",
+            **module_kw,
         ),
         lightning_contender(
             "Lightning + LayerFreeze (ours)",
@@ -70,6 +87,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             device,
             peers.layer_freeze,
             note=peers.NOTES["layer_freeze"],
+            **module_kw,
         ),
         lightning_contender(
             "Lightning + BackboneFinetuning",
@@ -80,6 +98,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             peers.backbone_finetuning,
             note=peers.NOTES["backbone_finetuning"],
             filter_trainable=True,
+            **module_kw,
         ),
         lightning_contender(
             "Lightning + finetuning-scheduler (phase 0)",
@@ -89,6 +108,7 @@ def build_contenders(make_net: Callable[[], SplitNet], batches, skip: int, devic
             device,
             peers.finetuning_scheduler,
             note=peers.NOTES["finetuning_scheduler"],
+            **module_kw,
         ),
     ]
 
@@ -170,4 +190,38 @@ def run(ctx: BenchContext) -> Result:
                 "time_share": time_share,
             }
         )
+    for kind in ("resnet", "bert"):
+        _transformers_table(ctx, result, kind, skip, measured, rounds, device)
     return result
+
+
+def _transformers_table(
+    ctx: BenchContext, result: Result, kind: str, skip: int, measured: int, rounds: int, device
+) -> None:
+    """The same contenders on a transformers model, its first ~70% of blocks frozen."""
+    spec = ctx.pick(hf.HFSpec.quick(kind), hf.HFSpec.full(kind))
+    batches = hf.make_batches(spec, skip + measured, device=device)
+    prefix = hf.prefix_blocks(hf.build_model(spec), spec)
+    ctx.log(f"  transformers {kind}: frozen prefix {prefix}")
+    contenders = build_contenders(lambda: hf.build_model(spec), batches, skip, device, prefix=prefix)
+    ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    model = {"resnet": "ResNetForImageClassification", "bert": "BertForSequenceClassification"}[kind]
+    table = Table.build(
+        f"transformers {model} (random init), frozen prefix: {len(prefix)} blocks ({', '.join(prefix)})",
+        ms,
+        baseline=BASELINE,
+        metric="value",
+        unit="ms",
+        scale=1e3,
+        label="step time",
+        extra_columns={
+            "prefix bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
+            "how": lambda m: m.note,
+        },
+        notes=[
+            "The hand-written optimum here sets requires_grad=False and eval mode on the prefix blocks (autograd then "
+            "records nothing for them, as under no_grad) and gives the optimizer only the trainable parameters.",
+        ],
+    )
+    result.tables.append(table)
+    result.config.setdefault("transformers", {})[kind] = {**spec.to_json(), "prefix": prefix}
