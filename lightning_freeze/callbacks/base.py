@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_freeze.engine import optim
@@ -279,6 +279,23 @@ class FreezingCallback(Callback):
         return optim.current_lr(engine.optimizer, engine.group_indices(name)[0])
 
     # ------------------------------------------------------------------ internals
+    def _warn_if_after_the_fit(
+        self, trainer: pl.Trainer, epoch: int | None, step: int | None, what: str
+    ) -> None:
+        """One warning when ``what`` is set for an epoch or a step that this fit never reaches."""
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        total = trainer.estimated_stepping_batches
+        late = []
+        if epoch is not None and max_epochs is not None and epoch >= max_epochs:
+            late.append(f"epoch {epoch} (the fit ends after epoch {max_epochs - 1}: max_epochs={max_epochs})")
+        if step is not None and math.isfinite(total) and step >= total:
+            late.append(f"step {step} (the fit takes {int(total)} optimizer steps)")
+        if late:
+            rank_zero_warn(
+                f"{type(self).__name__}: {what} at {' and '.join(late)}, so it never happens in this fit. Lower it, "
+                "or train longer."
+            )
+
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """What ``auto`` and the order check run the model on: ``example_input_array``, else a batch of the
         first samples of the training data (None if neither is at hand)."""

@@ -58,6 +58,10 @@ class LayerFreeze(FreezingCallback):
     def initially_frozen(self, layers: list[Layer]) -> list[str]:
         return [layer.name for layer in layers]
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._warn_if_after_the_fit(trainer, self.until_epoch, self.until_step, "the layers thaw")
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch:
             self._thaw_all(trainer, f"until_epoch={self.until_epoch}")

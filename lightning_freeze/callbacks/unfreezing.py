@@ -231,6 +231,20 @@ class ProgressiveUnfreezing(FreezingCallback):
         self._best_weights = saved["best_weights"]
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        schedule = self._require_schedule()
+        if self.monitor is not None and not _has_validation(trainer, pl_module):
+            raise ValueError(
+                f"{type(self).__name__}: monitor={self.monitor!r} thaws at validation plateaus, but this fit runs no "
+                "validation (no val dataloader, no validation_step, or limit_val_batches=0). Give the fit a "
+                "validation loop, or thaw on a schedule: every_n_epochs / every_n_steps / phases."
+            )
+        for phase in schedule.phases:
+            if phase.trigger != "monitor" and phase.is_due(trainer.current_epoch, trainer.global_step):
+                continue  # already thawed (a resumed run) or thawing now
+            self._warn_if_after_the_fit(trainer, phase.at_epoch, phase.at_step, f"{list(phase.layers)} thaw")
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_due(trainer, pl_module)
         self._apply_growth(trainer)
@@ -361,6 +375,14 @@ class ProgressiveUnfreezing(FreezingCallback):
         if self.thaw_schedule is None:
             raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
         return self.thaw_schedule
+
+
+def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
+    return bool(trainer.val_dataloaders is not None and sum(trainer.num_val_batches) > 0)
 
 
 __all__ = ["PhaseError", "ProgressiveUnfreezing"]
