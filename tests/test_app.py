@@ -20,7 +20,9 @@ from lightning_freeze.app.main import CONFIG_DIR, CONFIG_NAME, build_callbacks, 
 from lightning_freeze.app.results import format_result
 from lightning_freeze.splitrun import Arms, Holdout, KFold, RepeatedKFold, Splitter
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+GROUPS = sorted(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"
+)  # conf/hydra: Hydra's groups
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.logger=false"]
 

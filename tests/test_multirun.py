@@ -26,6 +26,15 @@ FAST = [
 ]
 
 
+def _sweep(tmp_path: Path, *overrides: str, probe: bool = False):
+    """``lightning-freeze -m <overrides> <FAST>`` into ``tmp_path/sweep`` (with the rank probe if asked)."""
+    extra = [PROBE] if probe else []
+    env = PROBE_ENV if probe else None
+    return run_app(
+        "-m", *overrides, *FAST, *extra, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=env
+    )
+
+
 def _job_dirs(sweep: Path) -> list[Path]:
     return sorted(
         (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: int(p.name)
@@ -44,17 +53,8 @@ def _ranks(job: Path) -> tuple[dict, dict]:
 @pytest.mark.ddp
 def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_app(
-        "-m",
-        "trainer=ddp_cpu",
-        "split=stratified_kfold",
-        "split.k=3",
-        "split.fold=0,1",
-        *FAST,
-        PROBE,
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        env=PROBE_ENV,
+    proc = _sweep(
+        tmp_path, "trainer=ddp_cpu", "split=stratified_kfold", "split.k=3", "split.fold=0,1", probe=True
     )
     _check(proc)
     jobs = _job_dirs(sweep)
@@ -83,8 +83,8 @@ def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
 @pytest.mark.ddp
 def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_app(
-        "-m",
+    proc = _sweep(
+        tmp_path,
         "hydra/sweeper=optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=1",
@@ -93,11 +93,7 @@ def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_
         "task.model.optimizer.lr=interval(0.0005, 0.05)",
         "optimized_metric=val/acc",
         "trainer=ddp_cpu",
-        *FAST,
-        PROBE,
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        env=PROBE_ENV,
+        probe=True,
     )
     _check(proc)
     jobs = _job_dirs(sweep)
@@ -123,16 +119,13 @@ def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_
 def test_launchers_run_folds_in_parallel_and_the_sweep_is_summarised(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
-    proc = run_app(
-        "-m",
+    proc = _sweep(
+        tmp_path,
         f"hydra/launcher={launcher}",
         *extra,
         "split=stratified_kfold",
         "split.k=2",
         "split.fold=0,1",
-        *FAST,
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
     )
     _check(proc)
     jobs = _job_dirs(sweep)
@@ -151,16 +144,7 @@ def test_launchers_run_folds_in_parallel_and_the_sweep_is_summarised(tmp_path, l
 def test_a_failed_job_still_leaves_a_summary_that_lists_it(tmp_path):
     """Hydra skips on_multirun_end after a failed job; the summary is written at every job end instead."""
     sweep = tmp_path / "sweep"
-    proc = run_app(
-        "-m",
-        "split=kfold",
-        "split.k=2",
-        "split.fold=0,7",
-        "freeze=none",
-        *FAST,
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    proc = _sweep(tmp_path, "split=kfold", "split.k=2", "split.fold=0,7")
     assert proc.returncode != 0  # the sweep reports the failure
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["n_jobs"] == 2 and summary["n_ok"] == 1

@@ -89,15 +89,14 @@ def test_installed_wheel_leaves_other_hydra_apps_alone_and_serves_apps_that_ask(
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
     (tmp_path / "my_app.py").write_text(TUTORIAL)
-    tutorial = subprocess.run(
-        [sys.executable, "my_app.py", "hydra.run.dir=out"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    tutorial = run("my_app.py", "hydra.run.dir=out")
     assert tutorial.returncode == 0, tutorial.stderr[-3000:]
     assert tutorial.stdout.strip() == "Host: localhost, port: 3306"
     (tmp_path / "conf").mkdir()
@@ -109,22 +108,8 @@ def test_installed_wheel_leaves_other_hydra_apps_alone_and_serves_apps_that_ask(
         "@hydra.main(version_base='1.3', config_path='conf', config_name='mine')\n"
         "def main(cfg):\n    print(OmegaConf.to_yaml(cfg))\nmain()\n"
     )
-    mine = subprocess.run(
-        [sys.executable, "mine.py", "hydra.run.dir=out", "--info", "searchpath"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    mine = run("mine.py", "hydra.run.dir=out", "--info", "searchpath")
     assert mine.returncode == 0, mine.stderr[-3000:]
     assert "lightning-freeze://" in mine.stdout
-    composed = subprocess.run(
-        [sys.executable, "mine.py", "hydra.run.dir=out"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    composed = run("mine.py", "hydra.run.dir=out")
     assert "_target_: lightning_freeze.splitrun.Arms" in composed.stdout, composed.stderr[-3000:]

@@ -160,33 +160,22 @@ class SplitRunDataModule(pl.LightningDataModule):
                 f"RepeatedKFold, Arms from lightning_freeze.splitrun), e.g. split=KFold(k=5, fold=0); got {split!r}"
             )
         self.split = split
-        self.seed = check_int(seed, "seed", minimum=0, where=_WHERE, error=SplitSpecError)
-        self.batch_size = check_int(batch_size, "batch_size", minimum=1, where=_WHERE, error=SplitSpecError)
-        self.num_workers = check_int(
-            num_workers, "num_workers", minimum=0, where=_WHERE, error=SplitSpecError
-        )
+        checks = {"where": _WHERE, "error": SplitSpecError}
+        self.seed = check_int(seed, "seed", minimum=0, **checks)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1, **checks)
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0, **checks)
         self.labels = _check_values(labels, "labels")
         self.groups = _check_values(groups, "groups")
         self.shuffle_seed = check_int(
-            seed if shuffle_seed is None else shuffle_seed,
-            "shuffle_seed",
-            minimum=0,
-            where=_WHERE,
-            error=SplitSpecError,
+            seed if shuffle_seed is None else shuffle_seed, "shuffle_seed", minimum=0, **checks
         )
         self.eval_batch_size = check_int(
-            batch_size if eval_batch_size is None else eval_batch_size,
-            "eval_batch_size",
-            minimum=1,
-            where=_WHERE,
-            error=SplitSpecError,
+            batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size", minimum=1, **checks
         )
-        self.remainder = check_choice(
-            remainder, "remainder", ("drop", "pad"), where=_WHERE, error=SplitSpecError
-        )
-        self.fixed_shards = check_bool(fixed_shards, "fixed_shards", where=_WHERE, error=SplitSpecError)
-        self.return_indices = check_bool(return_indices, "return_indices", where=_WHERE, error=SplitSpecError)
-        self.check_manifest = check_bool(check_manifest, "check_manifest", where=_WHERE, error=SplitSpecError)
+        self.remainder = check_choice(remainder, "remainder", ("drop", "pad"), **checks)
+        self.fixed_shards = check_bool(fixed_shards, "fixed_shards", **checks)
+        self.return_indices = check_bool(return_indices, "return_indices", **checks)
+        self.check_manifest = check_bool(check_manifest, "check_manifest", **checks)
         self.manifest_dir = manifest_dir
         self.loader_options = _check_loader_options(loader_options)
         self._dataset_arg = dataset

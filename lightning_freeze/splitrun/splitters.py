@@ -309,7 +309,8 @@ class Holdout(Splitter):
 # ----------------------------------------------------------------------------------------------- k-fold
 
 
-def _check_fold(splitter: Any, where: str) -> None:
+def _check_fold(splitter: Any) -> None:
+    where = type(splitter).__name__
     check_int(splitter.k, "k", minimum=2, where=where, error=SplitSpecError)
     check_int(
         splitter.fold,
@@ -376,7 +377,20 @@ def _kfold_parts(
 
 
 @dataclass(frozen=True)
-class KFold(Splitter):
+class _Folds(Splitter):
+    """The k-fold family: fold ``fold`` of ``k`` is ``val`` (+ a fixed ``test`` part); subclasses add fields."""
+
+    def _stream(self) -> tuple[int, ...]:
+        return ()  # the folds' random stream, after the seed
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
+        shuffle = getattr(self, "shuffle", True)
+        return _kfold_parts(self, n, seed, labels_arr, codes, gcodes, self._stream(), shuffle=shuffle)
+
+
+@dataclass(frozen=True)
+class KFold(_Folds):
     """k-fold cross-validation: fold ``fold`` of ``k`` is ``val``, the other folds are ``train``.
 
     Folds of one ``(data, k, seed)`` tile the data, and changing ``fold`` never changes the assignment, so
@@ -397,17 +411,13 @@ class KFold(Splitter):
     test_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fold(self, "KFold")
+        _check_fold(self)
         check_bool(self.stratify, "stratify", where="KFold", error=SplitSpecError)
         check_bool(self.shuffle, "shuffle", where="KFold", error=SplitSpecError)
 
-    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        n, seed, labels_arr, codes, _ = self._inputs(n, labels, groups, seed)
-        return _kfold_parts(self, n, seed, labels_arr, codes, None, (), shuffle=self.shuffle)
-
 
 @dataclass(frozen=True)
-class GroupKFold(Splitter):
+class GroupKFold(_Folds):
     """k-fold over whole groups (patients, sessions, sites): a group is never in both ``train`` and ``val``.
 
     >>> groups = [0, 0, 1, 1, 2, 2, 3, 3]
@@ -424,15 +434,11 @@ class GroupKFold(Splitter):
     test_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fold(self, "GroupKFold")
-
-    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        n, seed, labels_arr, _, gcodes = self._inputs(n, labels, groups, seed)
-        return _kfold_parts(self, n, seed, labels_arr, None, gcodes, ())
+        _check_fold(self)
 
 
 @dataclass(frozen=True)
-class StratifiedGroupKFold(Splitter):
+class StratifiedGroupKFold(GroupKFold):
     """k-fold over whole groups, each group placed where its classes are most under-represented.
 
     >>> labels, groups = [0, 1] * 6, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
@@ -442,22 +448,10 @@ class StratifiedGroupKFold(Splitter):
     """
 
     uses_labels: ClassVar[str] = "*"
-    uses_groups: ClassVar[str] = "*"
-
-    k: int = 5
-    fold: int = 0
-    test_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_fold(self, "StratifiedGroupKFold")
-
-    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
-        return _kfold_parts(self, n, seed, labels_arr, codes, gcodes, ())
 
 
 @dataclass(frozen=True)
-class RepeatedKFold(Splitter):
+class RepeatedKFold(_Folds):
     """``n_repeats`` k-fold cross-validations, each from its own random stream: (``repeat``, ``fold``) is one run.
 
     Sweep ``repeat=range(n_repeats)`` and ``fold=range(k)``. Repeat r's folds come from the stream
@@ -478,7 +472,7 @@ class RepeatedKFold(Splitter):
     test_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fold(self, "RepeatedKFold")
+        _check_fold(self)
         check_int(self.n_repeats, "n_repeats", minimum=1, where="RepeatedKFold", error=SplitSpecError)
         check_int(
             self.repeat,
@@ -491,9 +485,8 @@ class RepeatedKFold(Splitter):
         )
         check_bool(self.stratify, "stratify", where="RepeatedKFold", error=SplitSpecError)
 
-    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        n, seed, labels_arr, codes, _ = self._inputs(n, labels, groups, seed)
-        return _kfold_parts(self, n, seed, labels_arr, codes, None, (int(self.repeat),))
+    def _stream(self) -> tuple[int, ...]:
+        return (int(self.repeat),)
 
 
 # ----------------------------------------------------------------------------------------------- arms
