@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "AdaptiveFreeze": "lightning_freeze.callbacks.adaptive",
     "FreezeOut": "lightning_freeze.callbacks.freezeout",
     "FrozenPrefixCache": "lightning_freeze.cache",
     "LayerFreeze": "lightning_freeze.callbacks.layer_freeze",
@@ -19,6 +20,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdaptiveFreeze",
     "FreezeOut",
     "FrozenPrefixCache",
     "LayerFreeze",
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from lightning_freeze.cache import FrozenPrefixCache
+    from lightning_freeze.callbacks.adaptive import AdaptiveFreeze
     from lightning_freeze.callbacks.freezeout import FreezeOut
     from lightning_freeze.callbacks.layer_freeze import LayerFreeze
     from lightning_freeze.callbacks.unfreezing import ProgressiveUnfreezing

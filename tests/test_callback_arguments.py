@@ -3,7 +3,7 @@ names the option: the mistake surfaces where it was written, not at ``Trainer.fi
 
 import pytest
 
-from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze, ProgressiveUnfreezing
+from lightning_freeze import AdaptiveFreeze, FreezeOut, FrozenPrefixCache, LayerFreeze, ProgressiveUnfreezing
 
 CASES = [
     (LayerFreeze, {"layers": 123}, "LayerFreeze: layers must be a layer spec"),
@@ -57,6 +57,11 @@ CASES = [
         {"monitor": "val/loss", "min_delta": -1},
         "min_delta must be a non-negative number",
     ),
+    (AdaptiveFreeze, {"percentile": 120}, r"AdaptiveFreeze: percentile must be a number in \(0, 100\)"),
+    (AdaptiveFreeze, {"check_every_n_steps": 0}, "check_every_n_steps must be a positive integer"),
+    (AdaptiveFreeze, {"layers": 7}, "AdaptiveFreeze: layers must be a layer spec"),
+    (AdaptiveFreeze, {"monitor": ""}, "monitor must be a non-empty string or None"),
+    (AdaptiveFreeze, {"criterion": "grad_norm"}, "threshold must be a positive number"),
     (FrozenPrefixCache, {"module": ""}, "module must be 'auto' or a module name"),
     (FrozenPrefixCache, {"max_bytes": "lots"}, "max_bytes: cannot read 'lots'"),
     (FrozenPrefixCache, {"min_hit_rate": 2}, "min_hit_rate must be a number in \\[0, 1\\]"),

@@ -1,0 +1,254 @@
+"""AdaptiveFreeze: freeze the front layers that have stopped learning, decided from the training gradients.
+
+The decision rule is pure logic in :mod:`lightning_freeze.rules.adaptive`; this module measures the signals
+and applies the decisions:
+
+- after every backward pass that ends in an optimizer step (``on_before_optimizer_step``: gradients are
+  accumulated, all-reduced under DDP, unscaled under AMP, not yet clipped) it adds each training layer's
+  gradient norm to the interval's sums, on the device, without a host sync;
+- every ``check_every_n_steps`` optimizer steps (from ``min_steps`` on, and not while ``monitor`` is getting
+  worse) rank 0 decides and broadcasts the decision, so every rank freezes the same layers at the same step;
+  the shared engine then freezes them, and under DDP they leave the all-reduce;
+- the sums, the previous interval, the history and the guard's state live in the callback state, so a run
+  stopped between checks and resumed decides exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.engine.layers import Layer
+from lightning_freeze.rules import adaptive
+from lightning_freeze.rules.checks import check_str
+
+
+class AdaptiveFreeze(FreezingCallback):
+    """Freeze, from the front, the layers whose gradients say they have stopped learning.
+
+    Every ``check_every_n_steps`` optimizer steps each layer still training gets a score from its gradients
+    (``criterion``: ``grad_norm_change``, AutoFreeze's relative change of the gradient norm between two
+    intervals, candidates at or below the ``percentile``-th percentile of the layers still training; or
+    ``grad_norm``, the gradient norm per element at or below ``threshold``). The longest run of candidates
+    at the front freezes. Guards: nothing freezes before ``min_steps`` (an int: optimizer steps; a float:
+    that fraction of training), at most ``max_frozen`` layers freeze (default: all but the last, the head),
+    and with ``monitor`` nothing more freezes after a validation that was worse than the one before.
+
+    A run over the digits model (14 steps per epoch, a check every 4 steps from step 8 on); the layers
+    freeze front to back, at check steps:
+
+    >>> import torch
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, DigitsDataset
+    >>> data = torch.utils.data.DataLoader(DigitsDataset(), batch_size=64)
+    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> adaptive = AdaptiveFreeze(check_every_n_steps=4, min_steps=8, plot=False)
+    >>> _ = torch.manual_seed(0)
+    >>> Trainer(max_epochs=2, callbacks=[adaptive], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> [layer.name for layer in adaptive.layers]
+    ['backbone.0', 'backbone.1', 'backbone.2', 'head']
+    >>> frozen = [e["layer"] for e in adaptive.events]
+    >>> frozen == [layer.name for layer in adaptive.layers[: len(frozen)]] and "head" not in frozen
+    True
+    >>> all(e["step"] >= 8 and e["step"] % 4 == 0 for e in adaptive.events)
+    True
+    """
+
+    ordered_layers = True
+
+    def __init__(
+        self,
+        layers: LayerSpec = "auto",
+        check_every_n_steps: int = 50,
+        criterion: str = "grad_norm_change",
+        percentile: float = 50.0,
+        threshold: float | None = None,
+        min_steps: int | float = 0.1,
+        max_frozen: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        norm: str = "eval",
+        plot: bool = True,
+    ) -> None:
+        super().__init__(layers=layers, norm=norm, plot=plot)
+        adaptive.check_settings(
+            check_every_n_steps=check_every_n_steps,
+            criterion=criterion,
+            percentile=percentile,
+            threshold=threshold,
+            min_steps=min_steps,
+            max_frozen=max_frozen,
+            mode=mode,
+        )
+        self.check_every_n_steps = check_every_n_steps
+        self.criterion = criterion
+        self.percentile = float(percentile)
+        self.threshold = None if threshold is None else float(threshold)
+        self.min_steps = min_steps
+        self.max_frozen = max_frozen
+        self.monitor = check_str(monitor, "monitor", allow_none=True, where="AdaptiveFreeze")
+        self.mode = mode
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._sums: torch.Tensor | None = None  # per layer: gradient norms summed over the interval
+        self._steps_in_interval = 0
+        self._previous: dict[str, float] = {}  # the last interval's sums of the layers still training
+        self._paused = False  # the monitor guard
+        self._last_metric: float | None = None
+        self._start_step = 0
+        self.signals: dict[str, Any] = {"step": [], "score": {}, "threshold": []}
+
+    # ------------------------------------------------------------------ FreezingCallback interface
+    def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
+        limit = len(layers) - 1 if self.max_frozen is None else self.max_frozen
+        if limit > len(layers) - 1 or len(layers) < 2:
+            raise ValueError(
+                f"AdaptiveFreeze: max_frozen={self.max_frozen} with {len(layers)} layers "
+                f"{[layer.name for layer in layers]}: the last layer (the head) never freezes, so at most "
+                f"{len(layers) - 1} can; lower max_frozen or use a finer layer spec"
+            )
+        self._max_frozen = limit
+        self._reset_run_state()
+        self._elements = [max(1, sum(p.numel() for p in layer.params)) for layer in layers]
+        self._position = {layer.name: i for i, layer in enumerate(layers)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "adaptive": {
+                "sums": None if self._sums is None else self._sums.detach().cpu(),
+                "steps_in_interval": self._steps_in_interval,
+                "previous": dict(self._previous),
+                "paused": self._paused,
+                "last_metric": self._last_metric,
+                "signals": self.signals,
+            }
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("adaptive")
+        if saved is None:
+            raise ValueError("AdaptiveFreeze: the checkpoint holds no adaptive-freezing state")
+        self._sums = saved["sums"]
+        self._steps_in_interval = int(saved["steps_in_interval"])
+        self._previous = dict(saved["previous"])
+        self._paused = bool(saved["paused"])
+        self._last_metric = saved["last_metric"]
+        self.signals = saved["signals"]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = adaptive.warmup_steps(self.min_steps, trainer.estimated_stepping_batches)
+        if self.monitor is not None:
+            from lightning_freeze.callbacks.unfreezing import _has_validation
+
+            if not _has_validation(trainer, pl_module):
+                raise ValueError(
+                    f"AdaptiveFreeze: monitor={self.monitor!r} guards freezing with validation results, but this "
+                    "fit runs no validation (no val dataloader, no validation_step, or limit_val_batches=0). Give "
+                    "the fit a validation loop, or set monitor=None."
+                )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        engine = self._require_engine()
+        norms = []
+        for layer in self.layers:
+            grads = (
+                [p.grad for p in layer.params if p.grad is not None]
+                if not engine.is_frozen(layer.name)
+                else []
+            )
+            if grads:
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            else:
+                norms.append(torch.zeros((), device=pl_module.device))
+        step = torch.stack(norms).detach().float()
+        self._sums = step if self._sums is None else self._sums.to(step.device) + step
+        self._steps_in_interval += 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        step = trainer.global_step
+        if self._steps_in_interval >= self.check_every_n_steps and step % self.check_every_n_steps == 0:
+            self._check(trainer, pl_module, step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise RuntimeError(
+                f"AdaptiveFreeze: monitor={self.monitor!r} was not logged during validation; logged metrics are "
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in validation_step"
+            )
+        value = float(trainer.strategy.broadcast(float(value), src=0))  # every rank guards alike
+        self._paused = adaptive.metric_worsened(self._last_metric, value, self.mode)
+        self._last_metric = value
+
+    # ------------------------------------------------------------------ the check
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        engine = self._require_engine()
+        assert self._sums is not None
+        sums = self._sums.tolist()
+        n = self._steps_in_interval
+        self._sums, self._steps_in_interval = None, 0
+        n_frozen = len(engine.frozen_prefix())
+        training = [layer.name for layer in self.layers[n_frozen:]]
+        current = {name: sums[self._position[name]] for name in training}
+        per_element = {name: current[name] / n / self._elements[self._position[name]] for name in training}
+        signals = adaptive.Signals(dict(self._previous), current, per_element)
+        self._previous = current
+        decision = adaptive.decide(
+            [layer.name for layer in self.layers],
+            n_frozen,
+            signals,
+            criterion=self.criterion,
+            percentile=self.percentile,
+            threshold=self.threshold,
+            max_frozen=self._max_frozen,
+        )
+        self._remember(step, decision)
+        freeze = list(decision.freeze) if step >= self._start_step and not self._paused else []
+        # Rank 0's decision for every rank: float sums of all-reduced gradients may differ in the last bit.
+        freeze = trainer.strategy.broadcast(freeze, src=0)
+        if freeze:
+            self.transition(trainer, freeze=freeze, reason=decision.reason)
+        pl_module.log_dict(
+            {
+                f"adaptive/score/{name}": value
+                for name, value in decision.scores.items()
+                if math.isfinite(value)
+            }
+            | ({"adaptive/threshold": decision.threshold} if decision.threshold is not None else {}),
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+        )
+
+    def _remember(self, step: int, decision: adaptive.Decision) -> None:
+        self.signals["step"].append(step)
+        for layer in self.layers:
+            series = self.signals["score"].setdefault(layer.name, [])
+            series.extend([None] * (len(self.signals["step"]) - 1 - len(series)))
+            value = decision.scores.get(layer.name)
+            series.append(value if value is not None and math.isfinite(value) else None)
+        self.signals["threshold"].append(decision.threshold)
+
+    def timeline(self, end_step: int) -> dict[str, Any]:
+        data = super().timeline(end_step)
+        data.update(
+            signals=self.signals["score"],
+            signal_steps=self.signals["step"],
+            threshold=self.signals["threshold"],
+            signal_name="gradient-norm change"
+            if self.criterion == "grad_norm_change"
+            else "gradient norm / element",
+        )
+        return data
