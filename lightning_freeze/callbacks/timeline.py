@@ -95,7 +95,7 @@ def plot_timeline(data: Mapping[str, Any], path: str) -> str | None:
         sig_steps = list(data.get("signal_steps", steps))
         for name, series in signals.items():
             values = [math.nan if v is None else v for v in series]
-            sig_ax.plot(sig_steps[: len(values)], values, color=colors.get(name), linewidth=1.2)
+            sig_ax.plot(sig_steps[: len(values)], values, color=colors.get(name), linewidth=1.2, marker=".")
         threshold = data.get("threshold") or []
         if threshold:
             values = [math.nan if v is None else v for v in threshold]
