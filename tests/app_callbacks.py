@@ -28,3 +28,16 @@ class SlowUntilResumed(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.ckpt_path is None:
             time.sleep(self.seconds)
+
+
+class ExitAfterTest(pl.Callback):
+    """Rank ``rank`` exits with ``code`` once testing is done: a rank that dies after rank 0's job succeeded."""
+
+    def __init__(self, rank: int, code: int) -> None:
+        self.rank, self.code = rank, code
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == self.rank:
+            import os
+
+            os._exit(self.code)

@@ -151,3 +151,23 @@ def test_a_failed_job_still_leaves_a_summary_that_lists_it(tmp_path):
     (failed,) = summary["failed"]
     assert failed["overrides"]["split.fold"] == "7" and "fold must be" in failed["error"]
     assert "Failed jobs" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_rank_that_dies_after_rank_0_succeeded_fails_the_job_in_metrics_json_too(tmp_path):
+    """The exit code and metrics.json agree: rank 1 exits 3 after testing, so the job is failed, not ok."""
+    run_dir = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = run_app(
+        "trainer=ddp_cpu",
+        *FAST,
+        "+callbacks.die={_target_: app_callbacks.ExitAfterTest, rank: 1, code: 3}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode != 0
+    record = read_metrics(run_dir)
+    assert record["status"] == "failed" and "(1, 3)" in record["error"], record["error"]
+    assert record["global_step"] == 3  # rank 0 itself had finished

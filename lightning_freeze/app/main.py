@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,7 @@ def _new_result(cfg: DictConfig, hydra_cfg: Any | None, run_dir: Path) -> dict[s
             else {}
         ),
         "run_dir": str(run_dir),
+        "run_id": uuid.uuid4().hex,
     }
 
 

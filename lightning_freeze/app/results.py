@@ -1,9 +1,9 @@
 """One run's result record, ``metrics.json``, and its printed table.
 
 A run records ``status``: ``ok``, ``failed`` (with the ``error``) or ``interrupted`` (with the last epoch and
-step and the checkpoint to resume from). A completed result is never replaced by a run that did not
+step and the checkpoint to resume from). A completed result is never replaced by another run that did not
 complete: a refused or failed re-run into the same directory writes ``metrics.<status>.json`` next to it
-and leaves the earlier ``metrics.json`` as it was.
+and leaves the earlier ``metrics.json`` as it was. ``run_id`` tells runs apart.
 """
 
 from __future__ import annotations
@@ -29,10 +29,15 @@ def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
     path = run_dir / METRICS_FILE
     if result.get("status") != "ok" and path.is_file():
         try:
-            earlier = json.loads(path.read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            earlier = None
-        if earlier == "ok":
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        # this run's own record may be corrected (a rank failed after rank 0 wrote ok); another run's may not
+        if (
+            isinstance(earlier, dict)
+            and earlier.get("status") == "ok"
+            and earlier.get("run_id") != result.get("run_id")
+        ):
             path = run_dir / f"metrics.{result.get('status', 'failed')}.json"
     text = json.dumps(json_ready(dict(result)), indent=2, default=str, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -43,6 +43,10 @@ class ShardSampler(DistributedSampler):
 
     ``__init__`` deliberately does not call ``DistributedSampler.__init__``: the subclassing only tells
     Lightning (and other tools) that the sampler already shards, so it is never replaced.
+
+    >>> sampler = EvalShardSampler([4, 8, 15], num_replicas=2, rank=1)
+    >>> isinstance(sampler, DistributedSampler), sampler.num_replicas, sampler.rank
+    (True, 2, 1)
     """
 
     def __init__(
@@ -99,6 +103,10 @@ class TrainShardSampler(ShardSampler):
 
     ``start`` (set by :class:`ResumableDataLoader` after a restore) skips that many samples of this rank's
     shard in the next iteration only.
+
+    >>> shards = [list(TrainShardSampler(range(10, 17), num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
+    >>> [len(s) for s in shards], set(shards[0]) & set(shards[1])  # 7 samples: 3 each, one dropped, disjoint
+    ([3, 3], set())
     """
 
     def __init__(
@@ -169,7 +177,11 @@ class TrainShardSampler(ShardSampler):
 
 
 class EvalShardSampler(ShardSampler):
-    """Every index of ``indices`` exactly once across ranks, in order: rank r gets ``indices[r::world]``."""
+    """Every index of ``indices`` exactly once across ranks, in order: rank r gets ``indices[r::world]``.
+
+    >>> [list(EvalShardSampler([3, 5, 7, 9, 11], num_replicas=2, rank=r)) for r in (0, 1)]
+    [[3, 7, 11], [5, 9]]
+    """
 
     shuffle = False
     drop_last = False

@@ -67,6 +67,10 @@ class SplitParts:
     ``roles`` maps ``train``/``val``/``test`` to the part this run uses for it (an arm's ``A/train``, a shared
     ``val``). ``manifest`` is the JSON-ready record written to ``split_manifest.json``: spec, seed, part sizes,
     per-class counts per part, and the sha256 of each part's sorted index list.
+
+    >>> parts = Holdout(ratios=[0.75, 0.25]).split(8, seed=0)
+    >>> sorted(parts.parts), parts.roles, parts.manifest["parts"]["val"]["size"]
+    (['train', 'val'], {'train': 'train', 'val': 'val'}, 2)
     """
 
     parts: dict[str, np.ndarray]
