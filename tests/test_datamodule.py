@@ -172,6 +172,19 @@ def test_return_indices_and_loader_options():
     assert len(next(iter(plain.val_dataloader()))) == 2
 
 
+def test_another_arm_in_the_same_run_dir_is_refused(tmp_path):
+    """Arms A and B are one split (same part hashes) but train on different parts: not the same run."""
+    data, labels = TensorDataset(torch.zeros(60, 1)), np.arange(60) % 3
+    arm_a = SplitRunDataModule(
+        data, split=Arms(arms={"A": [0], "B": [1, 2]}, arm="A"), labels=labels, manifest_dir=tmp_path
+    )
+    arm_a.setup("fit")
+    arm_b = SplitRunDataModule(data, split=Arms(arms={"A": [0], "B": [1, 2]}, arm="B"), labels=labels)
+    with pytest.raises(SplitManifestMismatch, match="it trained on"):
+        arm_b.check_run_dir(tmp_path)
+    arm_a.check_run_dir(tmp_path)  # the same arm again is fine
+
+
 def test_arms_train_on_the_chosen_arm():
     data = TensorDataset(torch.zeros(60, 1))
     labels = np.arange(60) % 3

@@ -308,10 +308,14 @@ class SplitRunDataModule(pl.LightningDataModule):
     def _compare(self, previous: Mapping[str, Any], where: str, file_check: bool = False) -> None:
         parts = self.split_parts
         old = {name: p.get("sha256") for name, p in previous.get("parts", {}).items()}
-        if old == parts.hashes:
+        old_roles = previous.get("roles")  # which parts that run trained and validated on (an arm's, say)
+        if old == parts.hashes and (old_roles is None or old_roles == parts.roles):
             return
         changed = sorted(
             name for name in set(old) | set(parts.hashes) if old.get(name) != parts.hashes.get(name)
+        )
+        what = (
+            f"parts {changed} differ" if changed else f"it trained on {old_roles}, this run on {parts.roles}"
         )
         fix = (
             "use a fresh output dir, restore the split options, or set `check_manifest=false`"
@@ -319,7 +323,7 @@ class SplitRunDataModule(pl.LightningDataModule):
             else "restore the split options (splitter, seed, labels, groups) and the dataset"
         )
         raise SplitManifestMismatch(
-            f"the data would now split differently from {where}: parts {changed} differ "
+            f"the data would now split differently from {where}: {what} "
             f"(then: spec={previous.get('spec')}, seed={previous.get('seed')}, n={previous.get('n')}; "
             f"now: spec={parts.spec}, seed={parts.seed}, n={parts.n}); {fix}"
         )
