@@ -1,4 +1,4 @@
-"""Packaging: the wheel ships the Hydra configs and the search-path plugin, and the app installed
+"""Packaging: the wheel ships the Hydra configs and the lightning-freeze:// config source, and the app installed
 from the wheel finds its configs without the source checkout."""
 
 from __future__ import annotations

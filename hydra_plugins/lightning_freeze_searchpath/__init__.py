@@ -1,1 +1,1 @@
-"""Hydra search-path plugin for lightning-freeze (see ``searchpath.py``)."""
+"""Hydra plugin for lightning-freeze: the ``lightning-freeze://`` config source (see ``searchpath.py``)."""

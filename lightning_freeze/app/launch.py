@@ -354,7 +354,7 @@ def _child_main(argv: list[str]) -> None:
     try:
         task(cfg)
         ok = True
-    except BaseException:  # noqa: BLE001 - reported, then this rank exits non-zero
+    except BaseException:  # reported here; this rank then exits non-zero
         traceback.print_exc()
     finally:
         end_process_group(ok)
