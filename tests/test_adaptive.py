@@ -73,8 +73,12 @@ def test_max_frozen_and_min_steps_guard():
     fit([adaptive])
     assert [e["layer"] for e in adaptive.events] in ([], ["backbone.0"])
     assert all(e["step"] >= 12 for e in adaptive.events)
-    with pytest.raises(ValueError, match="max_frozen=4 with 4 layers"):
+    with pytest.raises(ValueError, match="at most 3 can freeze"):
         fit([make(max_frozen=4)])
+    # the head outside the layers: every listed layer may freeze
+    everything = make(layers="backbone.*", percentile=99, min_steps=0)
+    fit([everything])
+    assert everything._max_frozen == 3
 
 
 def test_monitor_guard_stops_freezing_while_the_metric_gets_worse():

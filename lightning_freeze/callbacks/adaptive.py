@@ -35,7 +35,8 @@ class AdaptiveFreeze(FreezingCallback):
     intervals, candidates at or below the ``percentile``-th percentile of the layers still training; or
     ``grad_norm``, the gradient norm per element at or below ``threshold``). The longest run of candidates
     at the front freezes. Guards: nothing freezes before ``min_steps`` (an int: optimizer steps; a float:
-    that fraction of training), at most ``max_frozen`` layers freeze (default: all but the last, the head),
+    that fraction of training), at most ``max_frozen`` layers freeze (default: every layer but the head: the
+    trainable parameters outside ``layers``, else the last layer),
     and with ``monitor`` nothing more freezes after a validation that was worse than the one before.
 
     A run over the digits model (14 steps per epoch, a check every 4 steps from step 8 on); the layers
@@ -105,12 +106,18 @@ class AdaptiveFreeze(FreezingCallback):
 
     # ------------------------------------------------------------------ FreezingCallback interface
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
-        limit = len(layers) - 1 if self.max_frozen is None else self.max_frozen
-        if limit > len(layers) - 1 or len(layers) < 2:
+        # The head is what trains outside the managed layers (layers="backbone.*"), else the last managed layer.
+        managed = {id(p) for layer in layers for p in layer.params}
+        head_outside = any(
+            p.requires_grad and id(p) not in managed for p in trainer.lightning_module.parameters()
+        )
+        most = len(layers) if head_outside else len(layers) - 1
+        limit = most if self.max_frozen is None else self.max_frozen
+        if limit > most or most < 1:
             raise ValueError(
-                f"AdaptiveFreeze: max_frozen={self.max_frozen} with {len(layers)} layers "
-                f"{[layer.name for layer in layers]}: the last layer (the head) never freezes, so at most "
-                f"{len(layers) - 1} can; lower max_frozen or use a finer layer spec"
+                f"AdaptiveFreeze: max_frozen={self.max_frozen} with the layers {[layer.name for layer in layers]}"
+                + ("" if head_outside else ", the last of which is the head and never freezes")
+                + f": at most {most} can freeze; lower max_frozen or use a finer layer spec"
             )
         self._max_frozen = limit
         self._reset_run_state()
