@@ -1,256 +1,306 @@
-"""Memory of the FrozenPrefixCache: a byte-budgeted store of per-sample output rows on the CPU.
+"""The cache's memory: per-sample rows in two tiers, RAM first, then memory-mapped files on disk.
 
-Rows of one shape and dtype live in fixed-size chunks (pinned and filled asynchronously when the model
-runs on CUDA). Past the budget the store takes nothing more: it never evicts and never spills, so a
-full store keeps serving the samples it has. No Lightning here; the callback decides what goes in.
+A sample's entry is one row in each *slot* (one slot per tensor the suffix needs from the frozen prefix),
+stored under its 128-bit input fingerprint, per input signature. Rows live in chunks of about 8 MB: in RAM
+(pinned when feeding a GPU) while ``ram_budget`` allows, then in files of the :class:`DiskTier` while its
+budget allows. Past both budgets the store takes nothing more: it never evicts, so a full store keeps
+serving the samples it has. Rows are kept in the dtype the prefix produced them in (under autocast
+that is usually bf16/fp16: half the bytes, and exactly what the suffix receives).
+
+No Lightning here; the callback decides what goes in.
+
+>>> store = RowStore(ram_budget=1 << 20)
+>>> rows = torch.arange(12.0).reshape(3, 4)
+>>> store.insert("sig", [b"a", b"b", b"c"], [rows])
+3
+>>> store.gather("sig", store.lookup("sig", [b"c", b"a"]), torch.device("cpu"))[0]
+tensor([[ 8.,  9., 10., 11.],
+        [ 0.,  1.,  2.,  3.]])
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-import re
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-_CHUNK_BYTES = 8 << 20
+from lightning_freeze.cache.disk import DiskTier
+
+CHUNK_BYTES = 8 << 20
+_ALIGN = 64
 
 
 class Unsupported(Exception):
-    """The cached part does something the cache cannot serve (e.g. output not batch-first)."""
+    """The prefix gives something the store cannot keep (e.g. rows whose shape changes for equal inputs)."""
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+@dataclass(frozen=True)
+class Layout:
+    """The shape, dtype and memory format of one slot's rows."""
+
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+    fmt: torch.memory_format | None = None
+
+    @property
+    def row_bytes(self) -> int:
+        return max(1, math.prod(self.row_shape)) * torch.empty((), dtype=self.dtype).element_size()
+
+    @staticmethod
+    def of(batch: torch.Tensor) -> Layout:
+        return Layout(tuple(batch.shape[1:]), batch.dtype, memory_format(batch))
 
 
-def parse_bytes(value: int | float | str | None, available: int | None = None) -> int | None:
-    """``None`` -> None (use the default); ``int`` bytes; ``"512MB"``/``"2GiB"``; a float in (0, 1) is a
-    fraction of ``available`` bytes. A float of 1 or more must be whole (``1.5`` is neither a fraction
-    nor a byte count: write ``"1.5GB"``)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"FrozenPrefixCache: max_bytes must be a size, got {value!r}")
-    if isinstance(value, float) and 0 < value < 1:
-        if available is None:
-            raise ValueError("a fractional max_bytes needs the available memory")
-        return int(value * available)
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value) or value != int(value):
-            raise ValueError(
-                f"FrozenPrefixCache: max_bytes={value!r} is neither a fraction of the available RAM (a number in "
-                "(0, 1)) nor a whole number of bytes; write e.g. 0.25, 2000000000 or '2GB'"
-            )
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"FrozenPrefixCache: max_bytes: cannot read {value!r}; give bytes (int) or e.g. '512MB', '2GiB'"
-        )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+@dataclass(eq=False)
+class Chunk:
+    """Rows ``start .. start + rows - 1`` of every slot, in RAM or in one mapped file."""
+
+    start: int
+    rows: int
+    on_disk: bool
+    tensors: list[torch.Tensor]
+    nbytes: int
+    mapping: object = None  # the np.memmap behind disk chunks (kept alive with them)
 
 
-def should_switch_off(hits: int, lookups: int, entries_at_start: int, min_hit_rate: float) -> bool:
-    """After an epoch that started with ``entries_at_start`` cached rows: were too few of them reused?
+@dataclass(eq=False)
+class Table:
+    """The rows of one input signature: their slot layouts and the chunks holding them."""
 
-    If inputs repeat, every cached sample is looked up again, so ``hits`` is about
-    ``min(entries_at_start, lookups)`` (also when the budget capped the cache); random augmentation
-    makes ``hits`` about 0.
-    """
-    expected = min(entries_at_start, lookups)
-    if expected <= 0:
-        return False
-    return hits < min_hit_rate * expected
+    layouts: tuple[Layout, ...]
+    chunks: list[Chunk] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    n: int = 0
 
-
-class Slab:
-    """Rows of one shape and dtype in fixed-size CPU chunks (pinned when feeding a GPU)."""
-
-    def __init__(
-        self,
-        row_shape: tuple[int, ...],
-        dtype: torch.dtype,
-        pin: bool,
-        fmt: torch.memory_format | None = None,
-    ) -> None:
-        self.row_shape, self.dtype, self.pin, self.fmt = row_shape, dtype, pin, fmt
-        self.row_bytes = max(1, math.prod(row_shape)) * torch.empty((), dtype=dtype).element_size()
-        self.chunk_rows = max(1, _CHUNK_BYTES // self.row_bytes)
-        self.chunks: list[torch.Tensor] = []
-        self.n = 0
+    @property
+    def row_bytes(self) -> int:
+        return sum(layout.row_bytes for layout in self.layouts)
 
     @property
     def capacity(self) -> int:
-        return sum(c.shape[0] for c in self.chunks)
+        return sum(c.rows for c in self.chunks)
 
-    @property
-    def allocated(self) -> int:
-        return self.capacity * self.row_bytes
-
-    def grow(self, rows: int) -> None:
-        with torch.inference_mode(False):
-            self.chunks.append(torch.empty((rows, *self.row_shape), dtype=self.dtype, pin_memory=self.pin))
-
-    def write(self, start: int, rows: torch.Tensor) -> None:
-        non_blocking = self.pin and rows.device.type == "cuda"
-        with torch.inference_mode(False), torch.no_grad():
-            done = 0
-            while done < rows.shape[0]:
-                slot = start + done
-                c, off = divmod(slot, self.chunk_rows)
-                m = min(rows.shape[0] - done, self.chunks[c].shape[0] - off)
-                self.chunks[c][off : off + m].copy_(rows[done : done + m], non_blocking=non_blocking)
-                done += m
-
-    def gather(self, slots: Sequence[int]) -> torch.Tensor:
-        idx = torch.as_tensor(slots, dtype=torch.int64)
-        with torch.inference_mode(False):
-            if len(self.chunks) == 1:
-                return (
-                    self.chunks[0].index_select(0, idx)
-                    if not self.pin
-                    else _pinned_select(self.chunks[0], idx)
-                )
-            cid, off = idx // self.chunk_rows, idx % self.chunk_rows
-            out = torch.empty((len(slots), *self.row_shape), dtype=self.dtype, pin_memory=self.pin)
-            for c in torch.unique(cid).tolist():
-                where = (cid == c).nonzero().squeeze(1)
-                out[where] = self.chunks[c].index_select(0, off[where])
-            return out
-
-
-def _pinned_select(chunk: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    out = torch.empty((idx.shape[0], *chunk.shape[1:]), dtype=chunk.dtype, pin_memory=True)
-    torch.index_select(chunk, 0, idx, out=out)
-    return out
+    def locate(self, rows: torch.Tensor) -> list[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+        """(chunk, positions in ``rows``, rows within the chunk) for every chunk that ``rows`` touch."""
+        if len(self.chunks) == 1:
+            chunk = self.chunks[0]
+            return [(chunk, torch.arange(rows.shape[0]), rows - chunk.start if chunk.start else rows)]
+        which = torch.as_tensor([bisect.bisect_right(self.starts, int(r)) - 1 for r in rows.tolist()])
+        out = []
+        for c in torch.unique(which).tolist():
+            where = (which == c).nonzero().squeeze(1)
+            out.append((self.chunks[c], where, rows[where] - self.chunks[c].start))
+        return out
 
 
 class RowStore:
-    """Fingerprint -> row, per input signature; bounded by ``budget`` bytes of chunk allocations."""
+    """Fingerprint -> row number per signature, and the rows of every slot, in RAM then on disk."""
 
-    def __init__(self, budget: int, pin: bool) -> None:
-        self.budget, self.pin = budget, pin
-        self.index: dict[tuple[Any, ...], dict[bytes, int]] = {}
-        self.slabs: dict[tuple[Any, ...], Slab] = {}
+    def __init__(self, ram_budget: int, disk: DiskTier | None = None, pin: bool = False) -> None:
+        self.ram_budget, self.disk, self.pin = int(ram_budget), disk, pin
+        self.index: dict[Hashable, dict[bytes, int]] = {}
+        self.tables: dict[Hashable, Table] = {}
         self.full = False
-        self.pending: Any = None  # CUDA event of the last device-to-host copy
+        self.generation = 0  # moves whenever rows are dropped or rewritten (read-ahead results go stale)
+        self.pending: object = None  # CUDA event of the last device-to-host copy
 
+    # ------------------------------------------------------------------ sizes
     @property
     def entries(self) -> int:
         return sum(len(ix) for ix in self.index.values())
 
     @property
-    def allocated(self) -> int:
-        return sum(s.allocated for s in self.slabs.values())
+    def ram_bytes(self) -> int:
+        return sum(c.nbytes for t in self.tables.values() for c in t.chunks if not c.on_disk)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(c.nbytes for t in self.tables.values() for c in t.chunks if c.on_disk)
+
+    @property
+    def disk_entries(self) -> int:
+        return sum(
+            min(c.rows, max(0, t.n - c.start)) for t in self.tables.values() for c in t.chunks if c.on_disk
+        )
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.n * s.row_bytes for s in self.slabs.values())
+        return sum(t.n * t.row_bytes for t in self.tables.values())
 
-    def lookup(self, sig: tuple[Any, ...], keys: Sequence[bytes]) -> list[int]:
+    # ------------------------------------------------------------------ reading
+    def lookup(self, sig: Hashable, keys: Sequence[bytes]) -> list[int]:
         ix = self.index.get(sig)
         if not ix:
             return [-1] * len(keys)
         return [ix.get(k, -1) for k in keys]
 
-    def insert(self, sig: tuple[Any, ...], keys: Sequence[bytes], rows: torch.Tensor) -> int:
-        """Store ``rows[i]`` under ``keys[i]`` for new keys, as far as the budget allows; returns how many."""
-        ix = self.index.setdefault(sig, {})
-        slab = self.slabs.get(sig)
-        if slab is None:
-            slab = self.slabs[sig] = Slab(tuple(rows.shape[1:]), rows.dtype, self.pin, memory_format(rows))
-        elif slab.row_shape != tuple(rows.shape[1:]) or slab.dtype != rows.dtype:
+    def gather(self, sig: Hashable, rows: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+        """One tensor per slot holding ``rows`` in that order, on ``device``, in the stored memory format."""
+        self.sync()
+        table = self.tables[sig]
+        idx = torch.as_tensor(rows, dtype=torch.int64)
+        pin = self.pin and device.type == "cuda"
+        parts = table.locate(idx)
+        out = []
+        for s, layout in enumerate(table.layouts):
+            if len(parts) == 1 and not pin:
+                got = parts[0][0].tensors[s].index_select(0, parts[0][2])
+            else:
+                got = torch.empty((len(rows), *layout.row_shape), dtype=layout.dtype, pin_memory=pin)
+                for chunk, where, local in parts:
+                    if len(parts) == 1:
+                        torch.index_select(chunk.tensors[s], 0, local, out=got)
+                    else:
+                        got[where] = chunk.tensors[s].index_select(0, local)
+            if device.type != "cpu":
+                got = got.to(device, non_blocking=pin)
+            if (
+                layout.fmt is not None
+            ):  # the strides the prefix produced: kernels downstream may depend on them
+                got = got.contiguous(memory_format=layout.fmt)
+            out.append(got)
+        return out
+
+    def sync(self) -> None:
+        if self.pending is not None:
+            self.pending.synchronize()  # type: ignore[attr-defined]
+            self.pending = None
+
+    # ------------------------------------------------------------------ writing
+    def insert(self, sig: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
+        """Store row ``i`` of every tensor in ``values`` under ``keys[i]`` for new keys, as far as the
+        budgets allow; returns how many were stored."""
+        layouts = tuple(Layout.of(v) for v in values)
+        table = self.tables.get(sig)
+        if table is None:
+            table = self.tables[sig] = Table(layouts)
+        elif [(a.row_shape, a.dtype) for a in table.layouts] != [(b.row_shape, b.dtype) for b in layouts]:
             raise Unsupported(
-                f"the prefix gave rows of {tuple(rows.shape[1:])}/{rows.dtype} for inputs that "
-                f"gave {slab.row_shape}/{slab.dtype} before"
+                f"the prefix gave rows of {[(b.row_shape, b.dtype) for b in layouts]} for inputs that gave "
+                f"{[(a.row_shape, a.dtype) for a in table.layouts]} before"
             )
+        ix = self.index.setdefault(sig, {})
         fresh, seen = [], set()
         for i, k in enumerate(keys):
             if k not in ix and k not in seen:
                 fresh.append(i)
                 seen.add(k)
-        room = self._reserve(slab, len(fresh))
-        fresh = fresh[:room]
+        fresh = fresh[: self._reserve(table, len(fresh))]
         if not fresh:
             return 0
-        start = slab.n
-        if len(fresh) == rows.shape[0]:
-            picked = rows.detach()
-        else:
-            picked = rows.detach().index_select(0, torch.as_tensor(fresh, device=rows.device))
-        slab.write(start, picked)
-        if slab.pin and rows.device.type == "cuda":
+        device = values[0].device
+        pick = None if len(fresh) == values[0].shape[0] else torch.as_tensor(fresh, device=device)
+        start = table.n
+        for s, v in enumerate(values):
+            v = v.detach()
+            self._write(table, s, start, v if pick is None else v.index_select(0, pick))
+        if self.pin and device.type == "cuda":
             self.pending = torch.cuda.Event()
-            self.pending.record()
+            self.pending.record()  # type: ignore[attr-defined]
         for n, i in enumerate(fresh):
             ix[keys[i]] = start + n
-        slab.n += len(fresh)
+        table.n += len(fresh)
         return len(fresh)
 
-    def _reserve(self, slab: Slab, rows: int) -> int:
-        while slab.capacity - slab.n < rows and not self.full:
-            left = (self.budget - self.allocated) // slab.row_bytes
-            if left <= 0:
+    def _write(self, table: Table, slot: int, start: int, rows: torch.Tensor) -> None:
+        non_blocking = self.pin and rows.device.type == "cuda"
+        with torch.inference_mode(False), torch.no_grad():
+            done = 0
+            while done < rows.shape[0]:
+                at = start + done
+                chunk = table.chunks[bisect.bisect_right(table.starts, at) - 1]
+                off = at - chunk.start
+                m = min(rows.shape[0] - done, chunk.rows - off)
+                chunk.tensors[slot][off : off + m].copy_(rows[done : done + m], non_blocking=non_blocking)
+                done += m
+
+    def _reserve(self, table: Table, rows: int) -> int:
+        """Grow ``table`` until ``rows`` more rows fit or both budgets are spent; returns how many fit."""
+        per_chunk = max(1, CHUNK_BYTES // table.row_bytes)
+        while table.capacity - table.n < rows and not self.full:
+            chunk = self._new_chunk(table, per_chunk)
+            if chunk is None:
                 self.full = True
                 break
-            slab.grow(int(min(slab.chunk_rows, left)))
-        return min(rows, slab.capacity - slab.n)
+            table.starts.append(chunk.start)
+            table.chunks.append(chunk)
+        return min(rows, table.capacity - table.n)
 
-    def gather(self, sig: tuple[Any, ...], slots: Sequence[int], device: torch.device) -> torch.Tensor:
+    def _new_chunk(self, table: Table, per_chunk: int) -> Chunk | None:
+        start = table.capacity
+        ram_rows = (self.ram_budget - self.ram_bytes) // table.row_bytes
+        if ram_rows > 0:
+            rows = int(min(per_chunk, ram_rows))
+            with torch.inference_mode(False):
+                tensors = [
+                    torch.empty((rows, *layout.row_shape), dtype=layout.dtype, pin_memory=self.pin)
+                    for layout in table.layouts
+                ]
+            return Chunk(start, rows, False, tensors, rows * table.row_bytes)
+        if self.disk is None:
+            return None
+        rows = int(min(per_chunk, self.disk.room() // (table.row_bytes + _ALIGN * len(table.layouts))))
+        sizes = [_aligned(rows * layout.row_bytes) for layout in table.layouts]
+        mapping = self.disk.allocate(sum(sizes)) if rows > 0 else None
+        if mapping is None:
+            return None
+        tensors, off = [], 0
+        with torch.inference_mode(False):
+            raw = torch.from_numpy(mapping)
+            for layout, size in zip(table.layouts, sizes, strict=True):
+                part = raw[off : off + rows * layout.row_bytes].view(layout.dtype)
+                tensors.append(part.view(rows, *layout.row_shape))
+                off += size
+        return Chunk(start, rows, True, tensors, sum(sizes), mapping)
+
+    # ------------------------------------------------------------------ rebuilding
+    def rebuild(
+        self,
+        fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+        batch_rows: int,
+        min_rows: int,
+        device: torch.device,
+    ) -> RowStore:
+        """A new store holding ``fn(rows)`` for every stored entry (same keys), computed in batches of
+        ``batch_rows`` (never fewer than ``min_rows``). This store's chunks are freed as they are consumed,
+        so the peak stays near the budgets."""
         self.sync()
-        slab = self.slabs[sig]
-        rows = slab.gather(slots)
-        if device.type != "cpu":
-            rows = rows.to(device, non_blocking=self.pin)
-        if (
-            slab.fmt is not None
-        ):  # serve the strides the prefix produced: kernels downstream may depend on them
-            rows = rows.contiguous(memory_format=slab.fmt)
-        return rows
-
-    def sync(self) -> None:
-        if self.pending is not None:
-            self.pending.synchronize()
-            self.pending = None
-
-    def transform(
-        self, fn: Callable[[torch.Tensor], torch.Tensor], batch_rows: int, min_rows: int, device: torch.device
-    ) -> None:
-        """Replace every stored row ``r`` by ``fn(r)`` (in batches of ``batch_rows``, never fewer than
-        ``min_rows``), keeping the keys; rows past the budget are dropped."""
-        self.sync()
-        old_slabs, old_index = self.slabs, self.index
-        self.slabs, self.index, self.full = {}, {}, False
-        for sig, old in old_slabs.items():
-            items = sorted(old_index.get(sig, {}).items(), key=lambda kv: kv[1])
+        new = RowStore(self.ram_budget, self.disk, self.pin)
+        new.generation = self.generation + 1
+        for sig, table in list(self.tables.items()):
+            items = sorted(self.index.get(sig, {}).items(), key=lambda kv: kv[1])
             bounds = list(range(0, len(items), batch_rows)) + [len(items)]
             if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_rows:
                 del bounds[-2]  # merge a tiny tail into the previous batch
             for lo, hi in zip(bounds, bounds[1:], strict=False):
                 part = items[lo:hi]
-                rows = old.gather([slot for _, slot in part])
-                if device.type != "cpu":
-                    rows = rows.to(device, non_blocking=old.pin)
-                self.insert(sig, [k for k, _ in part], fn(rows))
-                for c in range(len(old.chunks)):  # free consumed chunks: the peak stays near the budget
-                    if (c + 1) * old.chunk_rows <= hi:
-                        old.chunks[c] = old.chunks[c].new_empty((0, *old.row_shape))
+                rows = self.gather(sig, [row for _, row in part], device)
+                new.insert(sig, [k for k, _ in part], fn(rows))
+                while table.chunks and table.chunks[0].start + table.chunks[0].rows <= hi:
+                    self._free(table.chunks.pop(0))  # consumed: give the memory back before the next batch
+                    table.starts.pop(0)
+        self.clear()
+        return new
+
+    def clear(self) -> None:
+        """Forget every row and give the memory and the disk files back."""
+        for table in self.tables.values():
+            for chunk in table.chunks:
+                self._free(chunk)
+        self.tables, self.index, self.full = {}, {}, False
+        self.generation += 1
+
+    def _free(self, chunk: Chunk) -> None:
+        if chunk.on_disk and self.disk is not None:
+            self.disk.free(chunk.mapping)  # type: ignore[arg-type]
+        chunk.tensors = []
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format | None:

@@ -1,0 +1,109 @@
+"""The disk tier of the cache: row chunks in memory-mapped files in the run directory.
+
+Each chunk is one file, reserved on disk in full when it is created (``posix_fallocate``), so a full
+disk shows up as "no more chunks" and never as a crash when a page is written later. Files are created
+only while the tier's budget allows it and the file system keeps ``reserve`` bytes free, and they are
+deleted when the tier is released (end of fit, a dropped cache, an exception).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+#: free space a chunk must leave on the file system: max(1 GiB, 5% of its size)
+MIN_FREE_BYTES = 1 << 30
+MIN_FREE_FRACTION = 0.05
+
+
+def keep_free(directory: str | os.PathLike[str]) -> int:
+    """Bytes the disk tier never takes from the file system that holds ``directory``."""
+    total = shutil.disk_usage(directory).total
+    return max(MIN_FREE_BYTES, int(MIN_FREE_FRACTION * total))
+
+
+def free_bytes(directory: str | os.PathLike[str]) -> int:
+    return shutil.disk_usage(directory).free
+
+
+class DiskTier:
+    """Chunk files of at most ``budget`` bytes in all, under a fresh folder in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike[str], budget: int, reserve: int | None = None) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.parent = Path(directory)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"rows-{os.getpid()}-", dir=directory))
+        self.budget = int(budget)
+        self.reserve = keep_free(directory) if reserve is None else int(reserve)
+        self.allocated = 0
+        self.files: list[Path] = []
+        self.made = 0  # chunk files created so far (names are never reused)
+        self.full = False
+
+    def room(self) -> int:
+        """Bytes a new chunk may take now."""
+        if self.full:
+            return 0
+        try:
+            free = free_bytes(self.folder) - self.reserve
+        except OSError:
+            return 0
+        return max(0, min(self.budget - self.allocated, free))
+
+    def allocate(self, nbytes: int) -> np.memmap | None:
+        """A new chunk file of ``nbytes`` bytes, reserved on disk and mapped; None when it does not fit."""
+        if nbytes <= 0 or nbytes > self.room():
+            self.full = True
+            return None
+        path = self.folder / f"chunk-{self.made:05d}.bin"
+        self.made += 1
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:  # pragma: no cover - macOS/Windows: write the file out
+                os.ftruncate(fd, nbytes)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            self.full = True
+            return None
+        os.close(fd)
+        self.files.append(path)
+        self.allocated += nbytes
+        return np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
+
+    def free(self, mapping: np.memmap) -> None:
+        """Delete one chunk's file (its mapping stays readable until dropped)."""
+        path = Path(mapping.filename)
+        if path in self.files:
+            self.files.remove(path)
+            self.allocated -= int(mapping.shape[0])
+            self.full = False
+            path.unlink(missing_ok=True)
+
+    def drop_from_page_cache(self) -> None:
+        """Ask the kernel to forget the cached pages of every chunk (benchmarks: cold reads)."""
+        for path in self.files:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)  # dirty pages cannot be dropped
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def release(self) -> None:
+        """Delete every chunk file and the folder (mapped chunks stay readable until dropped)."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files = []
+        self.allocated = 0
+        shutil.rmtree(self.folder, ignore_errors=True)

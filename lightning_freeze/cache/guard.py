@@ -1,0 +1,54 @@
+"""Whether the cached part of the network still computes what it computed when its rows were stored.
+
+Checked before every served call, in microseconds: every parameter the cut skips or reads is frozen,
+no such parameter or buffer changed, and every module in a skipped block that behaves differently in
+training is in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lightning_freeze.cache.fingerprint import Fingerprinter
+from lightning_freeze.cache.modes import mode_sensitive
+
+
+class Guard:
+    """Watches the parameters and buffers of ``modules`` plus the ``extra`` tensors (read by the glue)."""
+
+    def __init__(
+        self, modules: Iterable[nn.Module], fingerprinter: Fingerprinter, extra: Iterable[torch.Tensor] = ()
+    ) -> None:
+        tensors: dict[int, torch.Tensor] = {}
+        self.sensitive: list[nn.Module] = []
+        for top in modules:
+            for t in (*top.parameters(), *top.buffers()):
+                tensors.setdefault(id(t), t)
+            self.sensitive += mode_sensitive(top)
+        for t in extra:
+            tensors.setdefault(id(t), t)
+        self.tensors = list(tensors.values())
+        self.params = [t for t in self.tensors if isinstance(t, nn.Parameter)]
+        self.fp = fingerprinter
+        self.versions = [t._version for t in self.tensors]
+        self.prints = [fingerprinter.tensor(t) for t in self.tensors]
+
+    def problem(self) -> str | None:
+        """What makes the stored rows invalid now, or None."""
+        for p in self.params:
+            if p.requires_grad:
+                return "a parameter of the cached part requires grad (it was thawed, or it is tied to one that trains)"
+        for m in self.sensitive:
+            if m.training:
+                return f"{type(m).__name__} in the cached part is in training mode, so its output can change"
+        for i, t in enumerate(self.tensors):
+            if t._version != self.versions[i]:
+                # Version counters move on any in-place write, also one that writes the same values
+                # (DDP broadcasting buffers from rank 0); only a change of content invalidates.
+                if self.fp.tensor(t) != self.prints[i]:
+                    return "a parameter or buffer of the cached part changed"
+                self.versions[i] = t._version
+        return None
