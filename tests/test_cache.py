@@ -121,7 +121,7 @@ def _frozen(model, spec, names=None, norm="eval"):
 
 def test_cut_whole_module_graph_and_refusals():
     engine = _frozen(Net(), "backbone.*")
-    layers, why = usable_prefix(engine.frozen_prefix(), engine.tied_users)
+    layers, why = usable_prefix(engine.frozen_prefix(), engine.model)
     cut = plan_cut(engine.model, layers)
     assert why is None and cut.kind == "graph" and cut.root is engine.model.backbone and len(cut.blocks) == 3
     engine = _frozen(Net(), "backbone")
@@ -129,8 +129,8 @@ def test_cut_whole_module_graph_and_refusals():
     assert cut.kind == "module" and cut.describe() == "module 'backbone'"
     # norm="train": batch norm keeps training, so its output depends on the batch: never cached
     engine = _frozen(Net(), "backbone.*", norm="train")
-    layers, why = usable_prefix(engine.frozen_prefix())
-    assert layers == [] and "BatchNorm1d" in why and "norm='train'" in why
+    layers, why = usable_prefix(engine.frozen_prefix(), engine.model)
+    assert layers == [] and "norm layer" in why and "norm='train'" in why
     # the fallback planner: the largest leading part of the prefix that is exactly one module
     engine = _frozen(Net(), "backbone.*", ["backbone.0", "backbone.1"])
     assert fallback_cut(engine.model, engine.frozen_prefix()).describe() == "module 'backbone.0'"

@@ -228,9 +228,11 @@ class FrozenPrefixCache(Callback):
             "ram_bytes": store.ram_bytes if store is not None else 0,
             "disk_bytes": store.disk_bytes if store is not None else 0,
             "disk_entries": store.disk_entries if store is not None else 0,
+            "used_bytes": store.used_bytes if store is not None else 0,
             "budget": self.ram_budget,
             "disk_budget": self.disk_budget,
             "full": bool(store.full) if store is not None else False,
+            "rows": store.describe_rows() if store is not None else [],
             "cached": cut.describe() if cut is not None and cut.recorded else None,
             "off": self.off_reason,
             "generation": self._generation,
@@ -322,7 +324,7 @@ class FrozenPrefixCache(Callback):
         if self.module == "auto":
             engine = self._engine()
             prefix = engine.frozen_prefix() if engine is not None else []
-            layers, reason = usable_prefix(prefix, engine.tied_users if engine is not None else None)
+            layers, reason = usable_prefix(prefix, pl_module)
             key: Any = (tuple(layer.name for layer in layers), reason, self._use_fallback)
         else:
             module = dict(pl_module.named_modules())[self.module]
@@ -383,9 +385,9 @@ class FrozenPrefixCache(Callback):
         patch = self._patch = Patch()
         cut = server.cut
         if cut.kind == "module":
-            patch.instead_of_call(cut.root, server.block_call)
+            patch.instead_of_call(cut.root, server.module_call)
         else:
-            patch.around_forward(cut.root, server.root_forward)
+            patch.around_forward(cut.root, server)
             for block in cut.skipped_modules() if prune else cut.blocks.values():
                 patch.instead_of_call(block, server.block_call)
         self._pruned = prune

@@ -164,43 +164,43 @@ def _span(names: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def usable_prefix(prefix: Sequence[Any], tied_users: Any = None) -> tuple[list[Any], str | None]:
+def usable_prefix(prefix: Sequence[Any], model: nn.Module | None = None) -> tuple[list[Any], str | None]:
     """The leading layers of ``prefix`` the cache may skip, and why the next one cannot be, if any."""
     out = []
     for layer in prefix:
-        why = _why_layer_trains(layer, tied_users)
+        why = _why_not_skippable(layer, model)
         if why is not None:
             return out, why
         out.append(layer)
     return out, None
 
 
-def _why_layer_trains(layer: Any, tied_users: Any) -> str | None:
-    owners = {
-        id(p): (m, n)
-        for top in layer.modules
-        for m in top.modules()
-        for n, p in m.named_parameters(recurse=False)
-    }
+def _why_not_skippable(layer: Any, model: nn.Module | None) -> str | None:
+    inside = {id(m): m for top in layer.modules for m in top.modules()}
     for p in layer.params:
         if not p.requires_grad:
             continue
-        module, name = owners.get(id(p), (None, "a parameter"))
-        users = [u for u in (tied_users(p) if tied_users else []) if u != layer.name]
-        if users:
-            who = [u or "a module outside the managed layers" for u in users]
-            return f"layer {layer.name!r} is frozen but shares a weight with {who}, which still train(s)"
-        if module is not None and isinstance(module, NORM_TYPES):
+        holders = [(n, m) for n, m in (model.named_modules() if model is not None else ()) if _holds(m, p)]
+        ours = [(n, m) for n, m in holders if id(m) in inside or m is layer.holder]
+        others = [_clean(n) for n, m in holders if (n, m) not in ours]
+        name = next(
+            (f"{_clean(n)}.{k}" for n, m in ours for k, q in m.named_parameters(recurse=False) if q is p), ""
+        )
+        if others:
             return (
-                f"layer {layer.name!r} has a {type(module).__name__} that keeps training (norm='train'), so its "
-                "output depends on the batch"
+                f"layer {layer.name!r} is frozen but its weight {name!r} is tied to {others}, which train(s)"
             )
-        return f"layer {layer.name!r} is frozen but its parameter {name!r} still trains"
-    for top in layer.modules:
-        for m in top.modules():
-            if m.training and not mode_free(m):
-                return f"{type(m).__name__} in layer {layer.name!r} is in training mode, so its output can change"
+        if any(isinstance(m, NORM_TYPES) for _, m in ours):
+            return f"layer {layer.name!r} has a norm layer that keeps training (norm='train'), so its output depends on the batch"
+        return f"layer {layer.name!r} is frozen but its parameter {name or '?'!r} still trains"
+    for m in inside.values():
+        if m.training and not mode_free(m):
+            return f"{type(m).__name__} in layer {layer.name!r} is in training mode, so its output can change"
     return None
+
+
+def _holds(module: nn.Module, p: torch.Tensor) -> bool:
+    return any(q is p for q in module.parameters(recurse=False))
 
 
 def plan_cut(model: nn.Module, layers: Sequence[Any]) -> Cut | None:

@@ -13,9 +13,12 @@ calls reach here):
   served. Where that is not possible (a module that trains runs before the last needed block), or
   too few samples are missing (``min_rows``), the batch is computed as usual and the missing rows stored.
 
-The first call after a new cut is recorded (:mod:`lightning_freeze.cache.trace`) to find the slots; when
-the cut grew (FreezeOut froze the next block) the rows already stored are pushed through the newly
-skipped blocks, if those take nothing but stored rows, instead of being thrown away.
+:meth:`Server.enter` decides before the forward runs and :meth:`Server.leave` stores what it computed, so
+the forward itself runs between them as the user's code (compiled, if the model is). The first call after
+a new cut is recorded (:mod:`lightning_freeze.cache.trace`) to find the slots, and the rows of the cut it
+replaces are carried over (:mod:`lightning_freeze.cache.extend`). While rows are stored, ``verify`` times
+per cut, some samples are computed again in another batch composition and compared bit for bit, so that
+serving never needs to compute the skipped blocks.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lightning_freeze.cache.cut import CallPlan, Cut, extension
+from lightning_freeze.cache.cut import CallPlan, Cut
+from lightning_freeze.cache.extend import carry_over
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.guard import Guard
 from lightning_freeze.cache.keys import CallKeys, row_keys, select_rows
 from lightning_freeze.cache.stats import EpochStats
-from lightning_freeze.cache.store import RowStore, Unsupported, bit_equal
-from lightning_freeze.cache.trace import plain_path, record
+from lightning_freeze.cache.store import RowStore, Unsupported, memory_format
+from lightning_freeze.cache.trace import record
+from lightning_freeze.cache.verify import compare
 
 
 class Reporter(Protocol):
@@ -53,7 +58,7 @@ class CutMismatch(RuntimeError):
     """The forward called other blocks, or in another order, than the recorded one."""
 
 
-class _PrefixDone(BaseException):  # noqa: N818 - a control-flow signal; BaseException: user code's `except Exception` lets it by
+class _PrefixDone(BaseException):  # noqa: N818 - a signal; BaseException: user code's `except Exception` lets it by
     pass
 
 
@@ -67,14 +72,36 @@ class Mode(enum.Enum):
 class _Context:
     mode: Mode
     batch: int
-    sig: Any
     values: Sequence[torch.Tensor] = ()
     rows: torch.Tensor | None = None  # CAPTURE: the rows to keep (None: all)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
-    metas: list[dict[int, Any]] | None = None  # per call: leaf index -> (tail, dtype, device, full)
+    metas: list[dict[int, Any]] | None = None  # per call: leaf index -> (tail, dtype, device)
     seconds: float = 0.0  # time spent computing skipped blocks
     at: int = 0  # index of the next block call
     broken: str = ""
+
+
+_RUN = object()
+
+
+@dataclass
+class Step:
+    """What an entry point does with one call: return ``result``, or run the forward (with ``context``
+    set) and hand its output to :meth:`Server.leave`."""
+
+    result: Any = _RUN
+    context: _Context | None = None
+    call: CallKeys | None = None  # set when the forward's output (or captured blocks) is to be stored
+    rows: torch.Tensor | None = None  # which rows of the batch to store (None: all)
+    first: bool = False  # the first call of a ``module`` cut: its output defines the slots
+    start: float = 0.0
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    run: Callable[..., Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not _RUN
 
 
 @dataclass
@@ -100,39 +127,31 @@ class Server:
         self.cut, self.store, self.fp, self.settings = cut, store, fingerprinter, settings
         self.stats, self.reporter = stats, reporter
         self.inherited = inherited
-        self.guard: Guard | None = (
-            Guard(cut.skipped_modules(), fingerprinter, cut.reads) if cut.recorded else None
-        )
-        self.metas: dict[Any, list[dict[int, Any]]] = {}
-        self.full_placeholders: set[tuple[int, int]] = (
-            set()
-        )  # (call, leaf) read by the glue: zeros, not a view
+        self.guard: Guard | None = None
+        self.metas: dict[Any, list[dict[int, Any]]] = {}  # per signature: the shapes of placeholder outputs
+        self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
         self.verify_left = settings.verify
-        self.active = False
+        self.active = False  # inside a training step
         self.calls = 0  # calls of the cut in the current training step
         self.context: _Context | None = None
         self.batch_rows = 0
-        self.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ entry points
-    def root_forward(self, module: nn.Module, args: tuple, kwargs: dict, original: Callable[..., Any]) -> Any:
-        """The cut's root (``graph`` cuts) was called."""
-        if not self.active or self.context is not None:
-            return original(*args, **kwargs)
-        self.calls += 1
-        if not self.cut.recorded:
-            return self._record(args, kwargs, original)
-        return self._lookup_and_run(args, kwargs, original)
+    def module_call(self, module: nn.Module, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
+        """The ``module`` cut was called (it is the one skipped block)."""
+        step = self.enter(args, kwargs, run)
+        if step.done:
+            return step.result
+        try:
+            out = run(*args, **kwargs)
+        except BaseException:
+            self.leave(step, None)
+            raise
+        self.leave(step, out)
+        return out
 
     def block_call(self, module: nn.Module, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
-        """A skipped block was called (through the root's forward, or from anywhere else)."""
-        if self.cut.kind == "module":
-            if not self.active or self.context is not None:
-                return run(*args, **kwargs)
-            self.calls += 1
-            if not self.cut.recorded:
-                return self._first_module_call(args, kwargs, run)
-            return self._lookup_and_run(args, kwargs, run)
+        """A skipped block of a ``graph`` cut was called (through the root's forward, or from anywhere)."""
         ctx = self.context
         if ctx is None:
             return run(*args, **kwargs)
@@ -150,7 +169,8 @@ class Server:
         if not plan.cacheable:
             return run(*args, **kwargs)
         if ctx.mode is Mode.SERVE:
-            return self._served_output(index, plan, ctx)
+            metas = ctx.metas[index] if ctx.metas is not None else {}
+            return _rebuild(plan, ctx.values, metas, ctx.batch, self.full_placeholders, index)
         start = time.perf_counter()
         out = run(*args, **kwargs)
         ctx.seconds += time.perf_counter() - start
@@ -159,13 +179,100 @@ class Server:
             raise _PrefixDone
         return out
 
+    # ------------------------------------------------------------------ before and after the forward
+    def enter(self, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Step:
+        """Decide what to do with a call of the cut; serve it outright where possible."""
+        if not self.active or self.context is not None:
+            return Step()
+        self.calls += 1
+        stats, start = self.stats, time.perf_counter()
+        if self.cut.kind == "graph" and not self.cut.recorded:
+            return Step(result=self._record(args, kwargs, run))
+        if self.guard is not None and (problem := self.guard.problem()) is not None:
+            self.reporter.invalidate(problem)
+            stats.bypassed += 1
+            return Step()
+        sig, batch, batched = CallKeys.signature(args, kwargs, self.fp)
+        if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
+            stats.bypassed += 1
+            return Step()
+        call = CallKeys(sig, row_keys(self.fp, batched), batch, batched)
+        step = Step(call=call, start=start, args=args, kwargs=kwargs, run=run)
+        stats.lookups += batch
+        self.batch_rows = max(self.batch_rows, batch)
+        if not self.cut.recorded:  # the first call of a module cut: compute and store everything
+            step.first = True
+            return step
+        found = self.store.lookup(sig, call.keys)
+        hit = [i for i, r in enumerate(found) if r >= 0]
+        miss = [i for i, r in enumerate(found) if r < 0]
+        stats.found += len(hit)
+        servable = self.cut.kind == "module" or sig in self.metas
+        try:
+            if not miss and servable:
+                values = self.store.gather(sig, found, batched[0].device)
+                stats.hits += batch
+            elif hit and servable and len(miss) >= self.settings.min_rows and self.cut.prefix_ok:
+                values = self._with_misses(step, found, hit, miss)
+                stats.hits += len(hit)
+            else:
+                step.rows = torch.as_tensor(miss) if hit else None
+                if self.cut.kind == "graph":
+                    step.context = self.context = _Context(Mode.CAPTURE, batch, rows=step.rows)
+                    step.context.metas = [] if sig not in self.metas else None
+                stats.overhead_seconds += time.perf_counter() - start
+                return step
+        except Unsupported as err:
+            self.reporter.switch_off(str(err))
+            return Step()
+        stats.overhead_seconds += time.perf_counter() - start
+        if self.cut.kind == "module":
+            return Step(result=_rebuild(self.cut.calls[0], values, {}, batch, set(), 0))
+        self.context = _Context(Mode.SERVE, batch, values=values, metas=self.metas[sig])
+        return Step(context=self.context)
+
+    def leave(self, step: Step, out: Any) -> None:
+        """The forward ran (``out`` is None if it failed): store what it computed."""
+        ctx, self.context = step.context, None
+        if out is None or step.call is None:
+            return
+        call, seconds = step.call, time.perf_counter() - step.start
+        if self.cut.kind == "module":
+            values = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if step.first and not self._first_module_output(out, call, values):
+                return
+        else:
+            assert ctx is not None
+            seconds = ctx.seconds
+            if ctx.broken or len(ctx.captured) != len(self.cut.slots):
+                self.reporter.warn_once(
+                    "capture",
+                    f"FrozenPrefixCache: a forward of {self.cut.root_name!r} did not call its frozen blocks as "
+                    f"recorded ({ctx.broken or 'a needed block was not called'}); that batch is not stored",
+                )
+                return
+            if ctx.metas is not None:
+                self.metas[call.sig] = ctx.metas
+            values = [ctx.captured[s] for s in range(len(self.cut.slots))]
+        self.stats.miss(call.batch if step.rows is None else len(step.rows), seconds)
+        if step.rows is not None and self.cut.kind == "module":
+            values = [v.index_select(0, step.rows.to(v.device)) for v in values]
+        try:
+            self._insert(call, values, step.rows)
+        except Unsupported as err:
+            self.reporter.switch_off(str(err))
+            return
+        if step.rows is None and step.run is not None:
+            self._check(step.args, step.kwargs, step.run, call, values)
+
     # ------------------------------------------------------------------ first calls
-    def _record(self, args: tuple, kwargs: dict, original: Callable[..., Any]) -> Any:
+    def _record(self, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
+        """The first call of a ``graph`` cut: run it once, recording which block outputs the rest needs."""
         call = CallKeys.of(self.fp, args, kwargs)
         if call.batch < self.settings.min_rows or any(t.requires_grad for t in call.batched):
-            return original(*args, **kwargs)
+            return run(*args, **kwargs)
         start = time.perf_counter()
-        rec = record(self.cut.root, args, kwargs, self.cut.blocks, call=original)
+        rec = record(self.cut.root, args, kwargs, self.cut.blocks, call=run)
         reason = self.cut.complete(rec)
         if reason is not None:
             self.reporter.no_cut(reason)
@@ -177,214 +284,91 @@ class Server:
             for j, (path, what) in enumerate(c.leaves)
             if what == "tensor" and (i, path) in rec.glue_reads
         }
-        self.metas[call.sig] = [self._meta_of(c.outputs) if c.cacheable else {} for c in rec.calls]
+        self.metas[call.sig] = [_metas(c.outputs) if c.cacheable else {} for c in rec.calls]
         values = [rec.value(vid) for vid in sorted(rec.needed)]
-        if self._adopt(call.sig, values[0].device):
-            self._check_extended(call, values)
+        self._adopt(call, values)
         self._insert(call, values, None)
         self.stats.record_seconds += time.perf_counter() - start
         self.stats.lookups += call.batch
         self.stats.miss(call.batch, 0.0)
         self.reporter.event("record", cut=self.cut.describe(), slots=len(self.cut.slots))
-        self._check(args, kwargs, original, call, values)
+        self._check(args, kwargs, run, call, values)
         return rec.output
 
-    def _first_module_call(self, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
-        call = CallKeys.of(self.fp, args, kwargs)
-        if call.batch < self.settings.min_rows or any(t.requires_grad for t in call.batched):
-            return run(*args, **kwargs)
-        start = time.perf_counter()
-        out = run(*args, **kwargs)
-        seconds = time.perf_counter() - start
+    def _first_module_output(self, out: Any, call: CallKeys, values: list[torch.Tensor]) -> bool:
         reason = self.cut.complete_module(out, call.batch)
         if reason is not None:
             self.reporter.no_cut(reason)
-            return out
+            return False
         self.guard = Guard(self.cut.skipped_modules(), self.fp, ())
-        values = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if self._adopt(call.sig, values[0].device):
-            self._check_extended(call, values)
-        self._insert(call, values, None)
-        self.stats.lookups += call.batch
-        self.stats.miss(call.batch, seconds)
-        self._check(args, kwargs, run, call, values)
-        return out
-
-    def _adopt(self, sig: Any, device: torch.device) -> bool:
-        """Take over the rows of the cut this one replaces, pushed through the newly skipped blocks; True when
-        rows were pushed through blocks (so they are worth checking)."""
-        if self.inherited is None:
-            return False
-        old_cut, old_store = self.inherited
-        self.inherited = None
-        if sig not in old_store.tables:
-            self.reporter.event(
-                "drop", entries=old_store.entries, why="the new cut is called with other arguments"
-            )
-            old_store.clear()
-            return False
-        if old_cut.slots == self.cut.slots:
-            self.store = old_store
-            return False
-        steps = extension(old_cut, self.cut)
-        if steps is None:
-            self.reporter.event(
-                "drop", entries=old_store.entries, why="the new cut needs more than the stored rows"
-            )
-            old_store.clear()
-            return False
-        start = time.perf_counter()
-        before = old_store.entries
-        try:
-            with torch.no_grad():
-                self.store = old_store.rebuild(
-                    lambda rows: _extend(old_cut, self.cut, steps, rows),
-                    max(self.settings.min_rows, self.batch_rows or 64),
-                    self.settings.min_rows,
-                    device,
-                )
-        except Exception as err:  # noqa: BLE001 - fall back to refilling
-            self.reporter.event("drop", entries=before, why=f"could not extend the stored rows: {err}")
-            old_store.clear()
-            return False
-        self.reporter.event(
-            "extend", entries=self.store.entries, seconds=time.perf_counter() - start, through=len(steps)
-        )
+        self._adopt(call, values)
         return True
 
-    # ------------------------------------------------------------------ every call
-    def _lookup_and_run(self, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
-        stats = self.stats
-        start = time.perf_counter()
-        problem = self.guard.problem() if self.guard is not None else None
-        if problem is not None:
-            self.reporter.invalidate(problem)
-            stats.bypassed += 1
-            return run(*args, **kwargs)
-        sig, batch, batched = CallKeys.signature(args, kwargs, self.fp)
-        if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
-            stats.bypassed += 1
-            return run(*args, **kwargs)
-        call = CallKeys(sig, row_keys(self.fp, batched), batch, batched)
-        self.device, self.batch_rows = batched[0].device, max(self.batch_rows, batch)
-        found = self.store.lookup(sig, call.keys)
-        hit = [i for i, r in enumerate(found) if r >= 0]
-        stats.lookups += batch
-        stats.found += len(hit)
-        servable = self.cut.kind == "module" or sig in self.metas
-        try:
-            if len(hit) == batch and servable:
-                values = self.store.gather(sig, found, self.device)
-                stats.overhead_seconds += time.perf_counter() - start
-                stats.hits += batch
-                return self._serve(args, kwargs, run, sig, values)
-            miss = [i for i, r in enumerate(found) if r < 0]
-            if hit and servable and len(miss) >= self.settings.min_rows and self.cut.prefix_ok:
-                return self._serve_partial(args, kwargs, run, call, found, hit, miss, start)
-            rows = None if not hit else torch.as_tensor(miss)
-            stats.overhead_seconds += time.perf_counter() - start
-            return self._capture(args, kwargs, run, call, rows)
-        except Unsupported as err:
-            self.reporter.switch_off(str(err))
-            return run(*args, **kwargs)
+    def _adopt(self, call: CallKeys, fresh: list[torch.Tensor]) -> None:
+        """Take over the rows of the cut this one replaces; compare the carried-over rows of this batch's
+        samples with their fresh values."""
+        if self.inherited is None:
+            return
+        old_cut, old_store = self.inherited
+        self.inherited = None
+        start, before = time.perf_counter(), old_store.entries
+        rows = max(self.settings.min_rows, self.batch_rows or 64)
+        device = fresh[0].device
+        store, what = carry_over(old_cut, old_store, self.cut, call.sig, rows, self.settings.min_rows, device)
+        if store is None:
+            self.reporter.event("drop", entries=before, why=what)
+            old_store.clear()
+            return
+        self.store = store
+        if what == "extended":
+            self.reporter.event("extend", entries=store.entries, seconds=time.perf_counter() - start)
+            found = store.lookup(call.sig, call.keys)
+            hit = [i for i, r in enumerate(found) if r >= 0]
+            if hit and self.verify_left > 0:
+                self.verify_left -= 1
+                stored = store.gather(call.sig, [found[i] for i in hit], device)
+                pick = torch.as_tensor(hit, device=device)
+                self._verdict(stored, [v.index_select(0, pick) for v in fresh])
 
-    def _serve(
-        self, args: tuple, kwargs: dict, run: Callable[..., Any], sig: Any, values: list[torch.Tensor]
-    ) -> Any:
-        if self.cut.kind == "module":
-            return _rebuild(self.cut.calls[0], values, None, 0, set(), 0)
-        ctx = _Context(Mode.SERVE, values[0].shape[0], sig, values=values, metas=self.metas[sig])
-        self.context = ctx
-        try:
-            return run(*args, **kwargs)
-        finally:
-            self.context = None
-
-    def _serve_partial(
-        self,
-        args: tuple,
-        kwargs: dict,
-        run: Callable[..., Any],
-        call: CallKeys,
-        found: list[int],
-        hit: list[int],
-        miss: list[int],
-        start: float,
-    ) -> Any:
+    # ------------------------------------------------------------------ computing some samples
+    def _with_misses(
+        self, step: Step, found: list[int], hit: list[int], miss: list[int]
+    ) -> list[torch.Tensor]:
+        """The slot values of the whole batch: stored rows for ``hit``, computed (and stored) for ``miss``."""
+        call = step.call
+        assert call is not None and step.run is not None
         miss_idx = torch.as_tensor(miss)
-        sub_args, sub_kwargs = select_rows(args, kwargs, call.batch, miss_idx)
-        fresh = self._prefix_values(sub_args, sub_kwargs, run, call.sig)
-        t1 = time.perf_counter()
-        old = self.store.gather(call.sig, [found[i] for i in hit], self.device)
+        sub_args, sub_kwargs = select_rows(step.args, step.kwargs, call.batch, miss_idx)
+        fresh = self._prefix_values(sub_args, sub_kwargs, step.run)
+        old = self.store.gather(call.sig, [found[i] for i in hit], fresh[0].device)
         values = []
         for slot, sub in enumerate(fresh):
             out = torch.empty((call.batch, *sub.shape[1:]), dtype=sub.dtype, device=sub.device)
-            if (
-                sub.dim() == 4
-                and sub.is_contiguous(memory_format=torch.channels_last)
-                and not sub.is_contiguous()
-            ):
-                out = out.contiguous(memory_format=torch.channels_last)
+            fmt = memory_format(sub)
+            out = out.contiguous(memory_format=fmt) if fmt is not None else out
             out[torch.as_tensor(hit, device=sub.device)] = old[slot]
             out[miss_idx.to(sub.device)] = sub
             values.append(out)
         self._insert(CallKeys(call.sig, [call.keys[i] for i in miss], len(miss), []), fresh, None)
-        self.stats.hits += len(hit)
-        self.stats.overhead_seconds += time.perf_counter() - t1
-        return self._serve(args, kwargs, run, call.sig, values)
-
-    def _capture(
-        self, args: tuple, kwargs: dict, run: Callable[..., Any], call: CallKeys, rows: torch.Tensor | None
-    ) -> Any:
-        if self.cut.kind == "module":
-            start = time.perf_counter()
-            out = run(*args, **kwargs)
-            self.stats.miss(call.batch if rows is None else len(rows), time.perf_counter() - start)
-            values = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if rows is not None:
-                values = [v.index_select(0, rows.to(v.device)) for v in values]
-            self._insert(call, values, rows)
-            if rows is None:
-                self._check(args, kwargs, run, call, values)
-            return out
-        ctx = _Context(Mode.CAPTURE, call.batch, call.sig, rows=rows)
-        if call.sig not in self.metas:
-            ctx.metas = []
-        self.context = ctx
-        try:
-            out = run(*args, **kwargs)
-        finally:
-            self.context = None
-        self.stats.miss(call.batch if rows is None else len(rows), ctx.seconds)
-        if ctx.broken or len(ctx.captured) != len(self.cut.slots):
-            self.reporter.warn_once(
-                "capture",
-                f"FrozenPrefixCache: a forward of {self.cut.root_name!r} did not call its frozen blocks as recorded "
-                f"({ctx.broken or 'a needed block was not called'}); that batch is not stored",
-            )
-            return out
-        if ctx.metas is not None:
-            self.metas[call.sig] = ctx.metas
-        values = [ctx.captured[s] for s in range(len(self.cut.slots))]
-        self._insert(call, values, rows)
-        if rows is None:
-            self._check(args, kwargs, run, call, values)
-        return out
+        return values
 
     def _prefix_values(
-        self, args: tuple, kwargs: dict, run: Callable[..., Any], sig: Any, count: bool = True
+        self, args: tuple, kwargs: dict, run: Callable[..., Any], count: bool = True
     ) -> list[torch.Tensor]:
-        """The slot values for this (sub-)batch, computed by running the forward up to the last needed block."""
+        """The slot values for this (sub-)batch, from the forward run only up to the last needed block."""
         start = time.perf_counter()
+        batch = CallKeys.split(args, kwargs)[0]
         if self.cut.kind == "module":
             with torch.no_grad():
                 out = run(*args, **kwargs)
             if count:
-                self.stats.miss(_batch(args, kwargs), time.perf_counter() - start)
+                self.stats.miss(batch, time.perf_counter() - start)
             return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        ctx = _Context(Mode.PREFIX, _batch(args, kwargs), sig)
-        self.context = ctx
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        ctx = self.context = _Context(Mode.PREFIX, batch)
+        device = next(
+            (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None
+        )
+        devices = [device.index or 0] if device is not None and device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 run(*args, **kwargs)
@@ -393,7 +377,7 @@ class Server:
         finally:
             self.context = None
         if count:
-            self.stats.miss(ctx.batch, ctx.seconds)
+            self.stats.miss(batch, ctx.seconds)
         if len(ctx.captured) != len(self.cut.slots):
             raise Unsupported(
                 f"a forward of {self.cut.root_name!r} stopped calling its frozen blocks as recorded"
@@ -405,25 +389,15 @@ class Server:
         if ctx.metas is not None:
             while len(ctx.metas) <= index:
                 ctx.metas.append({})
-            ctx.metas[index] = self._meta_of(out)
+            ctx.metas[index] = _metas(out)
         for (_, what), leaf in zip(plan.leaves, pytree.tree_leaves(out), strict=False):
             if isinstance(what, int) and isinstance(leaf, torch.Tensor):
                 leaf = leaf.detach()
+                # a copy: the rest of the forward may write into the block's output in place
+                rows = ctx.rows
                 ctx.captured[what] = (
-                    leaf.index_select(0, ctx.rows.to(leaf.device)) if ctx.rows is not None else leaf.clone()
+                    leaf.index_select(0, rows.to(leaf.device)) if rows is not None else leaf.clone()
                 )
-
-    @staticmethod
-    def _meta_of(out: Any) -> dict[int, Any]:
-        return {
-            j: (tuple(t.shape[1:]), t.dtype, t.device)
-            for j, t in enumerate(pytree.tree_leaves(out))
-            if isinstance(t, torch.Tensor)
-        }
-
-    def _served_output(self, index: int, plan: CallPlan, ctx: _Context) -> Any:
-        metas = ctx.metas[index] if ctx.metas is not None and index < len(ctx.metas) else {}
-        return _rebuild(plan, ctx.values, metas, ctx.batch, self.full_placeholders, index)
 
     def _insert(self, call: CallKeys, values: list[torch.Tensor], rows: torch.Tensor | None) -> None:
         keys = call.keys if rows is None else [call.keys[i] for i in rows.tolist()]
@@ -434,73 +408,57 @@ class Server:
     def _check(
         self, args: tuple, kwargs: dict, run: Callable[..., Any], call: CallKeys, values: list[torch.Tensor]
     ) -> None:
-        """While ``verify`` allows: recompute some samples of a batch just stored, in another batch composition
-        (the first half, in reverse order), and compare with what was stored. Done when rows are stored, so
-        that serving never has to compute the skipped blocks."""
+        """While ``verify`` allows: compute the first half of a batch just stored again, in reverse order (another
+        batch composition), and compare it with what was stored."""
         if self.verify_left <= 0 or (self.cut.kind == "graph" and not self.cut.prefix_ok):
             return
         half = call.batch // 2
-        size = half if half >= self.settings.min_rows else call.batch
-        rows = torch.arange(size - 1, -1, -1)
+        rows = torch.arange((half if half >= self.settings.min_rows else call.batch) - 1, -1, -1)
         sub_args, sub_kwargs = select_rows(args, kwargs, call.batch, rows)
-        fresh = self._prefix_values(sub_args, sub_kwargs, run, call.sig, count=False)
+        fresh = self._prefix_values(sub_args, sub_kwargs, run, count=False)
         self.verify_left -= 1
-        self._compare([v.index_select(0, rows.to(v.device)) for v in values], fresh)
+        self._verdict([v.index_select(0, rows.to(v.device)) for v in values], fresh)
 
-    def _check_extended(self, call: CallKeys, fresh: list[torch.Tensor]) -> None:
-        """Compare the rows pushed through the newly skipped blocks with this batch's fresh values."""
-        found = self.store.lookup(call.sig, call.keys)
-        hit = [i for i, r in enumerate(found) if r >= 0]
-        if not hit or self.verify_left <= 0:
-            return
-        self.verify_left -= 1
-        stored = self.store.gather(call.sig, [found[i] for i in hit], fresh[0].device)
-        pick = torch.as_tensor(hit, device=fresh[0].device)
-        self._compare(stored, [v.index_select(0, pick) for v in fresh])
-
-    def _compare(self, stored: list[torch.Tensor], fresh: list[torch.Tensor]) -> None:
+    def _verdict(self, stored: list[torch.Tensor], fresh: list[torch.Tensor]) -> None:
         self.stats.verified += 1
-        for a, b in zip(stored, fresh, strict=True):
-            if bit_equal(a, b):
-                continue
-            if a.shape != b.shape or a.dtype != b.dtype:
-                self.reporter.switch_off(
-                    f"stored rows have {tuple(a.shape)}/{a.dtype}, a fresh computation {tuple(b.shape)}/{b.dtype}"
-                )
-                return
-            diff = (a.float() - b.float()).abs().max().item()
-            scale = b.float().abs().max().item()
-            close = torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(1.0, scale))
-            if close and not self.settings.strict:
-                self.reporter.warn_once(
-                    "rounding",
-                    f"FrozenPrefixCache: stored rows differ from the same samples computed in another batch by up to "
-                    f"{diff:.3g} (rounding: the kernels here give the last bits differently for different batch "
-                    "compositions). Training is as correct as with nondeterministic kernels, but not bit-identical to "
-                    "an uncached run. Pass strict=True to switch the cache off in this case.",
-                )
-                return
-            self.reporter.switch_off(
-                f"stored rows differ from the same samples computed in another batch by up to {diff:.3g}; the cached "
-                "part is not a pure function of its input here"
-            )
+        found = compare(stored, fresh, self.settings.strict)
+        if found is None:
             return
+        kind, message = found
+        if kind == "rounding":
+            self.reporter.warn_once(
+                "rounding",
+                f"FrozenPrefixCache: {message}. Training is as correct as with nondeterministic kernels, but not "
+                "bit-identical to an uncached run. Pass strict=True to switch the cache off in this case.",
+            )
+        else:
+            self.reporter.switch_off(message)
+
+
+def _metas(out: Any) -> dict[int, Any]:
+    """The shape after the batch dimension, dtype and device of every tensor in a block's output."""
+    return {
+        j: (tuple(t.shape[1:]), t.dtype, t.device)
+        for j, t in enumerate(pytree.tree_leaves(out))
+        if isinstance(t, torch.Tensor)
+    }
 
 
 def _rebuild(
     plan: CallPlan,
     values: Sequence[torch.Tensor],
-    metas: dict[int, Any] | None,
+    metas: dict[int, Any],
     batch: int,
     full: set[tuple[int, int]],
     index: int,
 ) -> Any:
+    """A skipped block's output: stored rows in the slots, placeholders elsewhere, constants as recorded."""
     leaves = []
     for j, (_, what) in enumerate(plan.leaves):
         if isinstance(what, int):
             leaves.append(values[what])
         elif what == "tensor":
-            tail, dtype, device = metas[j]  # type: ignore[index]
+            tail, dtype, device = metas[j]
             if (index, j) in full:
                 leaves.append(torch.zeros((batch, *tail), dtype=dtype, device=device))
             else:  # only skipped blocks and shape queries see it
@@ -508,22 +466,3 @@ def _rebuild(
         else:
             leaves.append(what[1])
     return pytree.tree_unflatten(leaves, plan.spec)
-
-
-def _extend(old: Cut, new: Cut, steps: Sequence[CallPlan], rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``new``'s slot rows from ``old``'s, through the newly skipped blocks ``steps``."""
-    env: dict[Any, torch.Tensor] = dict(zip(old.slots, rows, strict=True))
-    for step in steps:
-        args, kwargs = pytree.tree_map(
-            lambda ref: env[ref[1]] if ref[0] == "value" else ref[1],
-            step.args,
-            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and x[0] in ("value", "const"),
-        )
-        out = step.module(*args, **kwargs)
-        for path, leaf in pytree.tree_flatten_with_path(out)[0]:
-            env[step.value_key(plain_path(path))] = leaf
-    return [env[key] for key in new.slots]
-
-
-def _batch(args: tuple, kwargs: dict) -> int:
-    return CallKeys.split(args, kwargs)[0]

@@ -130,6 +130,12 @@ class RowStore:
     def used_bytes(self) -> int:
         return sum(t.n * t.row_bytes for t in self.tables.values())
 
+    def describe_rows(self) -> list[str]:
+        """Each signature's slots as ``dtype[shape]``, e.g. ``['torch.bfloat16[16, 4, 4]']``."""
+        return [
+            f"{layout.dtype}{list(layout.row_shape)}" for t in self.tables.values() for layout in t.layouts
+        ]
+
     # ------------------------------------------------------------------ reading
     def lookup(self, sig: Hashable, keys: Sequence[bytes]) -> list[int]:
         ix = self.index.get(sig)
