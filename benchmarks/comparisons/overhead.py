@@ -73,18 +73,57 @@ def register_overhead_case(case: OverheadCase) -> OverheadCase:
     return case
 
 
-def _layer_freeze(module: BenchModule) -> list:
-    from lightning_freeze import LayerFreeze
-
-    return [LayerFreeze(layers="backbone", plot=False)]
-
-
 register_overhead_case(
     OverheadCase(
         name="LayerFreeze (ours), frozen throughout",
         make_callbacks=peers.layer_freeze,
         baseline="hand_frozen",
         note='LayerFreeze(layers="backbone", plot=False), no until_*: every measured step is a no-op step',
+    )
+)
+
+
+def _freezeout(module: BenchModule) -> list:
+    from lightning_freeze import FreezeOut
+
+    return [FreezeOut(layers="backbone.*", t0=1.0, plot=False)]
+
+
+def _unfreezing(module: BenchModule) -> list:
+    from lightning_freeze import ProgressiveUnfreezing
+
+    return [ProgressiveUnfreezing(["backbone"], phases=[{"layers": "backbone", "at_epoch": 10_000}], plot=False)]
+
+
+def _adaptive(module: BenchModule) -> list:
+    from lightning_freeze import AdaptiveFreeze
+
+    return [AdaptiveFreeze(["backbone.*"], check_every_n_steps=10, min_steps=10**9, plot=False)]
+
+
+register_overhead_case(
+    OverheadCase(
+        name="FreezeOut (ours), no layer due",
+        make_callbacks=_freezeout,
+        baseline="nothing_frozen",
+        note="FreezeOut(backbone.*, t0=1.0): every t_i = 1, so it only sets each group's LR every step",
+    )
+)
+register_overhead_case(
+    OverheadCase(
+        name="ProgressiveUnfreezing (ours), between thaws",
+        make_callbacks=_unfreezing,
+        baseline="hand_frozen",
+        note="backbone frozen, its thaw far beyond the measured steps: the per-step thaw check and LR hooks only",
+    )
+)
+register_overhead_case(
+    OverheadCase(
+        name="AdaptiveFreeze (ours), measuring",
+        make_callbacks=_adaptive,
+        baseline="nothing_frozen",
+        note="AdaptiveFreeze(backbone.*, check every 10 steps, min_steps too far to freeze): per-layer gradient "
+        "norms every step and a decision every 10",
     )
 )
 

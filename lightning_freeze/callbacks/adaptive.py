@@ -103,6 +103,8 @@ class AdaptiveFreeze(FreezingCallback):
         self._last_metric: float | None = None
         self._start_step = 0
         self.signals: dict[str, Any] = {"step": [], "score": {}, "threshold": []}
+        self._tracked_for: frozenset[str] | None = None
+        self._tracked_params: list[tuple[torch.nn.Parameter, int]] = []
 
     # ------------------------------------------------------------------ FreezingCallback interface
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
@@ -164,21 +166,37 @@ class AdaptiveFreeze(FreezingCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        engine = self._require_engine()
-        norms = []
-        for layer in self.layers:
-            grads = (
-                [p.grad for p in layer.params if p.grad is not None]
-                if not engine.is_frozen(layer.name)
-                else []
-            )
-            if grads:
-                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-            else:
-                norms.append(torch.zeros((), device=pl_module.device))
-        step = torch.stack(norms).detach().float()
+        # One fused norm over every gradient, then a segment sum per layer: a few ops per step, not a few per layer.
+        grads, owners = [], []
+        for p, index in self._tracked():
+            if p.grad is not None:
+                grads.append(p.grad)
+                owners.append(index)
+        if not grads:
+            return
+        squares = torch.stack(torch._foreach_norm(grads)).float().square()
+        per_layer = torch.zeros(len(self.layers), device=squares.device, dtype=squares.dtype)
+        per_layer.index_add_(0, torch.as_tensor(owners, device=squares.device), squares)
+        step = per_layer.sqrt()
         self._sums = step if self._sums is None else self._sums.to(step.device) + step
         self._steps_in_interval += 1
+
+    def _tracked(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """(parameter, layer position) of the layers still training; rebuilt when the frozen set changes."""
+        engine = self._require_engine()
+        key = frozenset(engine.frozen)
+        if self._tracked_for != key:
+            seen: set[int] = set()
+            self._tracked_params = []
+            for i, layer in enumerate(self.layers):
+                if layer.name in key:
+                    continue
+                for p in layer.params:
+                    if id(p) not in seen:  # a tied tensor counts once, for its first layer
+                        seen.add(id(p))
+                        self._tracked_params.append((p, i))
+            self._tracked_for = key
+        return self._tracked_params
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
