@@ -266,7 +266,6 @@ CASES: list[Case] = [
     Case("optimized_metric absent", "end of job", ("freeze=none", "trainer.max_steps=2", "optimized_metric=val/accuracy"), ("optimized_metric='val/accuracy' is not a metric of this run", "val/acc")),
     # the command line, in real processes: the same errors, a non-zero exit code and metrics.json agree
     Case("cli max_epochs=abc", "cli", ("trainer.max_epochs=abc",), ("trainer.max_epochs must be an int or None",)),
-    Case("cli seed=abc", "cli", ("seed=abc",), ("seed must be a non-negative integer",)),
     Case("cli corrupt checkpoint", "cli", (lambda t: f"ckpt_path={_file(t, 'truncated')}",), ("truncated or corrupt",)),
     # lightning-freeze-report
     Case("report missing dir", "report", lambda t: [str(t / "no_such_sweep")], ("no sweep dir", "hydra.sweep.dir")),

@@ -51,37 +51,10 @@ def _ranks(job: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_inside_a_multirun_runs_each_jobs_config_on_every_rank(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = _sweep(
-        tmp_path, "trainer=ddp_cpu", "split=stratified_kfold", "split.k=3", "split.fold=0,1", probe=True
-    )
-    _check(proc)
-    jobs = _job_dirs(sweep)
-    assert [j.name for j in jobs] == ["0", "1"]  # exactly one dir per job
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep, no stray outputs/
-    records = []
-    for num, job in enumerate(jobs):
-        r0, r1 = _ranks(job)
-        assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
-        for key in ("stamp", "overrides", "job_num", "split_hashes", "master_port", "params_sha256"):
-            assert r0[key] == r1[key], (
-                key
-            )  # both ranks: this job's config, this job's group, identical replicas
-        assert r0["job_num"] == num and f"split.fold={num}" in r0["overrides"]
-        assert read_metrics(job)["status"] == "ok"
-        records.append((r0, r1))
-    (a0, a1), (b0, b1) = records
-    assert a0["split_hashes"] != b0["split_hashes"]  # fold 0 vs fold 1
-    assert a0["pid"] == b0["pid"] and a1["pid"] != b1["pid"]  # rank 0 is the sweep process; fresh rank 1
-    assert a0["master_port"] != b0["master_port"]  # no stale MASTER_PORT carried into job 1
-    summary = json.loads((sweep / "summary.json").read_text())
-    assert summary["n_ok"] == 2 and summary["replicate_axes"] == ["split.fold"]
-
-
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_path):
+def test_ddp_jobs_of_an_optuna_sweep_train_each_trials_config_on_every_rank(tmp_path):
+    """DDP inside a multirun with a sweeper that samples: every rank of job j trains job j's sampled config
+    (not a config it composed or sampled itself), one dir per job, no second sweep, a fresh rank 1 and a fresh
+    MASTER_PORT per job, and the float Optuna needs (optimized_metric)."""
     sweep = tmp_path / "sweep"
     proc = _sweep(
         tmp_path,
@@ -93,25 +66,31 @@ def test_optuna_sweep_over_ddp_jobs_trains_each_trials_config_on_both_ranks(tmp_
         "task.model.optimizer.lr=interval(0.0005, 0.05)",
         "optimized_metric=val/acc",
         "trainer=ddp_cpu",
+        "split=stratified_kfold",
         probe=True,
     )
     _check(proc)
     jobs = _job_dirs(sweep)
-    assert [j.name for j in jobs] == ["0", "1"]
-    lrs = []
-    for job in jobs:
+    assert [j.name for j in jobs] == ["0", "1"]  # exactly one dir per job
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep, no stray outputs/
+    records = []
+    for num, job in enumerate(jobs):
         r0, r1 = _ranks(job)
-        assert (
-            r0["lr"] == r1["lr"] and r0["stamp"] == r1["stamp"] and r0["params_sha256"] == r1["params_sha256"]
-        )
+        assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
+        for key in ("stamp", "overrides", "job_num", "split_hashes", "master_port", "lr", "params_sha256"):
+            assert r0[key] == r1[key], key  # this job's config, this job's group, identical replicas
         (override,) = [o for o in r0["overrides"] if o.startswith("task.model.optimizer.lr=")]
-        assert float(override.split("=")[1]) == pytest.approx(
-            r0["lr"]
-        )  # the trial's sampled value, on both ranks
-        lrs.append(r0["lr"])
-    assert lrs[0] != lrs[1]
+        assert float(override.split("=")[1]) == pytest.approx(r0["lr"])  # the trial's sampled value
+        assert r0["job_num"] == num and read_metrics(job)["status"] == "ok"
+        records.append((r0, r1))
+    (a0, a1), (b0, b1) = records
+    assert a0["lr"] != b0["lr"]
+    assert a0["pid"] == b0["pid"] and a1["pid"] != b1["pid"]  # rank 0 is the sweep process; a fresh rank 1
+    assert a0["master_port"] != b0["master_port"]  # no stale MASTER_PORT carried into job 1
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(read_metrics(j)["metrics"]["val/acc"] for j in jobs)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["n_ok"] == 2 and "task.model.optimizer.lr" in summary["compare_axes"]
 
 
 @pytest.mark.slow

@@ -199,25 +199,3 @@ def test_make_run_on_a_fresh_copy(tmp_path: Path):
     assert result["status"] == "ok" and result["metrics"]["val/acc"] > 0.9
     assert Path(result["run_dir"]).resolve() == metrics.parent.resolve()
     assert list((clone / "outputs" / ".cache").glob("digits_pretrained_*.pt"))  # the pretrain cache
-
-
-@pytest.mark.slow
-def test_kfold_compare_example_runs(tmp_path: Path):
-    """examples/kfold_compare.sh as written (one epoch): ten jobs, a summary that pairs the five folds."""
-    import json
-
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "PY": sys.executable, "SWEEP": str(sweep), "EPOCHS": "1"}
-    proc = subprocess.run(
-        ["bash", str(REPO_ROOT / "examples" / "kfold_compare.sh"), "trainer.enable_model_summary=false"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((sweep / "summary.json").read_text())
-    assert summary["n_ok"] == 10 and summary["compare_axes"] == ["freeze"]
-    (acc,) = [c for c in summary["comparisons"] if c["metric"] == "val/acc"]
-    assert acc["baseline"] == "freeze=none" and acc["n"] == 5 and acc["unpaired"] == 0
-    assert "Paired comparisons" in proc.stdout
