@@ -41,6 +41,7 @@ from lightning_freeze.cache.patch import Patch
 from lightning_freeze.cache.serving import Server, Settings
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore
+from lightning_freeze.engine.layers import named_modules
 from lightning_freeze.rules.checks import check_bool, check_int, check_number
 
 __all__ = ["FrozenPrefixCache"]
@@ -138,6 +139,8 @@ class FrozenPrefixCache(Callback):
         self._epoch = EpochStats(per_row=self._per_row)
         self._use_fallback = False
         self._pruned = False
+        self._named: dict[str, Any] = {}
+        self._settings = Settings(self.min_rows, self.verify, self.strict)
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -166,13 +169,12 @@ class FrozenPrefixCache(Callback):
         os.makedirs(folder, exist_ok=True)
         self.disk_budget = budget.disk_budget(self.max_disk_bytes, free_bytes(folder), processes)
         self.disk = DiskTier(folder, self.disk_budget) if self.disk_budget > 0 else None
-        if self.module != "auto":
-            names = [n for n, _ in pl_module.named_modules() if n]
-            if self.module not in names:
-                close = difflib.get_close_matches(self.module, names, n=5, cutoff=0.3)
-                raise ValueError(
-                    f"{_WHERE}: module={self.module!r} names no module of the model; closest: {close}"
-                )
+        self._named = named_modules(pl_module)  # names as users write them (no torch.compile _orig_mod)
+        if self.module != "auto" and self.module not in self._named:
+            close = difflib.get_close_matches(self.module, [n for n in self._named if n], n=5, cutoff=0.3)
+            raise ValueError(
+                f"{_WHERE}: module={self.module!r} names no module of the model; closest: {close}"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.module == "auto" and self._engine() is None:
@@ -321,18 +323,22 @@ class FrozenPrefixCache(Callback):
         return owner.engine if owner is not None else None
 
     def _refresh(self, pl_module: pl.LightningModule) -> None:
+        """Plan the cut again when the frozen prefix changed (names, or a tie that trains or stopped training)."""
+        layers: list[Any] = []
+        reason = None
         if self.module == "auto":
             engine = self._engine()
             prefix = engine.frozen_prefix() if engine is not None else []
-            layers, reason = usable_prefix(prefix, pl_module)
-            key: Any = (tuple(layer.name for layer in layers), reason, self._use_fallback)
+            trains = tuple(p.requires_grad for layer in prefix for p in layer.params)
+            key: Any = (tuple(layer.name for layer in prefix), trains, self._use_fallback)
         else:
-            module = dict(pl_module.named_modules())[self.module]
-            layers, reason = [], None
+            module = self._named[self.module]
             key = not any(p.requires_grad for p in module.parameters())
         if key == self._cut_key and not self._stale:
             return
         self._cut_key, self._stale = key, False
+        if self.module == "auto":
+            layers, reason = usable_prefix(prefix, pl_module)
         old = self.server
         self._uninstall()
         cut = self._plan(pl_module, layers, reason)
@@ -345,9 +351,8 @@ class FrozenPrefixCache(Callback):
         if cut is None:
             return
         self._generation += 1
-        settings = Settings(self.min_rows, self.verify, self.strict)
         store = RowStore(self.ram_budget, self.disk, pin=pl_module.device.type == "cuda")
-        self.server = Server(cut, store, self.fingerprinter, settings, self._epoch, self, inherited)
+        self.server = Server(cut, store, self.fingerprinter, self._settings, self._epoch, self, inherited)
         self._install(self.server, prune=False)
 
     def _plan(self, pl_module: pl.LightningModule, layers: list[Any], reason: str | None) -> Cut | None:

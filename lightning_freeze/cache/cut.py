@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_freeze.cache.modes import NORM_TYPES, mode_free
 from lightning_freeze.cache.trace import BlockCall, Recording, ValueId, plain_output, plain_path
+from lightning_freeze.engine.layers import named_modules
 
 ValueKey = tuple[str, int, tuple[Any, ...]]  # (block name, occurrence, position in its output)
 
@@ -236,7 +237,8 @@ def fallback_cut(model: nn.Module, layers: Sequence[Any]) -> Cut | None:
 
 
 def named_cut(model: nn.Module, name: str) -> Cut:
-    module = dict(model.named_modules())[name]
+    """The cut of ``module="name"``: that module (names as users write them, without ``_orig_mod``)."""
+    module = named_modules(model)[name]
     return Cut("module", module, name, (name,), {name: module})
 
 

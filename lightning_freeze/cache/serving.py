@@ -74,6 +74,7 @@ class _Context:
     batch: int
     values: Sequence[torch.Tensor] = ()
     rows: torch.Tensor | None = None  # CAPTURE: the rows to keep (None: all)
+    call: CallKeys | None = None  # CAPTURE of one slot: stored as soon as the block returns
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     metas: list[dict[int, Any]] | None = None  # per call: leaf index -> (tail, dtype, device)
     seconds: float = 0.0  # time spent computing skipped blocks
@@ -106,8 +107,10 @@ class Step:
 
 @dataclass
 class Settings:
+    """The callback's options, shared by the servers of one fit (``verify_left`` counts down across cuts)."""
+
     min_rows: int
-    verify: int
+    verify_left: int
     strict: bool
 
 
@@ -130,7 +133,6 @@ class Server:
         self.guard: Guard | None = None
         self.metas: dict[Any, list[dict[int, Any]]] = {}  # per signature: the shapes of placeholder outputs
         self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
-        self.verify_left = settings.verify
         self.active = False  # inside a training step
         self.calls = 0  # calls of the cut in the current training step
         self.context: _Context | None = None
@@ -220,6 +222,8 @@ class Server:
                 if self.cut.kind == "graph":
                     step.context = self.context = _Context(Mode.CAPTURE, batch, rows=step.rows)
                     step.context.metas = [] if sig not in self.metas else None
+                    if len(self.cut.slots) == 1 and self.settings.verify_left <= 0:
+                        step.context.call = call
                 stats.overhead_seconds += time.perf_counter() - start
                 return step
         except Unsupported as err:
@@ -253,6 +257,9 @@ class Server:
                 return
             if ctx.metas is not None:
                 self.metas[call.sig] = ctx.metas
+            if ctx.call is not None:  # stored already
+                self.stats.miss(call.batch if step.rows is None else len(step.rows), seconds)
+                return
             values = [ctx.captured[s] for s in range(len(self.cut.slots))]
         self.stats.miss(call.batch if step.rows is None else len(step.rows), seconds)
         if step.rows is not None and self.cut.kind == "module":
@@ -324,8 +331,7 @@ class Server:
             self.reporter.event("extend", entries=store.entries, seconds=time.perf_counter() - start)
             found = store.lookup(call.sig, call.keys)
             hit = [i for i, r in enumerate(found) if r >= 0]
-            if hit and self.verify_left > 0:
-                self.verify_left -= 1
+            if hit:  # free: this batch's fresh values are at hand
                 stored = store.gather(call.sig, [found[i] for i in hit], device)
                 pick = torch.as_tensor(hit, device=device)
                 self._verdict(stored, [v.index_select(0, pick) for v in fresh])
@@ -393,8 +399,13 @@ class Server:
         for (_, what), leaf in zip(plan.leaves, pytree.tree_leaves(out), strict=False):
             if isinstance(what, int) and isinstance(leaf, torch.Tensor):
                 leaf = leaf.detach()
-                # a copy: the rest of the forward may write into the block's output in place
                 rows = ctx.rows
+                if ctx.call is not None:  # the one slot: into the store right away (one copy)
+                    ctx.captured[what] = leaf
+                    picked = leaf if rows is None else leaf.index_select(0, rows.to(leaf.device))
+                    self._insert(ctx.call, [picked], rows)
+                    continue
+                # a copy: the rest of the forward may write into the block's output in place
                 ctx.captured[what] = (
                     leaf.index_select(0, rows.to(leaf.device)) if rows is not None else leaf.clone()
                 )
@@ -410,13 +421,13 @@ class Server:
     ) -> None:
         """While ``verify`` allows: compute the first half of a batch just stored again, in reverse order (another
         batch composition), and compare it with what was stored."""
-        if self.verify_left <= 0 or (self.cut.kind == "graph" and not self.cut.prefix_ok):
+        if self.settings.verify_left <= 0 or (self.cut.kind == "graph" and not self.cut.prefix_ok):
             return
         half = call.batch // 2
         rows = torch.arange((half if half >= self.settings.min_rows else call.batch) - 1, -1, -1)
         sub_args, sub_kwargs = select_rows(args, kwargs, call.batch, rows)
         fresh = self._prefix_values(sub_args, sub_kwargs, run, count=False)
-        self.verify_left -= 1
+        self.settings.verify_left -= 1
         self._verdict([v.index_select(0, rows.to(v.device)) for v in values], fresh)
 
     def _verdict(self, stored: list[torch.Tensor], fresh: list[torch.Tensor]) -> None:
