@@ -18,9 +18,9 @@ Stages (each a helper below; a case's ``given`` is what that helper runs):
   cases: build the Trainer and model inside ``given``; assert "before training" there if it matters).
 - ``warning``: ``given(tmp_path)`` must emit exactly one warning whose text contains the words.
 
-To add a case, append ``Case(id, stage, given, words, error)`` to ``CASES`` (or extend ``CASES`` from a list
-of your own); to add a stage, add a helper ``def _stage(case, ctx) -> str`` (it returns the message the words
-are looked for in) to ``STAGES``.
+To add a case, append ``Case(id, stage, given, words, error)`` to ``CASES``, or return it from a module of
+your own like ``tests/bad_callback_input.py`` (``cases(Case) -> list``) added below; to add a stage, add a
+helper ``def _stage(case, ctx) -> str`` (it returns the message the words are looked for in) to ``STAGES``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from bad_callback_input import cases as callback_cases
 from conftest import CONF_DIR, read_metrics, run_app
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -272,6 +273,9 @@ CASES: list[Case] = [
     Case("report empty dir", "report", lambda t: [str(t)], ("holds no job of a sweep",)),
     Case("report unknown baseline", "report", lambda t: [str(_two_job_sweep(t)), "--baseline", "freeze=bogus"], ("baseline 'freeze=bogus' matches no condition", "fix --baseline")),
 ]  # fmt: skip
+
+
+CASES += callback_cases(Case)  # the freezing callbacks' own cases (tests/bad_callback_input.py)
 
 
 def _two_job_sweep(tmp_path: Path) -> Path:
