@@ -84,6 +84,8 @@ def bert_mnist1d_task(ctx: BenchContext) -> Task:
 
             def configure_optimizers(self):
                 opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-2)
+                if not cosine:
+                    return opt
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineFactor(total))
                 return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
