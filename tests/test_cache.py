@@ -264,6 +264,34 @@ def test_disk_tier_serves_past_the_ram_budget(baseline, tmp_path):
     assert not list(tmp_path.rglob("*.bin"))  # the files are gone after fit
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset (shuffled per epoch): Lightning fetches a batch ahead, so rows can be read ahead."""
+
+    def __init__(self):
+        self.data, self.epoch = make_data(64, 0), 0
+
+    def __iter__(self):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+        return (self.data[i] for i in order)
+
+
+def test_rows_on_disk_are_read_ahead_while_the_previous_step_runs(tmp_path):
+    def run(cache):
+        torch.manual_seed(0)
+        model = Net()
+        t = trainer(
+            max_epochs=3, callbacks=[LayerFreeze("backbone.*", plot=False)] + ([cache] if cache else [])
+        )
+        t.fit(model, DataLoader(Stream(), batch_size=8))
+        return model
+
+    cache = FrozenPrefixCache(max_bytes=20 * 16 * 4, max_disk_bytes="1MB", disk_dir=tmp_path)
+    same(run(None), run(cache))
+    # 8 batches per epoch; the first of an epoch cannot be seen ahead (Lightning fetches across epochs only later)
+    assert [(h["hits"], h["read_ahead"], h["disk_entries"]) for h in cache.history[1:]] == [(64, 7, 44)] * 2
+
+
 def test_unfrozen_named_module_is_computed_as_usual(baseline):
     cache = FrozenPrefixCache(module="head")
     with pytest.warns(UserWarning, match="'head' has trainable parameters"):

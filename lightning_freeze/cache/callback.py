@@ -32,12 +32,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch.utils import _pytree as pytree
 
 from lightning_freeze.cache import budget
 from lightning_freeze.cache.cut import Cut, fallback_cut, named_cut, plan_cut, usable_prefix
 from lightning_freeze.cache.disk import DiskTier, free_bytes
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.patch import Patch
+from lightning_freeze.cache.readahead import Readahead, next_batch
 from lightning_freeze.cache.serving import Server, Settings
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore
@@ -70,6 +72,8 @@ class FrozenPrefixCache(Callback):
         min_rows: batches (and sub-batches of misses) with fewer rows are computed and never stored:
             CPU kernels take other code paths for tiny batches, whose last bits can differ.
         strict: switch off, rather than warn, when ``verify`` finds rows that are only equal up to rounding.
+        read_ahead: read the next batch's rows in a background thread while the current step runs, when
+            Lightning has fetched that batch already (iterable datasets; see :mod:`~lightning_freeze.cache.readahead`).
         log_stats: log ``cache/hit_rate`` (epochs with lookups only), ``cache/bytes``, ``cache/entries`` and
             ``cache/time_saved_s`` every epoch.
 
@@ -100,6 +104,7 @@ class FrozenPrefixCache(Callback):
         min_rows: int = 4,
         strict: bool = False,
         log_stats: bool = True,
+        read_ahead: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(module, str) or not module:
@@ -119,6 +124,7 @@ class FrozenPrefixCache(Callback):
         self.min_rows = check_int(min_rows, "min_rows", minimum=1, where=_WHERE)
         self.strict = check_bool(strict, "strict", where=_WHERE)
         self.log_stats = check_bool(log_stats, "log_stats", where=_WHERE)
+        self.read_ahead = check_bool(read_ahead, "read_ahead", where=_WHERE)
         self.fingerprinter = Fingerprinter()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
@@ -140,6 +146,7 @@ class FrozenPrefixCache(Callback):
         self._use_fallback = False
         self._pruned = False
         self._named: dict[str, Any] = {}
+        self.readahead = Readahead(self.fingerprinter) if self.read_ahead else None
         self._settings = Settings(self.min_rows, self.verify, self.strict)
 
     # ------------------------------------------------------------------ what it holds
@@ -198,9 +205,14 @@ class FrozenPrefixCache(Callback):
         if self.off_reason is not None:
             return
         self._refresh(pl_module)
-        if self.server is not None:
-            self.server.active = True
-            self.server.calls = 0
+        server = self.server
+        if server is None:
+            return
+        server.active, server.calls = True, 0
+        server.batch_leaves = pytree.tree_leaves(batch)
+        if server.cut.recorded and self.readahead is not None:
+            server.readahead = self.readahead
+            self.readahead.start(next_batch(trainer), server.store, pin=server.store.pin)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         server = self.server
@@ -410,6 +422,8 @@ class FrozenPrefixCache(Callback):
             self.server.store.clear()
 
     def _shutdown(self) -> None:
+        if getattr(self, "readahead", None) is not None:
+            self.readahead.close()
         self._uninstall()
         if self.server is not None:
             self._drop("fit ended")

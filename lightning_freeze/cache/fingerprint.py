@@ -119,11 +119,16 @@ class Fingerprinter:
         with torch.no_grad():
             return self.words(as_words(x))
 
-    def rows(self, x: torch.Tensor) -> list[bytes]:
-        """One 16-byte fingerprint per row (sample) of ``x``."""
+    def rows(self, x: torch.Tensor, scheme: str | None = None) -> list[bytes]:
+        """One 16-byte fingerprint per row (sample) of ``x``.
+
+        ``scheme`` is ``"cpu"`` (BLAKE2b) or ``"device"`` (the multilinear hash); by default the one for the
+        device ``x`` lives on. Both give the same value for the same bits wherever they are computed, so a
+        CPU tensor can be keyed the way its copy on a GPU will be.
+        """
         if x.shape[0] == 0:
             return []
-        if x.device.type != "cpu":
+        if (scheme or ("cpu" if x.device.type == "cpu" else "device")) == "device":
             packed = self.device_rows(x).cpu().numpy()
             return [bytes(row) for row in packed.view(np.uint8).reshape(packed.shape[0], 16)]
         with torch.no_grad():

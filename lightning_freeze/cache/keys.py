@@ -91,13 +91,14 @@ class CallKeys:
         return CallKeys(sig, row_keys(fp, batched), batch, batched)
 
 
-def row_keys(fp: Fingerprinter, batched: Sequence[torch.Tensor]) -> list[bytes]:
-    """One 16-byte key per sample over its rows of all ``batched`` tensors."""
+def row_keys(fp: Fingerprinter, batched: Sequence[torch.Tensor], scheme: str | None = None) -> list[bytes]:
+    """One 16-byte key per sample over its rows of all ``batched`` tensors (``scheme``: see
+    :meth:`Fingerprinter.rows`)."""
     if not batched:
         return []
     if len(batched) == 1:
-        return fp.rows(batched[0])
-    per_tensor = [fp.rows(t) for t in batched]
+        return fp.rows(batched[0], scheme)
+    per_tensor = [fp.rows(t, scheme) for t in batched]
     return [
         hashlib.blake2b(b"".join(parts), digest_size=16).digest() for parts in zip(*per_tensor, strict=True)
     ]

@@ -38,6 +38,7 @@ from lightning_freeze.cache.extend import carry_over
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.guard import Guard
 from lightning_freeze.cache.keys import CallKeys, row_keys, select_rows
+from lightning_freeze.cache.readahead import Readahead
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore, Unsupported, memory_format
 from lightning_freeze.cache.trace import record
@@ -137,6 +138,8 @@ class Server:
         self.calls = 0  # calls of the cut in the current training step
         self.context: _Context | None = None
         self.batch_rows = 0
+        self.readahead: Readahead | None = None  # set by the callback
+        self.batch_leaves: list[Any] = []  # the tensors of the current training batch
 
     # ------------------------------------------------------------------ entry points
     def module_call(self, module: nn.Module, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
@@ -198,21 +201,28 @@ class Server:
         if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
             stats.bypassed += 1
             return Step()
-        call = CallKeys(sig, row_keys(self.fp, batched), batch, batched)
+        ready = self.readahead.take(batched, sig, self.store) if self.readahead is not None else None
+        if self.readahead is not None:
+            self.readahead.learn(self.batch_leaves, batched, sig)
+        call = CallKeys(sig, ready.keys if ready is not None else row_keys(self.fp, batched), batch, batched)
         step = Step(call=call, start=start, args=args, kwargs=kwargs, run=run)
         stats.lookups += batch
         self.batch_rows = max(self.batch_rows, batch)
         if not self.cut.recorded:  # the first call of a module cut: compute and store everything
             step.first = True
             return step
-        found = self.store.lookup(sig, call.keys)
+        found = ready.found if ready is not None else self.store.lookup(sig, call.keys)
         hit = [i for i, r in enumerate(found) if r >= 0]
         miss = [i for i, r in enumerate(found) if r < 0]
         stats.found += len(hit)
         servable = self.cut.kind == "module" or sig in self.metas
         try:
             if not miss and servable:
-                values = self.store.gather(sig, found, batched[0].device)
+                if ready is not None and ready.values is not None:
+                    values = self.store.place(sig, ready.values, batched[0].device)
+                    stats.read_ahead += 1
+                else:
+                    values = self.store.gather(sig, found, batched[0].device)
                 stats.hits += batch
             elif hit and servable and len(miss) >= self.settings.min_rows and self.cut.prefix_ok:
                 values = self._with_misses(step, found, hit, miss)

@@ -27,6 +27,7 @@ class EpochStats:
     stored: int = 0  # samples stored
     bypassed: int = 0  # calls computed without a lookup (tiny batch, a stale cut, inputs that need grad)
     verified: int = 0  # checks of stored rows against a fresh computation
+    read_ahead: int = 0  # batches whose rows a background thread had read before the step asked
     compute_seconds: float = 0.0  # time in the skipped blocks when they were computed
     overhead_seconds: float = 0.0  # time in keys, lookups, gathering and storing
     record_seconds: float = 0.0  # time recording a new cut
@@ -59,6 +60,7 @@ class EpochStats:
             "stored": self.stored,
             "bypassed": self.bypassed,
             "verified": self.verified,
+            "read_ahead": self.read_ahead,
             "time_saved_s": max(0.0, self.hits * seconds_per_row - self.overhead_seconds),
             "overhead_s": self.overhead_seconds,
             "record_s": self.record_seconds,

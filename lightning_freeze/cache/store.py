@@ -145,24 +145,34 @@ class RowStore:
 
     def gather(self, sig: Hashable, rows: Sequence[int], device: torch.device) -> list[torch.Tensor]:
         """One tensor per slot holding ``rows`` in that order, on ``device``, in the stored memory format."""
+        return self.place(sig, self.read(sig, rows, pin=device.type == "cuda"), device)
+
+    def read(self, sig: Hashable, rows: Sequence[int], pin: bool = False) -> list[torch.Tensor]:
+        """``rows`` of every slot in host memory (pinned if asked and the store pins)."""
         self.sync()
         table = self.tables[sig]
-        idx = torch.as_tensor(rows, dtype=torch.int64)
-        pin = self.pin and device.type == "cuda"
-        parts = table.locate(idx)
+        pin = pin and self.pin
+        parts = table.locate(torch.as_tensor(rows, dtype=torch.int64))
         out = []
         for s, layout in enumerate(table.layouts):
             if len(parts) == 1 and not pin:
-                got = parts[0][0].tensors[s].index_select(0, parts[0][2])
-            else:
-                got = torch.empty((len(rows), *layout.row_shape), dtype=layout.dtype, pin_memory=pin)
-                for chunk, where, local in parts:
-                    if len(parts) == 1:
-                        torch.index_select(chunk.tensors[s], 0, local, out=got)
-                    else:
-                        got[where] = chunk.tensors[s].index_select(0, local)
+                out.append(parts[0][0].tensors[s].index_select(0, parts[0][2]))
+                continue
+            got = torch.empty((len(rows), *layout.row_shape), dtype=layout.dtype, pin_memory=pin)
+            for chunk, where, local in parts:
+                if len(parts) == 1:
+                    torch.index_select(chunk.tensors[s], 0, local, out=got)
+                else:
+                    got[where] = chunk.tensors[s].index_select(0, local)
+            out.append(got)
+        return out
+
+    def place(self, sig: Hashable, host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Rows read by :meth:`read`, on ``device`` and in the memory format the prefix produced."""
+        out = []
+        for got, layout in zip(host, self.tables[sig].layouts, strict=True):
             if device.type != "cpu":
-                got = got.to(device, non_blocking=pin)
+                got = got.to(device, non_blocking=got.is_pinned())
             if (
                 layout.fmt is not None
             ):  # the strides the prefix produced: kernels downstream may depend on them
