@@ -1,38 +1,48 @@
-"""FrozenPrefixCache: time per step once the cache is warm, and the wall-clock time of a whole fit.
+"""FrozenPrefixCache: time per step once the cache is warm, the wall-clock time of a whole fit, the disk tier
+and a compiled model.
 
-Two workloads, each with every contender in one process, alternated round by round (the harness):
+Workloads, each with every contender in one process, alternated round by round (the harness):
 
 - **cnn**: a 7-layer plain CNN (4 conv blocks of the frozen prefix at full resolution, 2 strided conv
   blocks and a linear head) on synthetic in-memory batches; the prefix is ~70% of the forward FLOPs;
 - **digits**: the built-in digits task (:mod:`lightning_freeze.tasks.digits`, 3 conv blocks + linear
-  head), where the whole step is a few milliseconds.
+  head), where the whole step is a few milliseconds;
+- **resnet**: a transformers ``ResNetForImageClassification`` (random init, :mod:`benchmarks.hf`) inside a
+  plain LightningModule; the frozen prefix is its first ``auto`` blocks (embedder and the first stages,
+  about 70% of the blocks) and the cut falls *inside* ``ResNetModel.forward``;
+- **disk**: the cnn with three times more data than the cache's RAM budget holds, so most rows come from
+  the disk tier, with the page cache warm or dropped before every epoch (cold reads), with and without
+  the read-ahead thread (an iterable dataset, so that Lightning fetches a batch ahead), against
+  recomputing the prefix;
+- **compiled**: the resnet inside ``torch.compile`` (inductor), LayerFreeze with and without the cache.
 
 Contenders: plain PyTorch with nothing frozen; **the limit**: hand-written PyTorch that computes the
 prefix outputs once before training and trains the rest on them; the same limit inside Lightning (a
 LightningModule fed the precomputed features, so Lightning's own per-step cost is in both); Lightning
 with ``LayerFreeze``, with ``LayerFreeze + FrozenPrefixCache``, with ``FreezeOut`` and with
-``FreezeOut + FrozenPrefixCache``; on the CNN also the cache capped at half of what it needs.
+``FreezeOut + FrozenPrefixCache``.
 
 A round is one fit of a few epochs; its samples are the median step time of the *last* epoch (the
-cache is warm there), the median step time of the first epoch (the cache is filling), and the wall
-time of the whole fit (for the limits: the precomputation plus the training). Run alone:
+cache is warm there), the median step time of the first epoch (the cache is filling), and the time
+of the whole fit (for the limits: the precomputation plus the training). Run alone:
 ``python -m benchmarks --only cache [--quick]``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from benchmarks.harness import (
     BenchContext,
@@ -51,7 +61,9 @@ from benchmarks.models import Head, SplitNet
 LIMIT = "PyTorch, prefix precomputed (the limit)"
 LIMIT_LIT = "Lightning, prefix precomputed"
 FULL = "PyTorch, nothing frozen"
-GOAL = 0.9
+LF, LF_CACHE = "Lightning + LayerFreeze", "Lightning + LayerFreeze + FrozenPrefixCache"
+FO, FO_CACHE = "Lightning + FreezeOut", "Lightning + FreezeOut + FrozenPrefixCache"
+GOALS = {"cnn": 0.9, "resnet": 0.8}
 LABELS = {
     "step_cpu_s": "CPU time per step",
     "step_s": "wall time per step",
@@ -60,17 +72,27 @@ LABELS = {
     "fit_cpu_s": "fit CPU time",
     "fit_s": "fit wall time",
 }
+UNCACHED = {LF_CACHE: LF, FO_CACHE: FO}
 
 
 # ---------------------------------------------------------------------------------------------- workloads
 @dataclass
 class Workload:
+    """A model with a frozen prefix, its batches, and how to train the rest on precomputed prefix outputs."""
+
     name: str
-    make_net: Callable[[], SplitNet]
+    make_module: Callable[[], L.LightningModule]  # the user's LightningModule, nothing frozen yet
     batches: list
     epochs: int
     description: str
-    prefix_share: float
+    prefix_share: float  # the frozen prefix's share of the forward FLOPs
+    frozen: str | list[str]  # what LayerFreeze freezes
+    freezeout: str | list[str] | None  # what FreezeOut manages (None: no FreezeOut contenders)
+    # (model, batches) -> (features per batch, a function training the rest on them for one step)
+    limit: Callable[[], tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[], list]]]
+    full_step: Callable[[nn.Module, object], torch.Tensor] | None = None  # the loss, nothing frozen
+    lr: float = 0.05
+    extra: dict = field(default_factory=dict)
 
 
 def _cbr(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -89,39 +111,66 @@ def cnn_net(width: int, classes: int = 10, seed: int = 0) -> SplitNet:
     return SplitNet(backbone, trunk, Head(2 * w, classes))
 
 
-def forward_share(net: SplitNet, x: torch.Tensor) -> float:
-    """The backbone's share of the forward FLOPs."""
+def flops_share(prefix: Callable[[], object], whole: Callable[[], object]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = copy.deepcopy(net).eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as c1:
-            f = net.backbone(x)
+            prefix()
         with FlopCounterMode(display=False) as c2:
-            net.head(net.trunk(f))
-    a, b = c1.get_total_flops(), c2.get_total_flops()
-    return a / (a + b)
+            whole()
+    return c1.get_total_flops() / c2.get_total_flops()
 
 
-def cnn_workload(ctx: BenchContext, device) -> Workload:
-    width, batch, n_batches, image = ctx.pick((16, 16, 6, 32), (32, 32, 6, 32))
-    g = torch.Generator().manual_seed(1)
-    batches = [
+def _split_net_workload(
+    name: str, template: SplitNet, batches: list, description: str, epochs: int = 3
+) -> Workload:
+    net = copy.deepcopy(template).eval()
+    x0 = batches[0][0].cpu()
+    share = flops_share(lambda: net.backbone(x0), lambda: net(x0))
+
+    def limit():
+        net = copy.deepcopy(template)
+        net.backbone.eval().requires_grad_(False)
+        return (
+            net.train(),
+            lambda f: net.head(net.trunk(f)),
+            lambda: [(net.backbone(x), y) for x, y in batches],
+        )
+
+    return Workload(
+        name,
+        lambda: BenchModule(copy.deepcopy(template)),
+        batches,
+        epochs,
+        description,
+        share,
+        frozen="backbone",
+        freezeout="backbone.*",
+        limit=limit,
+        full_step=lambda net, batch: F.cross_entropy(net(batch[0]), batch[1]),
+    )
+
+
+def _image_batches(n: int, batch: int, image: int, device, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [
         (
             torch.randn(batch, 3, image, image, generator=g).to(device),
             torch.randint(0, 10, (batch,), generator=g).to(device),
         )
-        for _ in range(n_batches)
+        for _ in range(n)
     ]
-    template = cnn_net(width)
-    share = forward_share(template, batches[0][0].cpu())
-    return Workload(
+
+
+def cnn_workload(ctx: BenchContext, device, n_batches: int | None = None) -> Workload:
+    width, batch, default_n, image = ctx.pick((16, 16, 6, 32), (32, 32, 6, 32))
+    n = n_batches or default_n
+    return _split_net_workload(
         "cnn",
-        lambda: copy.deepcopy(template),
-        batches,
-        3,
-        f"7-layer CNN (width {width}), {n_batches} synthetic batches of {batch}×3×{image}×{image} per epoch",
-        share,
+        cnn_net(width),
+        _image_batches(n, batch, image, device),
+        f"7-layer CNN (width {width}), {n} synthetic batches of {batch}×3×{image}×{image} per epoch",
     )
 
 
@@ -139,16 +188,86 @@ def digits_workload(ctx: BenchContext, device) -> Workload:
     ]
     torch.manual_seed(0)
     clf = DigitsClassifier(pretrained=False)
-    template = SplitNet(clf.backbone, nn.Identity(), clf.head)
-    share = forward_share(template, batches[0][0].cpu())
-    return Workload(
+    return _split_net_workload(
         "digits",
-        lambda: copy.deepcopy(template),
+        SplitNet(clf.backbone, nn.Identity(), clf.head),
         batches,
-        3,
         f"digits task (DigitsClassifier: 3 conv blocks + linear head; random init, the speed does not depend on "
         f"the weights), {len(batches)} batches of {batch}×1×8×8 per epoch",
+    )
+
+
+class ResNetModule(L.LightningModule):
+    """A user's LightningModule around a transformers image classifier (``self.model = ...``)."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.01) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def resnet_workload(ctx: BenchContext, device) -> Workload:
+    from benchmarks.hf import HFSpec, build_model, make_batches
+
+    spec = HFSpec.quick("resnet") if ctx.quick else HFSpec.full("resnet")
+    template = build_model(spec)
+    batches = [(x.to(device), y.to(device)) for x, y in make_batches(spec, ctx.pick(4, 8))]
+    net = copy.deepcopy(template).eval()
+    x0 = batches[0][0].cpu()
+
+    def prefix_of(model: nn.Module, x: torch.Tensor, n_stages: int) -> torch.Tensor:
+        h = model.resnet.embedder(x)
+        for stage in model.resnet.encoder.stages[:n_stages]:
+            h = stage(h)
+        return h
+
+    # the embedder and as many stages as make the prefix's share of the forward FLOPs closest to 70%
+    shares = [
+        flops_share(lambda k=k: prefix_of(net, x0, k), lambda: net(pixel_values=x0))
+        for k in range(len(net.resnet.encoder.stages))
+    ]
+    n_frozen_stages = min(range(len(shares)), key=lambda k: abs(shares[k] - 0.7))
+    share = shares[n_frozen_stages]
+    blocks = ["resnet.embedder"] + [f"resnet.encoder.stages.{k}" for k in range(n_frozen_stages)]
+
+    def suffix_of(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        for stage in model.resnet.encoder.stages[n_frozen_stages:]:
+            h = stage(h)
+        return model.classifier(model.resnet.pooler(h))
+
+    with torch.no_grad():  # the hand-written suffix is the model's own computation
+        assert torch.equal(suffix_of(net, prefix_of(net, x0, n_frozen_stages)), net(pixel_values=x0).logits)
+
+    def limit():
+        model = copy.deepcopy(template).to(device).train()
+        for name in blocks:
+            model.get_submodule(name).eval().requires_grad_(False)
+        features = lambda: [(prefix_of(model, x, n_frozen_stages), y) for x, y in batches]  # noqa: E731
+        return model, lambda h: suffix_of(model, h), features
+
+    return Workload(
+        "resnet",
+        lambda: ResNetModule(copy.deepcopy(template)),
+        batches,
+        3,
+        f"transformers ResNet (basic blocks, widths {[spec.width * 2**i for i in range(4)]}, depth {spec.depth}), "
+        f"{len(batches)} batches of {spec.batch}×3×{spec.size}×{spec.size}; frozen: {blocks}",
         share,
+        frozen=[f"model.{b}" for b in blocks],
+        freezeout=None,
+        limit=limit,
+        full_step=lambda model, batch: F.cross_entropy(model(pixel_values=batch[0]).logits, batch[1]),
+        lr=0.01,
+        extra={"frozen_blocks": blocks, "spec": spec.to_json()},
     )
 
 
@@ -181,6 +300,31 @@ class EpochTimer(L.Callback):
         return [b - a for a, b in zip(starts, starts[1:], strict=False)]
 
 
+class ColdPages(L.Callback):
+    """Drops the disk tier's pages from the page cache before every epoch, so its reads come from the disk."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.cache.disk is not None:
+            self.cache.disk.drop_from_page_cache()
+
+
+class BatchStream(IterableDataset):
+    """The batches in a new order every epoch, as an iterable dataset: Lightning then fetches a batch ahead."""
+
+    def __init__(self, batches: Sequence) -> None:
+        self.batches, self.epoch = list(batches), 0
+
+    def __iter__(self):
+        order = torch.randperm(
+            len(self.batches), generator=torch.Generator().manual_seed(self.epoch)
+        ).tolist()
+        self.epoch += 1
+        return (self.batches[i] for i in order)
+
+
 def _samples(per_epoch_wall, per_epoch_cpu, fit: tuple[float, float]) -> dict[str, float]:
     return {
         "step_s": statistics.median(per_epoch_wall[-1]),
@@ -192,14 +336,17 @@ def _samples(per_epoch_wall, per_epoch_cpu, fit: tuple[float, float]) -> dict[st
     }
 
 
-def _lightning_round(module_factory, batches, callbacks, epochs: int, device, info: dict) -> dict[str, float]:
+def _lightning_round(
+    module_factory, batches, callbacks, epochs: int, device, info: dict, stream: bool = False
+) -> dict[str, float]:
     module = module_factory()
     timer = EpochTimer(torch.device(device))
     with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-cache-") as tmp:
         trainer = make_trainer(
             len(batches) * epochs, [timer, *callbacks], device=device, root_dir=tmp, max_epochs=epochs
         )
-        loader = DataLoader(BatchList(batches), batch_size=None, shuffle=True)
+        data = BatchStream(batches) if stream else BatchList(batches)
+        loader = DataLoader(data, batch_size=None, shuffle=not stream)
         torch.manual_seed(0)
         w0, c0 = clocks(device)
         trainer.fit(module, train_dataloaders=loader)
@@ -207,9 +354,15 @@ def _lightning_round(module_factory, batches, callbacks, epochs: int, device, in
     info["weights"] = _digest(module)
     for cb in callbacks:
         if getattr(cb, "history", None) and hasattr(cb, "fingerprinter"):
-            info["hit_rate"] = cb.history[-1]["hit_rate"]
-            info["cache_mb"] = max(h["bytes"] for h in cb.history) / 1e6
-            info["off"] = cb.off_reason
+            last = cb.history[-1]
+            info.update(
+                hit_rate=last["hit_rate"],
+                cache_mb=max(h["bytes"] for h in cb.history) / 1e6,
+                disk_mb=max(h["disk_bytes"] for h in cb.history) / 1e6,
+                read_ahead=last["read_ahead"],
+                cached=last["cached"],
+                off=cb.off_reason,
+            )
     return _samples(
         [timer.step_times(e, 0) for e in range(epochs)],
         [timer.step_times(e, 1) for e in range(epochs)],
@@ -218,34 +371,33 @@ def _lightning_round(module_factory, batches, callbacks, epochs: int, device, in
 
 
 def _digest(module: nn.Module) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for v in module.state_dict().values():
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _plain_round(net: SplitNet, batches, epochs: int, device, precompute: bool) -> dict[str, float]:
-    net = net.to(device)
-    net.train()
+def _plain_round(w: Workload, device, precompute: bool) -> dict[str, float]:
+    """Hand-written PyTorch: nothing frozen, or the prefix computed once before training (the limit)."""
     w0, c0 = clocks(device)
     if precompute:
-        net.backbone.eval().requires_grad_(False)
+        model, rest, features = w.limit()
         with torch.no_grad():
-            data = [(net.backbone(x), y) for x, y in batches]
-        params = [p for p in net.parameters() if p.requires_grad]
+            data = features()
+        step = lambda batch: F.cross_entropy(rest(batch[0]), batch[1])  # noqa: E731
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
-        data = batches
-        params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        model = w.make_module().to(device).train()
+        data = w.batches
+        step = lambda batch: w.full_step(model.model if hasattr(model, "model") else model, batch)  # noqa: E731
+        params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=w.lr, momentum=0.9)
     per_epoch: list[list[tuple[float, float]]] = []
-    for _ in range(epochs):
+    for _ in range(w.epochs):
         marks = []
-        for x, y in data:
+        for batch in data:
             marks.append(clocks(device))
-            out = net.head(net.trunk(x if precompute else net.backbone(x)))
-            loss = F.cross_entropy(out, y)
+            loss = step(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -260,34 +412,33 @@ def _plain_round(net: SplitNet, batches, epochs: int, device, precompute: bool) 
 
 
 class FeatureModule(L.LightningModule):
-    """The limit inside Lightning: trunk + head trained on precomputed prefix outputs."""
+    """The limit inside Lightning: the rest of the network trained on precomputed prefix outputs."""
 
-    def __init__(self, net: SplitNet):
+    def __init__(self, model: nn.Module, rest: Callable[[torch.Tensor], torch.Tensor], lr: float):
         super().__init__()
-        self.trunk, self.head = net.trunk, net.head
+        self.model, self.rest, self.lr = model, rest, lr
 
     def training_step(self, batch, batch_idx):
         f, y = batch
-        return F.cross_entropy(self.head(self.trunk(f)), y)
+        return F.cross_entropy(self.rest(f), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
 
 
 def _lightning_limit_round(w: Workload, device, info: dict) -> dict[str, float]:
-    net = w.make_net().to(device)
     w0, c0 = clocks(device)
-    net.backbone.eval()
+    model, rest, features = w.limit()
     with torch.no_grad():
-        feats = [(net.backbone(x), y) for x, y in w.batches]
+        feats = features()
     w1, c1 = clocks(device)
-    out = _lightning_round(lambda: FeatureModule(net), feats, [], w.epochs, device, info)
+    out = _lightning_round(lambda: FeatureModule(model, rest, w.lr), feats, [], w.epochs, device, info)
     out["fit_s"] += w1 - w0
     out["fit_cpu_s"] += c1 - c0
     return out
 
 
-def contenders(w: Workload, device, cap_bytes: int | None) -> tuple[list[Contender], dict[str, dict]]:
+def contenders(w: Workload, device) -> tuple[list[Contender], dict[str, dict]]:
     from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze
 
     infos: dict[str, dict] = {}
@@ -296,23 +447,15 @@ def contenders(w: Workload, device, cap_bytes: int | None) -> tuple[list[Contend
         info = infos.setdefault(name, {})
         return Contender(
             name,
-            lambda: _lightning_round(
-                lambda: BenchModule(w.make_net()), w.batches, make_callbacks(), w.epochs, device, info
-            ),
+            lambda: _lightning_round(w.make_module, w.batches, make_callbacks(), w.epochs, device, info),
             note=note,
         )
 
-    n_prefix = len(w.make_net().backbone)
-    freezeout = lambda: FreezeOut(layers="backbone.*", t0=0.5, plot=False)  # noqa: E731
     out = [
-        Contender(
-            FULL,
-            lambda: _plain_round(w.make_net(), w.batches, w.epochs, device, False),
-            note="all parameters trained",
-        ),
+        Contender(FULL, lambda: _plain_round(w, device, False), note="all parameters trained"),
         Contender(
             LIMIT,
-            lambda: _plain_round(w.make_net(), w.batches, w.epochs, device, True),
+            lambda: _plain_round(w, device, True),
             note="prefix outputs computed once before training (their time is in the fit time)",
         ),
         Contender(
@@ -320,43 +463,104 @@ def contenders(w: Workload, device, cap_bytes: int | None) -> tuple[list[Contend
             lambda: _lightning_limit_round(w, device, infos.setdefault(LIMIT_LIT, {})),
             note="a LightningModule trained on the precomputed prefix outputs",
         ),
+        lit(LF, lambda: [LayerFreeze(w.frozen, plot=False)], note=f"LayerFreeze({w.frozen!r})"),
         lit(
-            "Lightning + LayerFreeze",
-            lambda: [LayerFreeze("backbone", plot=False)],
-            note='LayerFreeze("backbone")',
-        ),
-        lit(
-            "Lightning + LayerFreeze + FrozenPrefixCache",
-            lambda: [LayerFreeze("backbone", plot=False), FrozenPrefixCache()],
+            LF_CACHE,
+            lambda: [LayerFreeze(w.frozen, plot=False), FrozenPrefixCache(max_disk_bytes=0)],
             note="the cache fills in epoch 0 and serves from epoch 1 on",
         ),
-        lit(
-            "Lightning + FreezeOut",
-            lambda: [freezeout()],
-            note=f'FreezeOut(layers="backbone.*", t0=0.5): the {n_prefix} prefix blocks freeze one by one',
-        ),
-        lit(
-            "Lightning + FreezeOut + FrozenPrefixCache",
-            lambda: [freezeout(), FrozenPrefixCache()],
-            note="the cache follows the frozen boundary and extends its rows through each newly frozen block",
-        ),
     ]
-    if cap_bytes is not None:
-        out.append(
+    if w.freezeout is not None:
+        freezeout = lambda: FreezeOut(layers=w.freezeout, t0=0.5, plot=False)  # noqa: E731
+        out += [
             lit(
-                "Lightning + LayerFreeze + FrozenPrefixCache (budget: half)",
-                lambda: [LayerFreeze("backbone", plot=False), FrozenPrefixCache(max_bytes=cap_bytes)],
-                note="max_bytes = half of what the whole epoch needs: only the first half is cached",
-            )
-        )
+                FO,
+                lambda: [freezeout()],
+                note=f"FreezeOut(layers={w.freezeout!r}, t0=0.5): blocks freeze one by one",
+            ),
+            lit(
+                FO_CACHE,
+                lambda: [freezeout(), FrozenPrefixCache(max_disk_bytes=0)],
+                note="the cache follows the frozen boundary and carries its rows through each newly frozen block",
+            ),
+        ]
     return out, infos
 
 
-def _prefix_bytes(w: Workload) -> int:
-    net = w.make_net().eval()
-    with torch.no_grad():
-        f = net.backbone(w.batches[0][0][:1].cpu())
-    return f.numel() * f.element_size() * sum(x.shape[0] for x, _ in w.batches)
+def disk_contenders(w: Workload, device, ram_bytes: int) -> tuple[list[Contender], dict[str, dict]]:
+    from lightning_freeze import FrozenPrefixCache, LayerFreeze
+
+    infos: dict[str, dict] = {}
+
+    def lit(name: str, cache_kw: dict | None, note: str, cold: bool = False) -> Contender:
+        info = infos.setdefault(name, {})
+
+        def callbacks():
+            cbs: list = [LayerFreeze(w.frozen, plot=False)]
+            if cache_kw is not None:
+                cache = FrozenPrefixCache(max_bytes=ram_bytes, **cache_kw)
+                cbs += [cache] + ([ColdPages(cache)] if cold else [])
+            return cbs
+
+        return Contender(
+            name,
+            lambda: _lightning_round(
+                w.make_module, w.batches, callbacks(), w.epochs, device, info, stream=True
+            ),
+            note=note,
+        )
+
+    disk = dict(max_disk_bytes="4GB", disk_dir=tempfile.gettempdir())
+    return [
+        lit(LF, None, "the prefix is computed every step"),
+        lit(
+            "+ cache, RAM only",
+            {"max_disk_bytes": 0},
+            "max_bytes holds a quarter of the rows; the rest is computed",
+        ),
+        lit("+ cache, RAM + disk", disk, "rows past max_bytes on disk; the page cache holds them (warm)"),
+        lit(
+            "+ cache, RAM + disk, cold, no read-ahead",
+            {**disk, "read_ahead": False},
+            "the disk tier's pages dropped before every epoch (posix_fadvise DONTNEED): reads from the disk, at the step",
+            cold=True,
+        ),
+        lit(
+            "+ cache, RAM + disk, cold, read-ahead",
+            disk,
+            "as above, with the next batch's rows read by the background thread during the current step",
+            cold=True,
+        ),
+    ], infos
+
+
+def compile_contenders(w: Workload, device) -> tuple[list[Contender], dict[str, dict]]:
+    from lightning_freeze import FrozenPrefixCache, LayerFreeze
+
+    infos: dict[str, dict] = {}
+
+    def compiled_module():
+        module = w.make_module()
+        module.model = torch.compile(module.model)
+        return module
+
+    def lit(name: str, cache: bool) -> Contender:
+        info = infos.setdefault(name, {})
+
+        def run():
+            torch._dynamo.reset()  # every round compiles (inductor's on-disk cache may make later ones quicker)
+            cbs = [LayerFreeze(w.frozen, plot=False)] + (
+                [FrozenPrefixCache(max_disk_bytes=0)] if cache else []
+            )
+            out = _lightning_round(compiled_module, w.batches, cbs, w.epochs, device, info)
+            from torch._dynamo.utils import counters
+
+            info["graphs"] = counters["stats"].get("unique_graphs", 0)
+            return out
+
+        return Contender(name, run, note="model.model = torch.compile(model.model) (inductor)")
+
+    return [lit(f"{LF}, compiled", False), lit(f"{LF_CACHE}, compiled", True)], infos
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -364,16 +568,35 @@ def _ratio(values: Sequence[float], base: Sequence[float]) -> float:
     return statistics.median([b / v for v, b in zip(values, base, strict=True)])
 
 
+def _cache_cell(infos: dict[str, dict]) -> Callable[[Measurement], str]:
+    def cell(m: Measurement) -> str:
+        info = infos.get(m.name, {})
+        if "hit_rate" not in info:
+            return "—"
+        rate = "no lookups" if info["hit_rate"] is None else f"hit rate {info['hit_rate']:.0%} (last epoch)"
+        disk = f" ({fmt_num(info['disk_mb'])} MB on disk)" if info.get("disk_mb") else ""
+        ahead = f"; {info['read_ahead']} batches read ahead" if info.get("read_ahead") else ""
+        off = f"; switched off: {info['off']}" if info.get("off") else ""
+        return f"{rate}, {fmt_num(info['cache_mb'])} MB{disk}{ahead}{off}"
+
+    return cell
+
+
+def _exact_cell(infos: dict[str, dict], uncached: dict[str, str]) -> Callable[[Measurement], str]:
+    def cell(m: Measurement) -> str:
+        other = uncached.get(m.name)
+        if other is None or "weights" not in infos.get(m.name, {}) or "weights" not in infos.get(other, {}):
+            return "—"
+        return "yes" if infos[m.name]["weights"] == infos[other]["weights"] else "NO"
+
+    return cell
+
+
 def _table(w: Workload, ms: list[Measurement], infos: dict[str, dict], metric: str, title: str) -> Table:
     by = {m.name: m for m in ms}
     full = by[FULL].values(metric) if by[FULL].error is None else None
     limit = by[LIMIT].values(metric) if by[LIMIT].error is None else None
     limit_lit = by[LIMIT_LIT].values(metric) if by[LIMIT_LIT].error is None else None
-    uncached = {
-        "Lightning + LayerFreeze + FrozenPrefixCache": "Lightning + LayerFreeze",
-        "Lightning + LayerFreeze + FrozenPrefixCache (budget: half)": "Lightning + LayerFreeze",
-        "Lightning + FreezeOut + FrozenPrefixCache": "Lightning + FreezeOut",
-    }
 
     def speedup(m: Measurement) -> str:
         if full is None or m.error or not m.values(metric):
@@ -388,21 +611,9 @@ def _table(w: Workload, ms: list[Measurement], infos: dict[str, dict], metric: s
 
         return cell
 
-    def cache_cell(m: Measurement) -> str:
-        info = infos.get(m.name, {})
-        if "hit_rate" not in info:
-            return "—"
-        off = f"; switched off: {info['off']}" if info.get("off") else ""
-        return f"hit rate {info['hit_rate']:.0%} (last epoch), {fmt_num(info['cache_mb'])} MB{off}"
-
-    def exact_cell(m: Measurement) -> str:
-        other = uncached.get(m.name)
-        if other is None or "weights" not in infos.get(m.name, {}) or "weights" not in infos.get(other, {}):
-            return "—"
-        return "yes" if infos[m.name]["weights"] == infos[other]["weights"] else "NO"
-
     for m in ms:
         m.extra.update({k: v for k, v in infos.get(m.name, {}).items() if k != "weights"})
+    goal = GOALS.get(w.name)
     return Table.build(
         title,
         ms,
@@ -415,13 +626,35 @@ def _table(w: Workload, ms: list[Measurement], infos: dict[str, dict], metric: s
             "speedup vs PyTorch, nothing frozen": speedup,
             "share of the limit's speedup": of_limit(limit),
             "share of the Lightning limit's speedup": of_limit(limit_lit),
-            "cache": cache_cell,
-            "weights = uncached run": exact_cell,
+            "cache": _cache_cell(infos),
+            "weights = uncached run": _exact_cell(infos, UNCACHED),
         },
         notes=[
-            f"'share of the limit's speedup' = limit time ÷ contender time (1.00 = as fast as the limit; "
-            f"the goal for the warm cache is ≥ {GOAL})."
+            "'share of the limit's speedup' = limit time ÷ contender time (1.00 = as fast as the limit"
+            + (f"; the goal for the warm cache here is ≥ {goal})." if goal else ").")
         ],
+    )
+
+
+def _simple_table(
+    title: str,
+    ms: list[Measurement],
+    infos: dict[str, dict],
+    baseline: str,
+    metric: str,
+    uncached: dict[str, str],
+) -> Table:
+    for m in ms:
+        m.extra.update({k: v for k, v in infos.get(m.name, {}).items() if k != "weights"})
+    return Table.build(
+        title,
+        ms,
+        baseline=baseline,
+        metric=metric,
+        unit="s" if metric.startswith("fit") else "ms",
+        scale=1.0 if metric.startswith("fit") else 1e3,
+        label=LABELS[metric],
+        extra_columns={"cache": _cache_cell(infos), "weights = uncached run": _exact_cell(infos, uncached)},
     )
 
 
@@ -437,10 +670,9 @@ def run(ctx: BenchContext) -> Result:
             "Time per step once the cache is warm (median step of the last epoch of each fit), per step while "
             "it fills (first epoch), and for the whole fit, per workload. Each is measured as CPU time of the "
             "process (time.process_time: robust on a machine shared with other jobs; with several intra-op "
-            "threads it sums their time) "
-            "and as wall time. Baseline: hand-written PyTorch with the prefix outputs computed once before "
-            "training (the limit). Lightning runs use in-memory batches shuffled per epoch, "
-            "SGD(lr=0.05, momentum=0.9), no validation, no logger."
+            "threads it sums their time) and as wall time. Baseline: hand-written PyTorch with the prefix "
+            "outputs computed once before training (the limit). Lightning runs use in-memory batches shuffled "
+            "per epoch, SGD with momentum 0.9, no validation, no logger."
         ),
         config={
             "rounds": rounds,
@@ -449,19 +681,19 @@ def run(ctx: BenchContext) -> Result:
             "torch_threads": torch.get_num_threads(),
         },
     )
-    for w in (cnn_workload(ctx, device), digits_workload(ctx, device)):
-        cap = _prefix_bytes(w) // 2 if w.name == "cnn" else None
+    resnet = resnet_workload(ctx, device)
+    for w in (cnn_workload(ctx, device), resnet, digits_workload(ctx, device)):
         ctx.log(
             f"  {w.name}: {w.description}; prefix = {w.prefix_share:.1%} of forward FLOPs; {w.epochs} epochs"
         )
-        cs, infos = contenders(w, device, cap)
+        cs, infos = contenders(w, device)
         ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
         result.config[w.name] = {
             "description": w.description,
             "prefix_forward_flops_share": w.prefix_share,
             "epochs": w.epochs,
             "batches_per_epoch": len(w.batches),
-            "half_budget_bytes": cap,
+            **w.extra,
         }
         head = f"{w.name}: {w.description}; prefix {w.prefix_share:.0%} of forward FLOPs"
         for metric, what in (
@@ -472,4 +704,68 @@ def run(ctx: BenchContext) -> Result:
             ("fit_s", f"whole fit ({w.epochs} epochs), wall time"),
         ):
             result.tables.append(_table(w, ms, infos, metric, f"{head} — {what}"))
+
+    # FreezeOut over a longer fit: the boundary settles after two thirds of it (t0=0.5, cubic)
+    w = cnn_workload(ctx, device)
+    w.epochs = ctx.pick(6, 8)
+    ctx.log(f"  freezeout: {w.description}; {w.epochs} epochs")
+    cs, infos = contenders(w, device)
+    cs = [c for c in cs if c.name in (FO, FO_CACHE)]
+    ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    result.config["freezeout"] = {"description": w.description, "epochs": w.epochs}
+    for metric, what in (("fit_cpu_s", "whole fit, CPU time"), ("fit_s", "whole fit, wall time")):
+        result.tables.append(
+            _simple_table(
+                f"freezeout: {w.description}, {w.epochs} epochs — {what}",
+                ms,
+                infos,
+                FO,
+                metric,
+                {FO_CACHE: FO},
+            )
+        )
+
+    # the disk tier: four times the RAM budget's worth of rows
+    w = cnn_workload(ctx, device, n_batches=ctx.pick(8, 12))
+    row_bytes = _prefix_row_bytes(w)
+    ram = row_bytes * sum(x.shape[0] for x, _ in w.batches) // 4
+    ctx.log(f"  disk: {w.description}; RAM budget {ram / 1e6:.1f} MB = a quarter of the rows")
+    cs, infos = disk_contenders(w, device, ram)
+    ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    result.config["disk"] = {"description": w.description, "ram_budget_bytes": ram, "row_bytes": row_bytes}
+    uncached = {m.name: LF for m in ms if m.name != LF}
+    for metric, what in (("step_cpu_s", "warm step, CPU time"), ("step_s", "warm step, wall time")):
+        result.tables.append(
+            _simple_table(
+                f"disk: {w.description}; RAM budget = a quarter of the rows — {what} (last of {w.epochs} epochs)",
+                ms,
+                infos,
+                LF,
+                metric,
+                uncached,
+            )
+        )
+
+    # a compiled model
+    ctx.log(f"  compiled: {resnet.description}")
+    cs, infos = compile_contenders(resnet, device)
+    ms = alternate(cs, rounds=ctx.n_rounds(1, 2), warmup_rounds=1, log=ctx.log)
+    uncached = {f"{LF_CACHE}, compiled": f"{LF}, compiled"}
+    for metric, what in (
+        ("fit_s", f"whole fit ({resnet.epochs} epochs, compilation included), wall time"),
+        ("step_s", "warm step, wall time"),
+    ):
+        result.tables.append(
+            _simple_table(
+                f"compiled: {resnet.description} — {what}", ms, infos, f"{LF}, compiled", metric, uncached
+            )
+        )
     return result
+
+
+def _prefix_row_bytes(w: Workload) -> int:
+    model, _, _ = w.limit()
+    x = w.batches[0][0][:1]
+    with torch.no_grad():
+        f = model.backbone(x)
+    return f.numel() * f.element_size()

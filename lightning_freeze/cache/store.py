@@ -293,13 +293,50 @@ class RowStore:
                 del bounds[-2]  # merge a tiny tail into the previous batch
             for lo, hi in zip(bounds, bounds[1:], strict=False):
                 part = items[lo:hi]
-                rows = self.gather(sig, [row for _, row in part], device)
-                new.insert(sig, [k for k, _ in part], fn(rows))
+                rows = self._range(table, lo, hi)  # rows are numbered 0..n-1 in insertion order
+                if rows is None:
+                    rows = self.read(sig, [row for _, row in part])
+                rows = self.place(sig, rows, device)
+                new.append(sig, [k for k, _ in part], fn(rows))
                 while table.chunks and table.chunks[0].start + table.chunks[0].rows <= hi:
                     self._free(table.chunks.pop(0))  # consumed: give the memory back before the next batch
                     table.starts.pop(0)
         self.clear()
         return new
+
+    @staticmethod
+    def _range(table: Table, lo: int, hi: int) -> list[torch.Tensor] | None:
+        """Rows ``lo .. hi - 1`` as views, when one chunk holds them all."""
+        i = bisect.bisect_right(table.starts, lo) - 1
+        chunk = table.chunks[i] if i >= 0 else None
+        if chunk is None or hi > chunk.start + chunk.rows:
+            return None
+        return [t[lo - chunk.start : hi - chunk.start] for t in chunk.tensors]
+
+    def append(self, sig: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
+        """Like :meth:`insert` for new, distinct keys, but takes ``values`` over as a chunk when they are
+        contiguous host tensors that fit the RAM budget (no copy). For rebuilding a store."""
+        table = self.tables.get(sig)
+        whole = table is None or table.n == table.capacity  # no room left in the last chunk: no gap
+        fits = self.ram_bytes + sum(v.numel() * v.element_size() for v in values) <= self.ram_budget
+        host = all(v.device.type == "cpu" and v.is_contiguous() and not self.pin for v in values)
+        ix = self.index.get(sig, {})
+        if not (whole and fits and host) or len(set(keys)) != len(keys) or any(k in ix for k in keys):
+            return self.insert(sig, keys, values)
+        layouts = tuple(Layout.of(v) for v in values)
+        if table is None:
+            table = self.tables[sig] = Table(layouts)
+        elif [(a.row_shape, a.dtype) for a in table.layouts] != [(b.row_shape, b.dtype) for b in layouts]:
+            return self.insert(sig, keys, values)  # raises the usual error
+        n = len(keys)
+        chunk = Chunk(table.n, n, False, [v.detach() for v in values], n * table.row_bytes)
+        table.starts.append(chunk.start)
+        table.chunks.append(chunk)
+        ix = self.index.setdefault(sig, {})
+        for i, k in enumerate(keys):
+            ix[k] = table.n + i
+        table.n += n
+        return n
 
     def clear(self) -> None:
         """Forget every row and give the memory and the disk files back."""
