@@ -18,7 +18,7 @@ from lightning_freeze.tasks.digits import DigitsClassifier, DigitsDataset
 def main() -> dict[str, float]:
     torch.set_num_threads(1)  # the model is tiny; threads only add overhead
     pl.seed_everything(0, verbose=False)
-    datamodule = SplitRunDataModule(dataset=DigitsDataset(classes=[5, 6, 7, 8, 9]), split="holdout", seed=0)
+    datamodule = SplitRunDataModule(dataset=DigitsDataset(classes=[5, 6, 7, 8, 9]), seed=0)  # Holdout split
     model = DigitsClassifier()  # configure_optimizers: AdamW over self.parameters(), nothing filtered
     trainer = pl.Trainer(
         max_epochs=4,

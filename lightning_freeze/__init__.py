@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "AdaptiveFreeze": "lightning_freeze.callbacks.adaptive",
+    "ExactResume": "lightning_freeze.callbacks.resume",
     "FreezeOut": "lightning_freeze.callbacks.freezeout",
     "FrozenPrefixCache": "lightning_freeze.cache",
     "LayerFreeze": "lightning_freeze.callbacks.layer_freeze",
@@ -21,6 +22,7 @@ _EXPORTS = {
 
 __all__ = [
     "AdaptiveFreeze",
+    "ExactResume",
     "FreezeOut",
     "FrozenPrefixCache",
     "LayerFreeze",
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from lightning_freeze.callbacks.adaptive import AdaptiveFreeze
     from lightning_freeze.callbacks.freezeout import FreezeOut
     from lightning_freeze.callbacks.layer_freeze import LayerFreeze
+    from lightning_freeze.callbacks.resume import ExactResume
     from lightning_freeze.callbacks.unfreezing import ProgressiveUnfreezing
     from lightning_freeze.engine.layers import select_layers
     from lightning_freeze.splitrun.datamodule import SplitRunDataModule

@@ -3,7 +3,8 @@
 ``run_uninterrupted`` and ``run_interrupted`` build the model, data and callbacks from the same factory;
 the interrupted run saves a checkpoint after optimizer step ``stop_at`` and ends there, then a fresh
 Trainer and a freshly initialised model resume from it. Data comes from a ResumableDataLoader, so the
-resumed run sees the same batches (also mid-epoch).
+resumed run sees the same batches (also mid-epoch). No ``ExactResume`` is added here: the freezing callbacks
+add it themselves, and the tests rely on that.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from models import loaders, make_data, trainer
 
-from lightning_freeze.splitrun import ExactResume, ResumableDataLoader
+from lightning_freeze.splitrun import ResumableDataLoader
 
 
 class StopAt(pl.Callback):
@@ -42,9 +43,7 @@ def final_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_uninterrupted(make_model: Callable, make_callbacks: Callable, tmp_path, **trainer_kwargs):
     torch.manual_seed(0)
     model = make_model()
-    t = trainer(
-        callbacks=make_callbacks() + [ExactResume()], default_root_dir=os.path.join(tmp_path, "full"), **trainer_kwargs
-    )
+    t = trainer(callbacks=make_callbacks(), default_root_dir=os.path.join(tmp_path, "full"), **trainer_kwargs)
     t.fit(model, *data())
     return final_state(model), t
 
@@ -54,7 +53,7 @@ def run_interrupted(make_model: Callable, make_callbacks: Callable, tmp_path, st
     torch.manual_seed(0)
     first = make_model()
     t1 = trainer(
-        callbacks=make_callbacks() + [ExactResume(), StopAt(stop_at, ckpt)],
+        callbacks=make_callbacks() + [StopAt(stop_at, ckpt)],
         default_root_dir=os.path.join(tmp_path, "a"),
         **trainer_kwargs,
     )
@@ -62,9 +61,7 @@ def run_interrupted(make_model: Callable, make_callbacks: Callable, tmp_path, st
     assert os.path.exists(ckpt) and t1.global_step == stop_at
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     model = make_model()
-    t2 = trainer(
-        callbacks=make_callbacks() + [ExactResume()], default_root_dir=os.path.join(tmp_path, "b"), **trainer_kwargs
-    )
+    t2 = trainer(callbacks=make_callbacks(), default_root_dir=os.path.join(tmp_path, "b"), **trainer_kwargs)
     t2.fit(model, *data(), ckpt_path=ckpt)
     return final_state(model), t2
 

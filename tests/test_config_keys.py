@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_", "defaults"}
-YAMLS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml") if p.parent != CONF)
+# conf/hydra/* are Hydra's own option groups (`# @package hydra.launcher`): they only compose inside the app.
+YAMLS = sorted(
+    p.relative_to(CONF).with_suffix("").as_posix()
+    for p in CONF.rglob("*.yaml")
+    if p.parent != CONF and p.relative_to(CONF).parts[0] != "hydra"
+)
 
 
 def _target_nodes(node, path=""):

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from models import Net, loaders, make_data, snapshot, trainer
 from torch.utils.data import DataLoader
 
-from lightning_freeze import ProgressiveUnfreezing
-from lightning_freeze.splitrun import ExactResume, ResumableDataLoader
+from lightning_freeze import ExactResume, ProgressiveUnfreezing
+from lightning_freeze.splitrun import ResumableDataLoader
 
 LAYERS = ["backbone.*", "head"]
 

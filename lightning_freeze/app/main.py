@@ -219,7 +219,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dic
     from hydra.utils import instantiate
 
     from lightning_freeze.app._trainable import TrainableFraction, count_params
-    from lightning_freeze.splitrun.resume import ExactResume
+    from lightning_freeze.callbacks.resume import ExactResume
 
     start = time.perf_counter()
     hydra_cfg = _hydra_runtime()

@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
 from lightning_freeze.engine.layers import Layer, check_forward_order, preserved_rng, select_layers
@@ -103,6 +104,7 @@ class FreezingCallback(Callback):
                 f"{name} and {others} would manage the same model; use one freezing callback per Trainer"
             )
         self._release()  # a previous fit of this callback object that never reached teardown
+        ensure_exact_resume(trainer)  # freeze state alone does not replay a run: RNG and loader position too
         example = self._example(trainer, pl_module)
         self.layers = select_layers(pl_module, self.layer_spec, example_input=example)
         if self.ordered_layers and example is not None:

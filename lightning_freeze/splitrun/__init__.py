@@ -19,7 +19,7 @@ _EXPORTS = {
     "ResumableDataLoader": "lightning_freeze.splitrun.sampling",
     "ShardSampler": "lightning_freeze.splitrun.sampling",
     "TrainShardSampler": "lightning_freeze.splitrun.sampling",
-    "ExactResume": "lightning_freeze.splitrun.resume",
+    "ExactResume": "lightning_freeze.callbacks.resume",
     "Arms": "lightning_freeze.splitrun.splitters",
     "GroupKFold": "lightning_freeze.splitrun.splitters",
     "Holdout": "lightning_freeze.splitrun.splitters",
@@ -52,8 +52,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_freeze.callbacks.resume import ExactResume
     from lightning_freeze.splitrun.datamodule import MANIFEST_NAME, SplitManifestMismatch, SplitRunDataModule
-    from lightning_freeze.splitrun.resume import ExactResume
     from lightning_freeze.splitrun.sampling import (
         EvalShardSampler,
         ResumableDataLoader,

@@ -9,7 +9,7 @@
 - ``split_manifest.json`` goes to ``manifest_dir`` (default: ``trainer.default_root_dir``, the job's output
   dir in the Hydra app). The manifest also travels in checkpoints (``state_dict``): resuming a run whose data
   would now split differently is an error.
-- ``setup`` adds an :class:`~lightning_freeze.splitrun.ExactResume` to the Trainer when none is there, so a
+- ``setup`` adds an :class:`~lightning_freeze.ExactResume` to the Trainer when none is there, so a
   resumed run continues with exactly the batches and random draws of an uninterrupted one.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.rules.checks import check_bool, check_choice, check_int
-from lightning_freeze.splitrun.resume import ensure_exact_resume
 from lightning_freeze.splitrun.sampling import EvalShardSampler, ResumableDataLoader, TrainShardSampler
 from lightning_freeze.splitrun.splitters import Holdout, SplitParts, SplitSpecError, Splitter
 

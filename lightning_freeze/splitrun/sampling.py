@@ -220,7 +220,7 @@ class ResumableDataLoader(DataLoader):
 
     Unless you pass a ``generator``, the workers' base seed comes from a generator keyed by ``(seed,
     epoch)``: iterating never moves torch's global generator, and workers draw the same augmentations
-    after a resume. Add :class:`~lightning_freeze.splitrun.ExactResume` to the Trainer: it applies the loader
+    after a resume. Add :class:`~lightning_freeze.ExactResume` to the Trainer: it applies the loader
     state when Lightning skipped it (a ``configure_optimizers`` that reads
     ``trainer.estimated_stepping_batches``) and restores the random generators
     (:class:`~lightning_freeze.splitrun.SplitRunDataModule` adds it by itself).

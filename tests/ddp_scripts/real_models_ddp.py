@@ -23,8 +23,11 @@ from ddp import replicas_equal, shutdown  # noqa: E402
 from hf_models import FIXTURES  # noqa: E402
 from models import trainer  # noqa: E402
 
-from lightning_freeze import FreezeOut  # noqa: E402
-from lightning_freeze.splitrun import ExactResume, ResumableDataLoader  # noqa: E402
+from lightning_freeze import (
+    ExactResume,
+    FreezeOut,  # noqa: E402
+)
+from lightning_freeze.splitrun import ResumableDataLoader  # noqa: E402
 
 STOP = 5  # 4 batches per rank and epoch: mid-epoch
 

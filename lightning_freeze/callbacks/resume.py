@@ -14,8 +14,8 @@ position, but two things slip through:
    before the first resumed batch. They are stored as plain tensors, ints and strings, so the checkpoint
    still loads with ``torch.load(..., weights_only=True)``.
 
-:class:`~lightning_freeze.splitrun.SplitRunDataModule` adds this callback to the Trainer by itself, and the
-``lightning-freeze`` app always does. With a bare :class:`~lightning_freeze.splitrun.ResumableDataLoader`,
+:class:`~lightning_freeze.splitrun.SplitRunDataModule` and every freezing callback add this callback to the
+Trainer by themselves, and the ``lightning-freeze`` app always does. With a bare :class:`~lightning_freeze.splitrun.ResumableDataLoader`,
 add it yourself: ``Trainer(callbacks=[ExactResume()])``.
 """
 
