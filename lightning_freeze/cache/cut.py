@@ -68,15 +68,10 @@ class Cut:
     reads: list[torch.Tensor] = field(default_factory=list, repr=False)  # weights/buffers the glue reads
     prefix_ok: bool = True  # the slots of a sub-batch can be computed without running the rest
     last_needed: int = -1  # index of the last call that produces a slot
-    mutated_slots: set[int] = field(default_factory=set)  # slots the glue writes in place (captured by copy)
 
     @property
     def recorded(self) -> bool:
         return bool(self.calls)
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return (self.kind, id(self.root), tuple(sorted(self.blocks)))
 
     def describe(self) -> str:
         if self.kind == "module":
@@ -100,7 +95,6 @@ class Cut:
         self.calls = [_call_plan(c, slot_of, rec.calls) for c in rec.calls]
         self.slots = [self.calls[vid[0]].value_key(vid[1]) for vid in sorted(rec.needed)]
         self.reads = rec.reads
-        self.mutated_slots = {slot_of[vid] for vid in rec.mutated if vid in slot_of}
         if not self.slots:
             first = next((c for c in rec.calls if not c.cacheable), None)
             if first is not None:

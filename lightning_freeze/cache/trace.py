@@ -108,7 +108,6 @@ class Recording:
     batch_size: int
     output: Any = field(default=None, repr=False)  # the forward's result, for the step that recorded it
     reads: list[torch.Tensor] = field(default_factory=list, repr=False)  # weights and buffers the glue read
-    mutated: set[ValueId] = field(default_factory=set)  # prefix values the glue wrote in place
     glue_reads: set[ValueId] = field(default_factory=set)  # prefix values whose contents the glue reads
     live_before: int | None = None  # the first block call after a module that trains ran
 
@@ -350,9 +349,8 @@ def record(
             else:
                 module.__dict__.pop("_compiled_call_impl", None)
     needed = {vid for vid in rec.needed if calls[vid[0]].cacheable}
-    mutated = {vid for vid, t in rec.values.items() if id(t) in rec.mutated}
     return Recording(
-        calls, needed, batch, out, list(rec.reads.values()), mutated, rec.glue_reads, state["live_before"]
+        calls, needed, batch, out, list(rec.reads.values()), rec.glue_reads, state["live_before"]
     )
 
 
