@@ -255,13 +255,22 @@ def test_named_module_and_budget_cap(baseline):
 
 def test_disk_tier_serves_past_the_ram_budget(baseline, tmp_path):
     row = 16 * 4
-    cache = FrozenPrefixCache(max_bytes=20 * row, max_disk_bytes="1MB", disk_dir=tmp_path)
+    cache = FrozenPrefixCache(max_bytes=20 * row, max_disk_bytes="1MB", disk_dir=tmp_path / "rows")
     model, _ = fit([LayerFreeze("backbone.*", plot=False)], cache=cache)
     same(baseline, model)
     last = cache.history[-1]
     assert last["entries"] == 64 and last["disk_entries"] == 44 and last["hit_rate"] == 1.0
     assert 0 < last["disk_bytes"] <= 10**6
-    assert not list(tmp_path.rglob("*.bin"))  # the files are gone after fit
+    assert not list(tmp_path.rglob("*"))  # the files and their folder are gone after fit
+
+
+def test_new_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match="FrozenPrefixCache: max_disk_bytes: cannot read 'lots'"):
+        FrozenPrefixCache(max_disk_bytes="lots")
+    with pytest.raises(ValueError, match="FrozenPrefixCache: disk_dir must be a path"):
+        FrozenPrefixCache(disk_dir=3)
+    with pytest.raises(ValueError, match="FrozenPrefixCache: read_ahead must be true or false"):
+        FrozenPrefixCache(read_ahead="yes")
 
 
 class Stream(torch.utils.data.IterableDataset):

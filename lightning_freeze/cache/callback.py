@@ -173,7 +173,6 @@ class FrozenPrefixCache(Callback):
         processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))
         self.ram_budget = budget.ram_budget(self.max_bytes, processes)
         folder = os.fspath(self.disk_dir or os.path.join(trainer.default_root_dir, "frozen_prefix_cache"))
-        os.makedirs(folder, exist_ok=True)
         self.disk_budget = budget.disk_budget(self.max_disk_bytes, free_bytes(folder), processes)
         self.disk = DiskTier(folder, self.disk_budget) if self.disk_budget > 0 else None
         self._named = named_modules(pl_module)  # names as users write them (no torch.compile _orig_mod)

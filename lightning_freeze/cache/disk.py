@@ -20,23 +20,34 @@ MIN_FREE_BYTES = 1 << 30
 MIN_FREE_FRACTION = 0.05
 
 
+def _existing(directory: str | os.PathLike[str]) -> Path:
+    """``directory``, or its nearest ancestor that exists (where the file system can be asked)."""
+    path = Path(directory).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def keep_free(directory: str | os.PathLike[str]) -> int:
     """Bytes the disk tier never takes from the file system that holds ``directory``."""
-    total = shutil.disk_usage(directory).total
+    total = shutil.disk_usage(_existing(directory)).total
     return max(MIN_FREE_BYTES, int(MIN_FREE_FRACTION * total))
 
 
 def free_bytes(directory: str | os.PathLike[str]) -> int:
-    return shutil.disk_usage(directory).free
+    return shutil.disk_usage(_existing(directory)).free
 
 
 class DiskTier:
-    """Chunk files of at most ``budget`` bytes in all, under a fresh folder in ``directory``."""
+    """Chunk files of at most ``budget`` bytes in all, under a fresh folder in ``directory``.
+
+    Nothing is created on disk until the first chunk is; :meth:`release` removes what was created.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], budget: int, reserve: int | None = None) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
         self.parent = Path(directory)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"rows-{os.getpid()}-", dir=directory))
+        self.folder: Path | None = None
+        self.made_parents: list[Path] = []  # folders created for the tier, removed again if left empty
         self.budget = int(budget)
         self.reserve = keep_free(directory) if reserve is None else int(reserve)
         self.allocated = 0
@@ -44,12 +55,24 @@ class DiskTier:
         self.made = 0  # chunk files created so far (names are never reused)
         self.full = False
 
+    def _folder(self) -> Path:
+        if self.folder is None:
+            missing = []
+            path = self.parent.absolute()
+            while not path.exists():
+                missing.append(path)
+                path = path.parent
+            self.parent.mkdir(parents=True, exist_ok=True)
+            self.made_parents = missing
+            self.folder = Path(tempfile.mkdtemp(prefix=f"rows-{os.getpid()}-", dir=self.parent))
+        return self.folder
+
     def room(self) -> int:
         """Bytes a new chunk may take now."""
         if self.full:
             return 0
         try:
-            free = free_bytes(self.folder) - self.reserve
+            free = free_bytes(self.parent) - self.reserve
         except OSError:
             return 0
         return max(0, min(self.budget - self.allocated, free))
@@ -59,7 +82,7 @@ class DiskTier:
         if nbytes <= 0 or nbytes > self.room():
             self.full = True
             return None
-        path = self.folder / f"chunk-{self.made:05d}.bin"
+        path = self._folder() / f"chunk-{self.made:05d}.bin"
         self.made += 1
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -101,9 +124,16 @@ class DiskTier:
                 os.close(fd)
 
     def release(self) -> None:
-        """Delete every chunk file and the folder (mapped chunks stay readable until dropped)."""
+        """Delete every chunk file and the folders made for them (mapped chunks stay readable until dropped)."""
         for path in self.files:
             path.unlink(missing_ok=True)
         self.files = []
         self.allocated = 0
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        for path in self.made_parents:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                break  # not empty: someone else's files are there
