@@ -176,6 +176,24 @@ def test_recording_marks_values_python_reads_and_recomputes_input_only_values():
     }  # block's output: read by the branch and by the head; the mask is not stored
 
 
+class NoisyGlue(nn.Module):
+    """Functional dropout between two frozen blocks: the second block's input is random in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.b(nn.functional.dropout(self.a(x), 0.5, training=self.training)))
+
+
+def test_random_glue_ends_the_cut():
+    model = NoisyGlue().train()
+    model.a.requires_grad_(False), model.b.requires_grad_(False)
+    rec = record(model, (torch.randn(8, 4),), {}, {"a": model.a, "b": model.b})
+    assert [c.cacheable for c in rec.calls] == [True, False] and rec.needed == {(0, ())}
+
+
 def test_store_budget_tiers_and_rebuild(tmp_path):
     from lightning_freeze.cache.disk import DiskTier
 

@@ -59,7 +59,7 @@ _RANDOM = {
 _BATCH_STATISTICS = {"batch_norm", "instance_norm"}  # depend on the whole batch when training=True
 _ESCAPES = {
     "__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__", "numpy", "equal",
-    "allclose", "is_nonzero", "__array__", "__repr__", "__format__", "__str__", "data_ptr", "__hash__",
+    "allclose", "is_nonzero", "__array__", "__repr__", "__format__", "__str__",
 }  # fmt: skip
 
 
@@ -200,6 +200,10 @@ class _Recorder(TorchFunctionMode):
             self.glue_reads |= label
         if name in _RANDOM or (name in _BATCH_STATISTICS and _training_flag(func, args, kwargs)):
             label = LIVE
+        elif name == "scaled_dot_product_attention" and kwargs.get(
+            "dropout_p", args[4] if len(args) > 4 else 0
+        ):
+            label = LIVE  # attention dropout
         if label == LIVE:
             for one in inputs:
                 self.need(one)
@@ -219,8 +223,14 @@ _SIGNATURES: dict[Any, inspect.Signature | None] = {}
 
 def _training_flag(func: Any, args: tuple, kwargs: dict) -> bool:
     """The ``training`` argument of a batch_norm/instance_norm call (True when it cannot be read)."""
-    if "training" in kwargs:
-        return bool(kwargs["training"])
+    return bool(_argument(func, args, kwargs, "training", True, also="use_input_stats"))
+
+
+def _argument(func: Any, args: tuple, kwargs: dict, name: str, unknown: Any, also: str = "") -> Any:
+    """The argument ``name`` (or ``also``) of a call of ``func``; ``unknown`` when it cannot be read."""
+    for key in (name, also):
+        if key and key in kwargs:
+            return kwargs[key]
     if func not in _SIGNATURES:
         try:
             _SIGNATURES[func] = inspect.signature(func)
@@ -228,13 +238,15 @@ def _training_flag(func: Any, args: tuple, kwargs: dict) -> bool:
             _SIGNATURES[func] = None
     sig = _SIGNATURES[func]
     if sig is None:
-        return True
+        return unknown
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError:
-        return True
-    name = "training" if "training" in sig.parameters else "use_input_stats"
-    return bool(bound.arguments.get(name, True))
+        return unknown
+    key = name if name in sig.parameters else also
+    if key not in sig.parameters:
+        return unknown
+    return bound.arguments.get(key, sig.parameters[key].default)
 
 
 def record(
