@@ -218,16 +218,10 @@ class FrozenPrefixCache(Callback):
         if server is None:
             return
         server.active = False
-        if (
-            server.cut.kind == "graph"
-            and not server.cut.recorded
-            and server.calls == 0
-            and not self._use_fallback
-        ):
-            self._use_fallback = (
-                True  # the root never ran in a training step: try a module the step does call
-            )
-            self._cut_key = None
+        unused = server.cut.kind == "graph" and not server.cut.recorded and server.calls == 0
+        if unused and not self._use_fallback:
+            # the root never ran in a training step: try a module the step does call
+            self._use_fallback, self._cut_key = True, None
         elif server.cut.recorded and not self._pruned:
             self._install(server, prune=True)
 
