@@ -6,8 +6,9 @@ override answer without importing torch and Lightning first.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_freeze._lazy import lazy_exports
 
 _EXPORTS = {
     "AdaptiveFreeze": "lightning_freeze.callbacks.adaptive",
@@ -43,13 +44,4 @@ if TYPE_CHECKING:
     from lightning_freeze.splitrun.datamodule import SplitRunDataModule
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lightning_freeze' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
