@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_exports(package: str, namespace: dict[str, Any], exports: Mapping[str, str]) -> tuple[Callable, Callable]:
+def lazy_exports(
+    package: str, namespace: dict[str, Any], exports: Mapping[str, str]
+) -> tuple[Callable, Callable]:
     """``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps a public name to its module."""
 
     def __getattr__(name: str) -> Any:

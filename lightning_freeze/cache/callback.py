@@ -79,16 +79,11 @@ class FrozenPrefixCache(Callback):
 
     From the second epoch on every training batch is served from the cache:
 
-    >>> import torch
-    >>> from lightning.pytorch import Trainer
-    >>> from lightning_freeze.tasks.digits import DigitsClassifier
-    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
-    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
-    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     >>> from lightning_freeze import LayerFreeze
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> cache = FrozenPrefixCache(max_bytes="64MB", max_disk_bytes=0)
     >>> callbacks = [LayerFreeze("backbone", plot=False), cache]
-    >>> Trainer(max_epochs=2, callbacks=callbacks, **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> example_trainer(max_epochs=2, callbacks=callbacks).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> [(h["hits"], h["lookups"], h["cached"]) for h in cache.history]
     [(0, 32, "module 'backbone'"), (32, 32, "module 'backbone'")]
     """

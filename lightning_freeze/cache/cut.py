@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lightning_freeze.cache.modes import NORM_TYPES, mode_free
+from lightning_freeze.cache.modes import mode_free
 from lightning_freeze.cache.trace import BlockCall, Recording, ValueId, plain_output, plain_path
+from lightning_freeze.engine.freezing import NORM_TYPES
 from lightning_freeze.engine.layers import named_modules
 
 ValueKey = tuple[str, int, tuple[Any, ...]]  # (block name, occurrence, position in its output)

@@ -43,13 +43,11 @@ class AdaptiveFreeze(FreezingCallback):
     freeze front to back, at check steps:
 
     >>> import torch
-    >>> from lightning.pytorch import Trainer
-    >>> from lightning_freeze.tasks.digits import DigitsClassifier, DigitsDataset
-    >>> data = torch.utils.data.DataLoader(DigitsDataset(), batch_size=64)
-    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> adaptive = AdaptiveFreeze(check_every_n_steps=4, min_steps=8, plot=False)
     >>> _ = torch.manual_seed(0)
-    >>> Trainer(max_epochs=2, callbacks=[adaptive], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> model = DigitsClassifier(pretrained=False)
+    >>> example_trainer(max_epochs=2, callbacks=[adaptive]).fit(model, example_loader(n=896, batch_size=64))
     >>> [layer.name for layer in adaptive.layers]
     ['backbone.0', 'backbone.1', 'backbone.2', 'head']
     >>> frozen = [e["layer"] for e in adaptive.events]

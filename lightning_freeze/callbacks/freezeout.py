@@ -50,14 +50,9 @@ class FreezeOut(FreezingCallback):
     Three backbone blocks and the head (outside ``layers``: the last group) over 8 steps, ``t0=0.5``
     linear: the blocks freeze at t = 1/2, 2/3 and 5/6, i.e. before optimizer steps 4, 6 and 7:
 
-    >>> import torch
-    >>> from lightning.pytorch import Trainer
-    >>> from lightning_freeze.tasks.digits import DigitsClassifier
-    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
-    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
-    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> freezeout = FreezeOut("backbone.*", t0=0.5, schedule="linear", plot=False)
-    >>> Trainer(max_epochs=2, callbacks=[freezeout], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> example_trainer(max_epochs=2, callbacks=[freezeout]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> {name: round(t, 3) for name, t in freezeout.layer_times().items()}
     {'backbone.0': 0.5, 'backbone.1': 0.667, 'backbone.2': 0.833}
     >>> [(e["layer"], e["step"]) for e in freezeout.events]

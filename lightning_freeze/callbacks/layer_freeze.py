@@ -19,22 +19,13 @@ class LayerFreeze(FreezingCallback):
     with base LR ``lr`` if given (the current scheduler factor still applies), and resume keeps the
     thaw. Your ``configure_optimizers`` can simply pass ``self.parameters()``.
 
-    The backbone stays bit-identical during epoch 0 and trains from epoch 1 on, at base LR 1e-4:
+    The backbone is frozen in epoch 0 and thaws at epoch 1 with base LR 1e-4:
 
-    >>> import torch
-    >>> from lightning.pytorch import Trainer
-    >>> from lightning_freeze.tasks.digits import DigitsClassifier
-    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
-    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
-    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    >>> model = DigitsClassifier(pretrained=False)
-    >>> start = [p.detach().clone() for p in model.backbone.parameters()]
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> freeze = LayerFreeze("backbone.*", until_epoch=1, lr=1e-4, plot=False)
-    >>> Trainer(max_epochs=1, callbacks=[freeze], **quiet).fit(model, data)
-    >>> all(torch.equal(a, b) for a, b in zip(start, model.backbone.parameters()))
-    True
-    >>> [(e["layer"], e["action"]) for e in freeze.events]
-    []
+    >>> example_trainer(max_epochs=2, callbacks=[freeze]).fit(DigitsClassifier(pretrained=False), example_loader())
+    >>> [(e["layer"], e["action"], e["epoch"]) for e in freeze.events]
+    [('backbone.0', 'thaw', 1), ('backbone.1', 'thaw', 1), ('backbone.2', 'thaw', 1)]
     """
 
     def __init__(

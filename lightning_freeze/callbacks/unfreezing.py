@@ -50,14 +50,9 @@ class ProgressiveUnfreezing(FreezingCallback):
     The head trains alone in epoch 0; one backbone block thaws per epoch from the top, each at 1/2.6
     of the LR of the block above it:
 
-    >>> import torch
-    >>> from lightning.pytorch import Trainer
-    >>> from lightning_freeze.tasks.digits import DigitsClassifier
-    >>> images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,))
-    >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
-    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, plot=False)
-    >>> Trainer(max_epochs=3, callbacks=[unfreeze], **quiet).fit(DigitsClassifier(pretrained=False), data)
+    >>> example_trainer(max_epochs=3, callbacks=[unfreeze]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> [(e["layer"], e["epoch"]) for e in unfreeze.events]
     [('backbone.2', 1), ('backbone.1', 2)]
     >>> lr = {name: series[-1] for name, series in unfreeze.history["lr"].items()}

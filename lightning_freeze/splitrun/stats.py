@@ -60,7 +60,9 @@ def paired(baseline: Sequence[float], other: Sequence[float], level: float = 0.9
         out["note"] = f"{n} pair(s): no spread to test"
         return out
     if max(diffs) - min(diffs) <= _SAME * max(1.0, max(abs(d) for d in diffs)):
-        out["note"] = f"zero variance: every pair differs by exactly {out['mean_diff']:.6g}, so there is no t statistic"
+        out["note"] = (
+            f"zero variance: every pair differs by exactly {out['mean_diff']:.6g}, so there is no t statistic"
+        )
         return out
     from scipy import stats
 

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torchmetrics
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = [
     "DigitsClassifier",
     "DigitsDataset",
+    "example_loader",
+    "example_trainer",
     "build_backbone",
     "build_head",
     "default_cache_dir",
@@ -83,6 +85,24 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self._targets[index]
+
+
+def example_loader(n: int = 32, batch_size: int = 8) -> DataLoader:
+    """The first ``n`` images of digits 5-9, in order: a small real loader for examples and doctests."""
+    return DataLoader(Subset(DigitsDataset(), range(n)), batch_size=batch_size)
+
+
+def example_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer that prints and writes nothing (no logger, checkpoints, progress bar or model summary)."""
+    quiet = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**quiet, **kwargs})
 
 
 def _plain(value: Any) -> Any:
