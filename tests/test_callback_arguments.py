@@ -68,6 +68,10 @@ CASES = [
     (FrozenPrefixCache, {"verify": -1}, "verify must be a non-negative integer"),
     (FrozenPrefixCache, {"min_rows": 0}, "min_rows must be a positive integer"),
     (FrozenPrefixCache, {"strict": "no"}, "strict must be true or false"),
+    (FrozenPrefixCache, {"max_disk_bytes": "lots"}, "max_disk_bytes"),
+    (FrozenPrefixCache, {"read_ahead": 1}, "read_ahead must be true or false"),
+    (FrozenPrefixCache, {"log_stats": "yes"}, "log_stats must be true or false"),
+    (FrozenPrefixCache, {"disk_dir": 3}, "disk_dir must be a path or None"),
 ]
 
 
