@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import Net
+from models import Net, loaders, snapshot, trainer
 from resume import assert_same_weights, run_interrupted, run_uninterrupted
 
 from lightning_freeze import LayerFreeze
@@ -72,3 +72,20 @@ def test_resume_mid_epoch_when_configure_optimizers_reads_the_step_count(tmp_pat
     full, _ = run_uninterrupted(make, callbacks, tmp_path, max_epochs=2)
     resumed, _ = run_interrupted(make, callbacks, tmp_path, 11, max_epochs=2)
     assert_same_weights(full, resumed)
+
+
+def test_a_checkpoint_saved_after_fit_continues_with_the_layers_still_frozen(tmp_path):
+    """The model is handed back after fit, but the run's freeze state is not forgotten: training on from a
+    checkpoint saved after fit keeps the backbone frozen."""
+    torch.manual_seed(0)
+    model = Net()
+    first = trainer(callbacks=[LayerFreeze("backbone.*", plot=False)], default_root_dir=tmp_path, max_epochs=1)
+    first.fit(model, *loaders())
+    assert all(p.requires_grad for p in model.parameters())  # handed back
+    first.save_checkpoint(tmp_path / "after.ckpt")
+    before = snapshot(model.backbone)
+    more = trainer(callbacks=[LayerFreeze("backbone.*", plot=False)], default_root_dir=tmp_path, max_epochs=2)
+    more.fit(model, *loaders(), ckpt_path=str(tmp_path / "after.ckpt"))
+    after = snapshot(model.backbone)
+    assert more.global_step > first.global_step
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -156,8 +156,8 @@ class FreezeEngine:
 
     def release(self) -> None:
         """Hand the model back as it was given: every ``requires_grad`` as before, no mode override left, no
-        optimizer attached. Safe to call more than once."""
-        self.frozen.clear()
+        optimizer attached. Safe to call more than once. :attr:`frozen` keeps saying which layers the run
+        ended with frozen (a checkpoint saved after fit resumes with them frozen)."""
         for layer in self.layers:
             for p in layer.params:
                 p.requires_grad_(self.requires_grad_at_start.get(id(p), p.requires_grad))
