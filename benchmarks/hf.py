@@ -44,7 +44,7 @@ class HFSpec:
     @classmethod
     def full(cls, kind: str) -> HFSpec:
         return (
-            cls(kind, batch=16, size=48, width=32, depth=2) if kind == "resnet" else cls(kind, 8, 64, 128, 2)
+            cls(kind, batch=16, size=56, width=32, depth=2) if kind == "resnet" else cls(kind, 16, 64, 128, 2)
         )
 
     def to_json(self) -> dict:
