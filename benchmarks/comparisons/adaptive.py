@@ -144,7 +144,7 @@ def _contenders(
 
     def adaptive():
         return AdaptiveFreeze(
-            task.layers, check_every_n_steps=check, percentile=50, min_steps=0.2, plot=False
+            task.layers, check_every_n_steps=check, percentile=30, min_steps=0.2, plot=False
         )
 
     specs: list[tuple[str, Callable[[], list], str]] = [
@@ -157,7 +157,7 @@ def _contenders(
         (
             "AdaptiveFreeze",
             lambda: [adaptive()],
-            f"AdaptiveFreeze(check_every_n_steps={check}, percentile=50, min_steps=0.2)",
+            f"AdaptiveFreeze(check_every_n_steps={check}, percentile=30, min_steps=0.2)",
         ),
         (
             "AdaptiveFreeze + FrozenPrefixCache",

@@ -64,7 +64,7 @@ class AdaptiveFreeze(FreezingCallback):
         layers: LayerSpec = "auto",
         check_every_n_steps: int = 50,
         criterion: str = "grad_norm_change",
-        percentile: float = 50.0,
+        percentile: float = 30.0,
         threshold: float | None = None,
         min_steps: int | float = 0.1,
         max_frozen: int | None = None,
