@@ -53,7 +53,11 @@ def test_target_nodes_list_the_constructor_parameters(name):
         keys = set(OmegaConf.to_container(node, resolve=False)) - HYDRA_KEYS
         params, takes_kwargs = _parameters(node._target_)
         unknown = keys - params
-        assert not unknown or takes_kwargs, f"{name}.yaml {path}: {sorted(unknown)} are not parameters of {node._target_}"
+        assert not unknown or takes_kwargs, (
+            f"{name}.yaml {path}: {sorted(unknown)} are not parameters of {node._target_}"
+        )
         if node._target_.startswith("lightning_freeze."):
             missing = params - keys
-            assert not missing, f"{name}.yaml {path}: {node._target_} parameters missing from the yaml: {sorted(missing)}"
+            assert not missing, (
+                f"{name}.yaml {path}: {node._target_} parameters missing from the yaml: {sorted(missing)}"
+            )

@@ -92,7 +92,9 @@ def _freezeout(module: BenchModule) -> list:
 def _unfreezing(module: BenchModule) -> list:
     from lightning_freeze import ProgressiveUnfreezing
 
-    return [ProgressiveUnfreezing(["backbone"], phases=[{"layers": "backbone", "at_epoch": 10_000}], plot=False)]
+    return [
+        ProgressiveUnfreezing(["backbone"], phases=[{"layers": "backbone", "at_epoch": 10_000}], plot=False)
+    ]
 
 
 def _adaptive(module: BenchModule) -> list:
