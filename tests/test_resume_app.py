@@ -108,6 +108,9 @@ def test_ctrl_c_on_the_command_line_is_recorded_with_the_checkpoint_to_resume_fr
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A shell starts background jobs with SIGINT ignored, and the child would inherit that: give it the
+        # disposition a terminal gives, so Python turns the signal into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while (
