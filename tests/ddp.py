@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import lightning.pytorch as pl
+
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_scripts")
 
 
@@ -30,6 +32,34 @@ def run_ddp_script(name: str, out_dir, *args: str, world_size: int = 2, timeout:
         with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
             reports.append(json.load(fh))
     return reports
+
+
+def write_rank_report(out_dir, result: dict) -> None:
+    """Inside a DDP run, on every rank: write ``result`` as ``rank<r>.json``, which :func:`run_ddp_script` reads."""
+    with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+class WrapperProbe(pl.Callback):
+    """Records, at every training batch, ``[step, parameter tensors the live DDP wrapper trains,
+    find_unused_parameters]`` in ``steps`` (frozen parameters must not be in the all-reduce), and at train end
+    whether the replicas are bit-identical, in ``replicas_equal``."""
+
+    def __init__(self) -> None:
+        self.steps: list[list] = []
+        self.replicas_equal: bool | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        ddp = trainer.strategy.model
+        trained = sum(p.requires_grad for p in ddp.module.parameters())
+        self.steps.append([trainer.global_step, trained, bool(ddp.find_unused_parameters)])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.replicas_equal = replicas_equal(pl_module)
+
+    def changes(self) -> list[list]:
+        """The steps at which the trained-parameter count changed, the first step included."""
+        return [s for i, s in enumerate(self.steps) if i == 0 or s[1] != self.steps[i - 1][1]]
 
 
 def replicas_equal(module) -> bool:

@@ -149,7 +149,7 @@ def test_ddp_every_rank_freezes_alike_and_frozen_layers_leave_the_all_reduce(tmp
     assert all(r["replicas_equal"] for r in reports)
     assert reports[0]["events"] == reports[1]["events"] and reports[0]["events"]
     assert reports[0]["ddp_params"] == reports[1]["ddp_params"]
-    counts = [n for _, n in reports[0]["ddp_params"]]
+    counts = [n for _, n, _ in reports[0]["ddp_params"]]
     assert counts[-1] < counts[0] and counts == sorted(counts, reverse=True)
 
 

@@ -243,7 +243,7 @@ def test_ddp_freezeout_auto_and_resume_with_dropout(kind, tmp_path):
     assert all(r["replicas_equal"] for r in reports)
     assert reports[0]["events"] == reports[1]["events"] and reports[0]["layers"] == AUTO[kind]
     assert reports[0]["ddp_params"] == reports[1]["ddp_params"]
-    counts = [n for _, n in reports[0]["ddp_params"]]
+    counts = [n for _, n, _ in reports[0]["ddp_params"]]
     assert (
         counts == sorted(counts, reverse=True) and counts[-1] < counts[0]
     )  # frozen layers leave the all-reduce

@@ -6,7 +6,6 @@ which then runs both fits too. The train loader shuffles within fixed per-rank s
 across ranks every epoch), so every rank should cache only its own half. Each rank writes ``rank<r>.json``.
 """
 
-import json
 import os
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal, shutdown  # noqa: E402
+from ddp import replicas_equal, shutdown, write_rank_report  # noqa: E402
 from models import Net, make_data, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut, FrozenPrefixCache, LayerFreeze  # noqa: E402
@@ -64,6 +63,5 @@ if __name__ == "__main__":
             "history": cache.history,
             "events": cache.events,
         }
-    with open(os.path.join(out_dir, f"rank{t.global_rank}.json"), "w") as fh:
-        json.dump(result, fh)
+    write_rank_report(out_dir, result)
     shutdown()

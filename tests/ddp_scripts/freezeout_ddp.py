@@ -5,7 +5,6 @@ script. Each rank writes ``rank<r>.json``. A DDP communication hook counts the g
 are really all-reduced in every backward pass, so the test can see frozen layers leave the all-reduce.
 """
 
-import json
 import os
 import sys
 
@@ -14,7 +13,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal, shutdown  # noqa: E402
+from ddp import replicas_equal, shutdown, write_rank_report  # noqa: E402
 from models import Net, loaders, trainer  # noqa: E402
 
 from lightning_freeze import FreezeOut  # noqa: E402
@@ -70,8 +69,7 @@ class Report(pl.Callback):
                 ]
             },
         }
-        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump(result, fh)
+        write_rank_report(self.out_dir, result)
 
 
 if __name__ == "__main__":

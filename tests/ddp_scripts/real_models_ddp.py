@@ -11,7 +11,6 @@ parameters the live DDP wrapper all-reduced at each step of run 1, and which ten
 uninterrupted and the resumed run.
 """
 
-import json
 import os
 import sys
 
@@ -19,29 +18,14 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import replicas_equal, shutdown  # noqa: E402
+from ddp import WrapperProbe, shutdown, write_rank_report  # noqa: E402
 from hf_models import FIXTURES  # noqa: E402
 from models import trainer  # noqa: E402
 
-from lightning_freeze import (
-    ExactResume,
-    FreezeOut,  # noqa: E402
-)
+from lightning_freeze import ExactResume, FreezeOut  # noqa: E402
 from lightning_freeze.splitrun import ResumableDataLoader  # noqa: E402
 
 STOP = 5  # 4 batches per rank and epoch: mid-epoch
-
-
-class Probe(pl.Callback):
-    def __init__(self):
-        self.ddp_params = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        ddp = trainer.strategy.model
-        self.ddp_params.append([trainer.global_step, sum(p.requires_grad for p in ddp.module.parameters())])
-
-    def on_train_end(self, trainer, pl_module):
-        self.replicas_equal = replicas_equal(pl_module)
 
 
 class StopAt(pl.Callback):
@@ -58,7 +42,7 @@ def fit(kind, out_dir, seed, extra=(), ckpt_path=None):
     fixture = FIXTURES[kind]
     torch.manual_seed(seed)
     model = fixture.model(dropout=0.1)
-    freezeout, probe = FreezeOut(t0=0.5, plot=False), Probe()
+    freezeout, probe = FreezeOut(t0=0.5, plot=False), WrapperProbe()
     train = ResumableDataLoader(fixture.data(64, 0), batch_size=8, shuffle=True, seed=1)
     t = trainer(
         callbacks=[freezeout, ExactResume(), probe, *extra],
@@ -83,11 +67,10 @@ if __name__ == "__main__":
         "rank": t.global_rank,
         "layers": [layer.name for layer in freezeout.layers],
         "events": freezeout.events,
-        "ddp_params": probe.ddp_params,
+        "ddp_params": probe.steps,
         "replicas_equal": probe.replicas_equal and resumed_probe.replicas_equal,
         "resume_differs": [k for k in a if not torch.equal(a[k], b[k])],
         "tensors": len(a),
     }
-    with open(os.path.join(out_dir, f"rank{t.global_rank}.json"), "w") as fh:
-        json.dump(result, fh)
+    write_rank_report(out_dir, result)
     shutdown()

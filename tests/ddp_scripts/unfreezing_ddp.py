@@ -9,7 +9,6 @@ Usage: python unfreezing_ddp.py OUT_DIR  -> writes OUT_DIR/rank0.json and OUT_DI
 """
 
 import hashlib
-import json
 import os
 import sys
 import warnings
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from ddp import shutdown  # noqa: E402
+from ddp import WrapperProbe, shutdown, write_rank_report  # noqa: E402
 from models import Net, loaders, snapshot  # noqa: E402
 
 from lightning_freeze import ProgressiveUnfreezing  # noqa: E402
@@ -50,19 +49,6 @@ def digest(tensors):
     return h.hexdigest()
 
 
-class DDPProbe(pl.Callback):
-    """How many parameter tensors the live DDP wrapper covers at each step (frozen ones must not be there)."""
-
-    def __init__(self):
-        self.counts = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        ddp = trainer.strategy.model
-        n = len([p for p in ddp.parameters() if p.requires_grad])
-        if not self.counts or self.counts[-1][1] != n:
-            self.counts.append((trainer.global_step, n, bool(ddp.find_unused_parameters)))
-
-
 def main(out):
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
@@ -71,7 +57,7 @@ def main(out):
     cb = ProgressiveUnfreezing(
         ["backbone.*", "head"], monitor="score", patience=1, restore_best=True, warmup_steps=2
     )
-    probe = DDPProbe()
+    probe = WrapperProbe()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -99,10 +85,9 @@ def main(out):
         "digest": digest(final),
         "changed": {n: not torch.equal(initial[n], final[n]) for n in final if n.endswith("weight")},
         "lrs": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups},
-        "ddp_params": probe.counts,
+        "ddp_params": probe.changes(),
     }
-    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
-        json.dump(result, fh)
+    write_rank_report(out, result)
 
 
 if __name__ == "__main__":
