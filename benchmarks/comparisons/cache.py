@@ -611,23 +611,18 @@ def _table(w: Workload, ms: list[Measurement], infos: dict[str, dict], metric: s
 
         return cell
 
-    for m in ms:
-        m.extra.update({k: v for k, v in infos.get(m.name, {}).items() if k != "weights"})
     goal = GOALS.get(w.name)
-    return Table.build(
+    return _simple_table(
         title,
         ms,
-        baseline=LIMIT,
-        metric=metric,
-        unit="s" if metric.startswith("fit") else "ms",
-        scale=1.0 if metric.startswith("fit") else 1e3,
-        label=LABELS[metric],
-        extra_columns={
+        infos,
+        LIMIT,
+        metric,
+        UNCACHED,
+        columns={
             "speedup vs PyTorch, nothing frozen": speedup,
             "share of the limit's speedup": of_limit(limit),
             "share of the Lightning limit's speedup": of_limit(limit_lit),
-            "cache": _cache_cell(infos),
-            "weights = uncached run": _exact_cell(infos, UNCACHED),
         },
         notes=[
             "'share of the limit's speedup' = limit time ÷ contender time (1.00 = as fast as the limit"
@@ -643,7 +638,10 @@ def _simple_table(
     baseline: str,
     metric: str,
     uncached: dict[str, str],
+    columns: dict[str, Callable[[Measurement], str]] | None = None,
+    notes: list[str] | None = None,
 ) -> Table:
+    """A table of ``metric`` against ``baseline`` with ``columns``, then the cache's state and the exactness check."""
     for m in ms:
         m.extra.update({k: v for k, v in infos.get(m.name, {}).items() if k != "weights"})
     return Table.build(
@@ -654,7 +652,12 @@ def _simple_table(
         unit="s" if metric.startswith("fit") else "ms",
         scale=1.0 if metric.startswith("fit") else 1e3,
         label=LABELS[metric],
-        extra_columns={"cache": _cache_cell(infos), "weights = uncached run": _exact_cell(infos, uncached)},
+        extra_columns={
+            **(columns or {}),
+            "cache": _cache_cell(infos),
+            "weights = uncached run": _exact_cell(infos, uncached),
+        },
+        notes=notes or (),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -159,19 +159,7 @@ def run(ctx: BenchContext) -> Result:
             f"Frozen prefix ≈ {target:.0%} of forward compute (measured: {flop_share:.1%} of forward FLOPs, "
             f"{time_share:.1%} of no-grad forward time; {k} of {len(blocks)} blocks)"
         )
-        table = Table.build(
-            title,
-            ms,
-            baseline=BASELINE,
-            metric="value",
-            unit="ms",
-            scale=1e3,
-            label="step time",
-            extra_columns={
-                "prefix bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
-                "how": lambda m: m.note,
-            },
-        )
+        table = _step_table(title, ms)
         base = next(m for m in ms if m.name == BASELINE)
         full = next(m for m in ms if m.name == "PyTorch, nothing frozen")
         if not base.error and not full.error:
@@ -195,6 +183,24 @@ def run(ctx: BenchContext) -> Result:
     return result
 
 
+def _step_table(title: str, ms, notes: Sequence[str] = ()) -> Table:
+    """Step time against the hand-frozen optimum, with whether each contender left the prefix bit-identical."""
+    return Table.build(
+        title,
+        ms,
+        baseline=BASELINE,
+        metric="value",
+        unit="ms",
+        scale=1e3,
+        label="step time",
+        extra_columns={
+            "prefix bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
+            "how": lambda m: m.note,
+        },
+        notes=notes,
+    )
+
+
 def _transformers_table(
     ctx: BenchContext, result: Result, kind: str, skip: int, measured: int, rounds: int, device
 ) -> None:
@@ -206,18 +212,9 @@ def _transformers_table(
     contenders = build_contenders(lambda: hf.build_model(spec), batches, skip, device, prefix=prefix)
     ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
     model = {"resnet": "ResNetForImageClassification", "bert": "BertForSequenceClassification"}[kind]
-    table = Table.build(
+    table = _step_table(
         f"transformers {model} (random init), frozen prefix: {len(prefix)} blocks ({', '.join(prefix)})",
         ms,
-        baseline=BASELINE,
-        metric="value",
-        unit="ms",
-        scale=1e3,
-        label="step time",
-        extra_columns={
-            "prefix bit-identical after fit": lambda m: m.extra.get("frozen_prefix_unchanged", "n/a"),
-            "how": lambda m: m.note,
-        },
         notes=[
             "The hand-written optimum here sets requires_grad=False and eval mode on the prefix blocks (autograd then "
             "records nothing for them, as under no_grad) and gives the optimizer only the trainable parameters.",
