@@ -275,12 +275,6 @@ class FrozenPrefixCache(Callback):
     ) -> None:
         self._shutdown()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the cache is never checkpointed; it refills after a resume
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
     # ------------------------------------------------------------------ what the serving code reports
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
