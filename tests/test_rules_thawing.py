@@ -199,7 +199,7 @@ def test_plateau_tracker():
 def test_pure_rules_import_without_torch_lightning_or_hydra():
     code = (
         "import sys, time; t = time.perf_counter();"
-        "import lightning_freeze.rules.thawing, lightning_freeze.rules.freezeout, lightning_freeze.rules.checks;"
+        "import lightning_freeze.rules.thawing, lightning_freeze.rules.freezeout, lightning_freeze.validation;"
         "dt = time.perf_counter() - t;"
         "heavy = [m for m in ('torch', 'lightning', 'hydra', 'omegaconf', 'numpy') if m in sys.modules];"
         "print(heavy, dt)"

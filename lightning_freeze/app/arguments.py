@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lightning_freeze.rules.checks import is_int, is_number
+from lightning_freeze.validation import is_int, is_number
 
 __all__ = ["ConfigError", "check_arguments", "describe_type"]
 

@@ -36,7 +36,7 @@ from lightning_freeze.app.checkpoints import (
     newest_checkpoint,
 )
 from lightning_freeze.app.results import METRICS_FILE, format_result, write_result
-from lightning_freeze.rules.checks import check_choice, check_int, check_str
+from lightning_freeze.validation import check_choice, check_int, check_str
 
 __all__ = [
     "CONFIG_DIR",

@@ -44,7 +44,7 @@ from lightning_freeze.cache.serving import Server, Settings
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore
 from lightning_freeze.engine.layers import named_modules
-from lightning_freeze.rules.checks import check_bool, check_int, check_number
+from lightning_freeze.validation import check_bool, check_int, check_number
 
 __all__ = ["FrozenPrefixCache"]
 _WHERE = "FrozenPrefixCache"

@@ -24,7 +24,7 @@ import torch
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules import adaptive
-from lightning_freeze.rules.checks import check_str
+from lightning_freeze.validation import check_str
 
 
 class AdaptiveFreeze(FreezingCallback):

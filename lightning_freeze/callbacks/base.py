@@ -37,7 +37,7 @@ from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
 from lightning_freeze.engine.layers import Layer, check_forward_order, preserved_rng, select_layers
-from lightning_freeze.rules.checks import check_bool, check_choice, check_layer_spec
+from lightning_freeze.validation import check_bool, check_choice, check_layer_spec
 
 LayerSpec = str | Sequence[str]
 _MAX_HISTORY_POINTS = 1000

@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.layers import Layer
-from lightning_freeze.rules.checks import check_bool
 from lightning_freeze.rules.freezeout import (
     GroupSchedule,
     check_args,
@@ -23,6 +22,7 @@ from lightning_freeze.rules.freezeout import (
     freezeout_schedule,
     progress,
 )
+from lightning_freeze.validation import check_bool
 
 
 class FreezeOut(FreezingCallback):

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine.layers import Layer
-from lightning_freeze.rules.checks import check_int, check_number
+from lightning_freeze.validation import check_int, check_number
 
 
 class LayerFreeze(FreezingCallback):

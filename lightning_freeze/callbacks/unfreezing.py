@@ -26,8 +26,8 @@ from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.layers import Layer, LayerSpecError, layers_within
 from lightning_freeze.rules import thawing
-from lightning_freeze.rules.checks import check_bool, check_int, check_number, check_str
 from lightning_freeze.rules.thawing import Phase, PhaseError, PlateauTracker, ThawSchedule
+from lightning_freeze.validation import check_bool, check_int, check_number, check_str
 
 
 class ProgressiveUnfreezing(FreezingCallback):

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.engine.optim import GroupLayout, split_into_layer_groups
-from lightning_freeze.rules.checks import check_choice
+from lightning_freeze.validation import check_choice
 
 NORM_MODES = ("eval", "train")
 NORM_TYPES: tuple[type[nn.Module], ...] = (

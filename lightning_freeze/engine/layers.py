@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_freeze.rules.checks import AUTO_SPEC, check_layer_spec
+from lightning_freeze.validation import AUTO_SPEC, check_layer_spec
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

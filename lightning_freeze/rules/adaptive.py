@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lightning_freeze.rules.checks import check_choice, check_int, check_number
+from lightning_freeze.validation import check_choice, check_int, check_number
 
 CRITERIA = ("grad_norm_change", "grad_norm")
 

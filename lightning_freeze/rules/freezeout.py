@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lightning_freeze.rules.checks import check_choice, check_int, check_number
+from lightning_freeze.validation import check_choice, check_int, check_number
 
 SCHEDULES = {"linear": 1, "squared": 2, "cubic": 3}
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lightning_freeze.rules.checks import check_choice, check_int, check_layer_spec, check_number
+from lightning_freeze.validation import check_choice, check_int, check_layer_spec, check_number
 
 PHASE_KEYS = ("layers", "at_epoch", "at_step", "lr", "lr_ratio")
 MODES = ("min", "max")

@@ -12,66 +12,58 @@ from typing import TYPE_CHECKING
 
 from lightning_freeze._lazy import lazy_exports
 
-_EXPORTS = {
-    "MANIFEST_NAME": "lightning_freeze.splitrun.datamodule",
-    "SplitManifestMismatch": "lightning_freeze.splitrun.datamodule",
-    "SplitRunDataModule": "lightning_freeze.splitrun.datamodule",
-    "EvalShardSampler": "lightning_freeze.splitrun.sampling",
-    "ResumableDataLoader": "lightning_freeze.splitrun.sampling",
-    "ShardSampler": "lightning_freeze.splitrun.sampling",
-    "TrainShardSampler": "lightning_freeze.splitrun.sampling",
-    "ExactResume": "lightning_freeze.callbacks.resume",
-    "Arms": "lightning_freeze.splitrun.splitters",
-    "GroupKFold": "lightning_freeze.splitrun.splitters",
-    "Holdout": "lightning_freeze.splitrun.splitters",
-    "KFold": "lightning_freeze.splitrun.splitters",
-    "RepeatedKFold": "lightning_freeze.splitrun.splitters",
-    "SplitParts": "lightning_freeze.splitrun.splitters",
-    "SplitSpecError": "lightning_freeze.splitrun.splitters",
-    "Splitter": "lightning_freeze.splitrun.splitters",
-    "StratifiedGroupKFold": "lightning_freeze.splitrun.splitters",
-}
-
-__all__ = [
-    "Arms",
-    "EvalShardSampler",
-    "ExactResume",
-    "GroupKFold",
-    "Holdout",
-    "KFold",
-    "MANIFEST_NAME",
-    "RepeatedKFold",
-    "ResumableDataLoader",
-    "ShardSampler",
-    "SplitManifestMismatch",
-    "SplitParts",
-    "SplitRunDataModule",
-    "SplitSpecError",
-    "Splitter",
-    "StratifiedGroupKFold",
-    "TrainShardSampler",
-]
-
 if TYPE_CHECKING:
-    from lightning_freeze.callbacks.resume import ExactResume
-    from lightning_freeze.splitrun.datamodule import MANIFEST_NAME, SplitManifestMismatch, SplitRunDataModule
+    from lightning_freeze.callbacks.resume import (
+        ExactResume as ExactResume,
+    )
+    from lightning_freeze.splitrun.datamodule import (
+        MANIFEST_NAME as MANIFEST_NAME,
+    )
+    from lightning_freeze.splitrun.datamodule import (
+        SplitManifestMismatch as SplitManifestMismatch,
+    )
+    from lightning_freeze.splitrun.datamodule import (
+        SplitRunDataModule as SplitRunDataModule,
+    )
     from lightning_freeze.splitrun.sampling import (
-        EvalShardSampler,
-        ResumableDataLoader,
-        ShardSampler,
-        TrainShardSampler,
+        EvalShardSampler as EvalShardSampler,
+    )
+    from lightning_freeze.splitrun.sampling import (
+        ResumableDataLoader as ResumableDataLoader,
+    )
+    from lightning_freeze.splitrun.sampling import (
+        ShardSampler as ShardSampler,
+    )
+    from lightning_freeze.splitrun.sampling import (
+        TrainShardSampler as TrainShardSampler,
     )
     from lightning_freeze.splitrun.splitters import (
-        Arms,
-        GroupKFold,
-        Holdout,
-        KFold,
-        RepeatedKFold,
-        SplitParts,
-        SplitSpecError,
-        Splitter,
-        StratifiedGroupKFold,
+        Arms as Arms,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        GroupKFold as GroupKFold,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        Holdout as Holdout,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        KFold as KFold,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        RepeatedKFold as RepeatedKFold,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        SplitParts as SplitParts,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        SplitSpecError as SplitSpecError,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        Splitter as Splitter,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        StratifiedGroupKFold as StratifiedGroupKFold,
     )
 
 
-__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(globals())

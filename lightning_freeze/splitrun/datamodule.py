@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_freeze.callbacks.resume import ensure_exact_resume
-from lightning_freeze.rules.checks import check_bool, check_choice, check_int
 from lightning_freeze.splitrun.sampling import EvalShardSampler, ResumableDataLoader, TrainShardSampler
 from lightning_freeze.splitrun.splitters import Holdout, SplitParts, SplitSpecError, Splitter
+from lightning_freeze.validation import check_bool, check_choice, check_int
 
 __all__ = ["MANIFEST_NAME", "SplitManifestMismatch", "SplitRunDataModule"]
 

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lightning_freeze.rules.checks import check_bool, check_choice, check_int, check_number, is_number
 from lightning_freeze.splitrun.assign import assign_folds, assign_parts, codes_of, part_hash
+from lightning_freeze.validation import check_bool, check_choice, check_int, check_number, is_number
 
 __all__ = [
     "MANIFEST_VERSION",
