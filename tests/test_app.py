@@ -77,7 +77,7 @@ def test_defaults():
     assert cfg.trainer.accelerator == "cpu" and cfg.seed == 0 and cfg.split_seed == 0
     assert cfg.resume is None and cfg.ckpt_path is None and cfg.optimized_metric is None
     dm = instantiate(cfg.task.datamodule)
-    assert dm.split == Holdout(stratify=True) and dm.seed == 0 and dm.has_test
+    assert dm.splitter == Holdout(stratify=True) and dm.seed == 0 and dm.has_test
 
 
 def test_split_overrides_reach_the_splitter():

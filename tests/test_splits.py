@@ -230,7 +230,7 @@ def test_splitters_are_frozen_and_print_their_parameters():
     splitter = KFold(k=3, fold=2, stratify=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         splitter.fold = 1  # type: ignore[misc]
-    assert repr(splitter) == "KFold(k=3, fold=2, stratify=True, shuffle=True, test_ratio=0.0)"
+    assert repr(splitter) == "KFold(k=3, fold=2, test_ratio=0.0, stratify=True, shuffle=True)"
     assert dataclasses.replace(splitter, fold=0).fold == 0
     assert Holdout().ratios == {"train": 0.8, "val": 0.1, "test": 0.1}
     assert Arms().arms == {"A": 0.5, "B": 0.5} and Arms().by == "ratio"

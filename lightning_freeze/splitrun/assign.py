@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "arm_membership",
+    "assign_arms",
     "assign_folds",
     "assign_parts",
     "codes_of",
@@ -33,12 +35,20 @@ _SEGMENT_LOOP_MAX = 4096  # classes up to which within-class shuffles are one rn
 
 
 def part_hash(indices: np.ndarray) -> str:
-    """sha256 of a part's sorted index list, as little-endian int64 (independent of platform and dtype)."""
+    """sha256 of a part's sorted index list, as little-endian int64 (independent of platform and dtype).
+
+    Args:
+        indices: the part's dataset indices, sorted.
+    """
     return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()
 
 
 def codes_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique values, small-int code per sample). Small non-negative ints are used as their own codes."""
+    """(unique values, small-int code per sample). Small non-negative ints are used as their own codes.
+
+    Args:
+        values: one label (or group id) per sample, any sortable dtype.
+    """
     if values.dtype.kind in "iub" and values.size:
         lo, hi = int(values.min()), int(values.max())
         if lo >= 0 and hi < 2**16:
@@ -171,9 +181,16 @@ def assign_parts(
 ) -> np.ndarray:
     """Part id per sample for parts with the given weights; stratified when ``codes``, grouped when ``gcodes``.
 
-    ``cyclic`` deals k equal parts round-robin (k-fold). ``shuffle=False`` keeps index order: contiguous
-    blocks without codes (like scikit-learn's ``KFold(shuffle=False)``), round-robin within each class with
-    them. Grouped assignment always shuffles the groups.
+    Args:
+        n: the number of samples.
+        weights: one positive weight per part (normalised here).
+        codes: a small-int class code per sample (stratified), or None.
+        gcodes: a small-int group code per sample (whole groups move), or None.
+        rng: the random stream of this assignment.
+        cyclic: deal k equal parts round-robin (k-fold) instead of by exact ratio sizes.
+        shuffle: False keeps index order: contiguous blocks without codes (like scikit-learn's
+            ``KFold(shuffle=False)``), round-robin within each class with them. Grouped assignment always
+            shuffles the groups.
     """
     if gcodes is not None:
         if codes is not None:
@@ -203,6 +220,14 @@ def assign_folds(
     Plain: the round-robin sequence 0..k-1 shuffled over the samples. Stratified (``codes``): the same
     sequence dealt along the classes laid end to end and shuffled within each class, so each fold holds
     floor or ceil of n_c / k members of every class c. Grouped (``gcodes``): whole groups.
+
+    Args:
+        n: the number of samples.
+        k: the number of folds.
+        rng: the random stream of the folds.
+        codes: a small-int class code per sample (stratified), or None.
+        gcodes: a small-int group code per sample (grouped), or None.
+        shuffle: False gives contiguous folds in index order.
     """
     return assign_parts(n, [1.0] * k, codes, gcodes, rng, cyclic=True, shuffle=shuffle)
 
@@ -214,6 +239,11 @@ def stratified_kfold(labels: Any, k: int, seed: int = 0) -> list[tuple[np.ndarra
     shuffle of an int8 fold sequence within each class, and one radix sort of the fold ids; then the index
     lists are materialised as scikit-learn's are. The splitter objects validate; this does not.
 
+    Args:
+        labels: one class label per sample.
+        k: the number of folds.
+        seed: the seed of the folds' random stream.
+
     >>> labels = [0, 0, 1, 1]
     >>> [[labels[i] for i in val] for _, val in stratified_kfold(labels, k=2, seed=0)]  # one of each class
     [[0, 1], [0, 1]]
@@ -223,3 +253,83 @@ def stratified_kfold(labels: Any, k: int, seed: int = 0) -> list[tuple[np.ndarra
     order = np.argsort(fold, kind="stable")  # one radix sort: every fold's val indices, sorted
     bounds = np.cumsum(np.bincount(fold, minlength=k))[:-1]
     return [(np.flatnonzero(fold != f), val) for f, val in enumerate(np.split(order, bounds))]
+
+
+def arm_membership(
+    key: np.ndarray, selectors: Sequence[np.ndarray]
+) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+    """Arm id per sample (-1: in no arm) from one boolean mask per arm, in arm order.
+
+    Args:
+        key: the per-sample values the arms select on (labels or a column); only its length is used here.
+        selectors: one boolean mask per arm (a predicate's result, or ``np.isin`` of the arm's values).
+
+    Returns:
+        ``(member, clash)``: ``clash`` is ``(earlier arm, later arm, samples)`` for the first two arms that
+        select the same samples, else None (the assignment is then valid).
+    """
+    member = np.full(key.shape[0], -1, dtype=np.int64)
+    for arm, mask in enumerate(selectors):
+        overlap = mask & (member >= 0)
+        if overlap.any():
+            return member, (int(member[np.flatnonzero(overlap)[0]]), arm, int(overlap.sum()))
+        member[mask] = arm
+    return member, None
+
+
+def assign_arms(
+    names: Sequence[str],
+    n: int,
+    member: np.ndarray | None,
+    ratios: Sequence[float] | None,
+    *,
+    val_ratio: float,
+    test_ratio: float,
+    shared_val: bool,
+    codes: np.ndarray | None,
+    gcodes: np.ndarray | None,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The parts of an A/B split: a shared ``test`` (and ``val``) part first, then ``<arm>/train``, ``<arm>/val``.
+
+    Args:
+        names: the arm names, in order.
+        n: the number of samples.
+        member: arm id per sample (-1: in no arm) when arms select by value; None draws the arms at random
+            by ``ratios`` from every sample.
+        ratios: each arm's share of the samples when ``member`` is None.
+        val_ratio: each arm's validation share (the shared validation part's share with ``shared_val``).
+        test_ratio: the share of one ``test`` part carved first for every arm (0: none).
+        shared_val: carve one ``val`` part that every arm validates on, instead of one per arm.
+        codes: class codes for stratified sub-assignments (or None).
+        gcodes: group codes: whole groups stay in one part (or None).
+        rng: the random stream of the whole assignment (drawn from in a fixed order).
+    """
+
+    def sub_assign(idx: np.ndarray, weights: list[float]) -> np.ndarray:
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        sc = None if codes is None else codes_of(codes[idx])[1]
+        sg = None if gcodes is None else codes_of(gcodes[idx])[1].astype(np.int64)
+        return assign_parts(idx.size, weights, sc, sg, rng)
+
+    pool = np.arange(n, dtype=np.int64) if member is None else np.flatnonzero(member >= 0)
+    parts: dict[str, np.ndarray] = {}
+    for name, ratio in (("test", test_ratio), ("val", val_ratio if shared_val else 0.0)):
+        if ratio > 0:
+            part = sub_assign(pool, [1.0 - ratio, ratio])
+            parts[name] = pool[part == 1]
+            pool = pool[part == 0]
+    if member is None:
+        assert ratios is not None
+        member = np.full(n, -1, dtype=np.int64)
+        member[pool] = sub_assign(pool, [float(r) for r in ratios])
+    for arm, name in enumerate(names):
+        idx = pool[member[pool] == arm]
+        if shared_val:
+            parts[f"{name}/train"] = idx
+        else:
+            part = sub_assign(idx, [1.0 - val_ratio, val_ratio])
+            parts[f"{name}/train"] = idx[part == 0]
+            parts[f"{name}/val"] = idx[part == 1]
+    return parts

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.splitrun.sampling import EvalShardSampler, ResumableDataLoader, TrainShardSampler
@@ -102,12 +103,14 @@ class SplitRunDataModule(pl.LightningDataModule):
         dataset: a map-style dataset, or a zero-argument factory that returns one (called in ``setup``).
         split: the splitter (:class:`~lightning_freeze.splitrun.Holdout` when ``None``).
         seed: the split seed: the parts are a pure function of (data, splitter, seed).
-        batch_size, num_workers: for every loader (``eval_batch_size`` for val/test if given).
+        batch_size: the batch size of every loader (``eval_batch_size`` for val/test if given).
+        num_workers: DataLoader worker processes of every loader.
         labels: one label per sample: a dataset field name, a callable ``dataset -> array`` or an array;
             ``"auto"`` reads ``dataset.targets``, ``.labels`` or ``.y`` when present. Stratified splitters
             need them; otherwise they only fill the manifest's per-class counts.
         groups: one group id per sample, in the same forms (grouped splitters need them).
         shuffle_seed: the train shuffle seed (default: ``seed``).
+        eval_batch_size: the batch size of the val/test loaders (default: ``batch_size``).
         remainder: ``"drop"`` the ``len(train) % world_size`` leftover samples each epoch, or ``"pad"``.
         fixed_shards: under DDP, deal the training samples to ranks once and only shuffle within each rank's
             shard per epoch (a per-rank FrozenPrefixCache then holds about 1/world_size of the data).
@@ -159,7 +162,7 @@ class SplitRunDataModule(pl.LightningDataModule):
                 f"{_WHERE}: split must be a splitter object (Holdout, KFold, GroupKFold, StratifiedGroupKFold, "
                 f"RepeatedKFold, Arms from lightning_freeze.splitrun), e.g. split=KFold(k=5, fold=0); got {split!r}"
             )
-        self.split = split
+        self.splitter = split  # the `split` argument: it makes this run's SplitParts
         checks = {"where": _WHERE, "error": SplitSpecError}
         self.seed = check_int(seed, "seed", minimum=0, **checks)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1, **checks)
@@ -219,21 +222,12 @@ class SplitRunDataModule(pl.LightningDataModule):
 
     def _compute_split(self) -> SplitParts:
         ds = self._resolve_dataset()
+        splitter = self.splitter
+        # Missing labels or groups are reported by the splitter (the one check, for direct calls too).
         labels = self._field(ds, self.labels, "labels")
-        if self.split.needs_labels and labels is None:
-            raise SplitSpecError(
-                f"{_WHERE}: {type(self.split).__name__} needs labels, and {type(ds).__name__} has none of the "
-                f"fields {list(_AUTO_LABEL_FIELDS)}; set `labels` (a field name, an array or a callable) or "
-                "choose a splitter that does not stratify"
-            )
-        groups = self._field(ds, self.groups, "groups") if self.split.needs_groups else None
-        if self.split.needs_groups and groups is None:
-            raise SplitSpecError(
-                f"{_WHERE}: {type(self.split).__name__} needs groups: set `groups` (a dataset field name, an array "
-                "or a callable giving one group id per sample)"
-            )
-        extra = {name: self._field(ds, spec, name) for name, spec in self.split.fields().items()}
-        parts = self.split.split(len(ds), labels=labels, groups=groups, seed=self.seed, **extra)
+        groups = self._field(ds, self.groups, "groups") if splitter.needs_groups else None
+        extra = {name: self._field(ds, spec, name) for name, spec in splitter.per_sample_inputs().items()}
+        parts = splitter.split(len(ds), labels=labels, groups=groups, seed=self.seed, **extra)
         for role in ("train", "val"):
             if not parts.has(role):
                 raise SplitSpecError(
@@ -248,21 +242,29 @@ class SplitRunDataModule(pl.LightningDataModule):
         return self._split_parts if self._split_parts is not None else self._compute_split()
 
     def part(self, role: str) -> np.ndarray:
-        """Sorted dataset indices this run uses as ``train``, ``val`` or ``test`` (this arm, this fold)."""
+        """Sorted dataset indices this run uses as ``role`` (this arm, this fold).
+
+        Args:
+            role: ``train``, ``val`` or ``test``.
+        """
         return self.split_parts.role(role)
 
     @property
     def has_test(self) -> bool:
+        """Whether the split has a ``test`` part."""
         return self.split_parts.has("test")
 
     @property
     def manifest(self) -> dict[str, Any]:
+        """The split manifest with this run's roles and the dataset's class name."""
         parts = self.split_parts
         return {**parts.manifest, "roles": dict(parts.roles), "dataset": type(self.dataset).__name__}
 
     # ------------------------------------------------------------------------------------------- Lightning hooks
 
+    @override
     def setup(self, stage: str | None = None) -> None:
+        """Split (calling a dataset factory), check a resumed manifest, write ``split_manifest.json`` on rank 0."""
         if self.trainer is not None:
             ensure_exact_resume(self.trainer)
         self.split_parts  # noqa: B018 - a dataset factory is called and split here
@@ -280,7 +282,11 @@ class SplitRunDataModule(pl.LightningDataModule):
             os.replace(tmp, path)
 
     def check_run_dir(self, directory: str | os.PathLike[str]) -> None:
-        """Refuse ``directory`` if a manifest there records another split (what ``setup`` checks, earlier)."""
+        """Refuse ``directory`` if a manifest there records another split (what ``setup`` checks, earlier).
+
+        Args:
+            directory: the run dir that would receive ``split_manifest.json``.
+        """
         path = Path(directory) / MANIFEST_NAME
         if self.check_manifest and path.is_file():
             try:
@@ -328,12 +334,16 @@ class SplitRunDataModule(pl.LightningDataModule):
             f"now: spec={parts.spec}, seed={parts.seed}, n={parts.n}); {fix}"
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The split manifest, saved in checkpoints so that a resume can check the data splits the same."""
         if self._split_parts is None:
             return {}
         return {"split_manifest": self.manifest}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's manifest; the split is compared with it (now, or once it is computed)."""
         manifest = state_dict.get("split_manifest")
         if manifest is None:
             return
@@ -354,7 +364,9 @@ class SplitRunDataModule(pl.LightningDataModule):
             options.pop("prefetch_factor", None)
         return {"num_workers": self.num_workers, **options}
 
+    @override
     def train_dataloader(self) -> ResumableDataLoader:
+        """This rank's shard of ``train``: equal batch counts on every rank, resumable mid-epoch."""
         world, rank = self._world()
         sampler = TrainShardSampler(
             self.part("train"),
@@ -390,8 +402,12 @@ class SplitRunDataModule(pl.LightningDataModule):
         }  # evaluate every sample
         return DataLoader(self._source(), batch_size=self.eval_batch_size, sampler=sampler, **options)
 
+    @override
     def val_dataloader(self) -> DataLoader:
+        """This rank's share of ``val``: every sample evaluated exactly once across ranks."""
         return self._eval_loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
+        """This rank's share of ``test``: every sample evaluated exactly once across ranks."""
         return self._eval_loader("test")

@@ -69,7 +69,17 @@ class NoJobsError(ValueError):
 
 @dataclass
 class Job:
-    """One job dir of a sweep: its overrides, status, flat metrics and what its split was."""
+    """One job dir of a sweep: its overrides, status, flat metrics and what its split was.
+
+    Args:
+        path: the job dir.
+        overrides: the job's Hydra overrides as ``key -> value`` strings.
+        status: ``ok``, ``failed``, ``interrupted``, ``missing`` or ``unreadable``.
+        metrics: the job's numeric metrics (``val/acc`` ...) and times.
+        error: the error of a job that did not succeed.
+        split_key: the part hashes of its split manifest, the split seed and the run seed (pairs jobs).
+        split: a short description of the split, for the tables.
+    """
 
     path: Path
     overrides: dict[str, str]
@@ -81,7 +91,11 @@ class Job:
 
 
 def json_ready(value: Any) -> Any:
-    """Non-finite floats become None, so the JSON written is always valid."""
+    """``value`` with non-finite floats as None, so the JSON written is always valid.
+
+    Args:
+        value: a JSON-like value (mappings, lists, tuples, scalars).
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
@@ -129,7 +143,11 @@ def _is_number(value: Any) -> bool:
 
 
 def collect_jobs(sweep_dir: str | Path) -> list[Job]:
-    """Every job dir under ``sweep_dir`` (a dir with ``metrics.json`` or ``.hydra/``), sorted naturally."""
+    """Every job dir under ``sweep_dir`` (a dir with ``metrics.json`` or ``.hydra/``), sorted naturally.
+
+    Args:
+        sweep_dir: the sweep root (Hydra's ``hydra.sweep.dir``).
+    """
     root = Path(sweep_dir)
     dirs = {p.parent for p in root.rglob(METRICS_FILE)} | {
         p.parent for p in root.rglob(".hydra") if p.is_dir()
@@ -176,7 +194,11 @@ def _natural(value: str) -> tuple[int, float | str]:
 
 def metric_range(values: Sequence[float]) -> tuple[float, float]:
     """The range a metric lives in, judged from its values: [0, 1] when they all lie there (accuracy, F1,
-    fractions), [0, inf) when none is negative (losses, times), else unbounded. CIs are drawn clipped to it."""
+    fractions), [0, inf) when none is negative (losses, times), else unbounded. CIs are drawn clipped to it.
+
+    Args:
+        values: the metric's values across jobs.
+    """
     if values and all(0.0 <= v <= 1.0 for v in values):
         return (0.0, 1.0)
     if values and all(v >= 0.0 for v in values):
@@ -187,7 +209,15 @@ def metric_range(values: Sequence[float]) -> tuple[float, float]:
 def summarize(
     jobs: Sequence[Job], replicate_keys: Sequence[str] = REPLICATE_KEYS, baseline: str | None = None
 ) -> dict[str, Any]:
-    """The summary dict: conditions x metrics statistics, paired comparisons, failed jobs."""
+    """The summary dict: conditions x metrics statistics, paired comparisons, failed jobs.
+
+    Args:
+        jobs: the sweep's jobs (:func:`collect_jobs`).
+        replicate_keys: overrides averaged over (folds, repeats, seeds); every other varying override
+            defines a condition.
+        baseline: the condition the others are compared with (a condition label or one ``key=value`` of it);
+            default: a condition with ``=none``, else the first.
+    """
     ok = [j for j in jobs if j.status == "ok"]
     failed = [
         {"dir": str(j.path), "status": j.status, "overrides": j.overrides, "error": j.error}
@@ -307,6 +337,12 @@ def _ci(ci: Sequence[float] | None) -> str:
 
 
 def to_markdown(summary: Mapping[str, Any], title: str = "Sweep summary") -> str:
+    """The summary as a Markdown document (what ``summary.md`` holds and the CLI prints).
+
+    Args:
+        summary: what :func:`summarize` returned.
+        title: the document's heading.
+    """
     lines = [f"# {title}", ""]
     lines.append(
         f"{summary['n_ok']} of {summary['n_jobs']} jobs ok; averaged over "
@@ -353,7 +389,16 @@ def to_markdown(summary: Mapping[str, Any], title: str = "Sweep summary") -> str
 
 def plot(summary: Mapping[str, Any], path: Path, max_metrics: int = 4) -> bool:
     """One panel per metric: a point per job, lines joining the same replicate (legend) across conditions, and
-    the mean with its 95% CI (black), clipped to the metric's range."""
+    the mean with its 95% CI (black), clipped to the metric's range.
+
+    Args:
+        summary: what :func:`summarize` returned.
+        path: the PNG to write (atomically).
+        max_metrics: the most metric panels drawn (extra metrics such as times come last).
+
+    Returns:
+        False when matplotlib is missing or there is nothing to draw.
+    """
     try:
         import matplotlib
 
@@ -419,6 +464,12 @@ def write_summary(
 
     Raises ``FileNotFoundError`` for a missing dir, :class:`NoJobsError` when it holds no job and ``ValueError``
     for an unknown ``baseline``, before anything is written.
+
+    Args:
+        sweep_dir: the sweep root.
+        replicate_keys: overrides averaged over (see :func:`summarize`).
+        baseline: the condition the others are compared with (see :func:`summarize`).
+        with_plot: also write ``summary.png``.
     """
     root = Path(sweep_dir)
     if not root.is_dir():
@@ -438,6 +489,14 @@ def write_summary(
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """``lightning-freeze-report SWEEP_DIR [options]``: write the summary files and print the Markdown.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 when at least one job succeeded.
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-freeze-report", description="Summarise a Hydra sweep dir (summary.json/.md/.png)."
     )

@@ -44,6 +44,12 @@ class ShardSampler(DistributedSampler):
     ``__init__`` deliberately does not call ``DistributedSampler.__init__``: the subclassing only tells
     Lightning (and other tools) that the sampler already shards, so it is never replaced.
 
+    Args:
+        indices: the part's dataset indices (or an int n for ``range(n)``), shared by every rank.
+        num_replicas: the world size (default: read from ``torch.distributed`` when iterating).
+        rank: this rank (default: read from ``torch.distributed`` when iterating).
+        seed: the seed of the shuffles.
+
     >>> sampler = EvalShardSampler([4, 8, 15], num_replicas=2, rank=1)
     >>> isinstance(sampler, DistributedSampler), sampler.num_replicas, sampler.rank
     (True, 2, 1)
@@ -91,6 +97,11 @@ class ShardSampler(DistributedSampler):
         return world, rank
 
     def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order next (Lightning calls this at every epoch start).
+
+        Args:
+            epoch: the epoch about to run.
+        """
         self.epoch = int(epoch)
 
 
@@ -103,6 +114,16 @@ class TrainShardSampler(ShardSampler):
 
     ``start`` (set by :class:`ResumableDataLoader` after a restore) skips that many samples of this rank's
     shard in the next iteration only.
+
+    Args:
+        indices: the train part's dataset indices (or an int n for ``range(n)``), shared by every rank.
+        num_replicas: the world size (default: read from ``torch.distributed`` when iterating).
+        rank: this rank (default: read from ``torch.distributed`` when iterating).
+        shuffle: reshuffle every epoch from ``(seed, epoch)``; False keeps the index order.
+        seed: the seed of the shuffles.
+        remainder: ``"drop"`` the ``len(indices) % world_size`` leftover samples of each epoch, or ``"pad"``
+            by repeating the first few of the permutation.
+        fixed_shards: deal the samples to ranks once and only shuffle within each rank's shard per epoch.
 
     >>> shards = [list(TrainShardSampler(range(10, 17), num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
     >>> [len(s) for s in shards], set(shards[0]) & set(shards[1])  # 7 samples: 3 each, one dropped, disjoint
@@ -144,7 +165,11 @@ class TrainShardSampler(ShardSampler):
         return self.num_samples
 
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """The global order of ``indices`` in ``epoch`` (same on every rank), before sharding."""
+        """The global order of ``indices`` in ``epoch`` (same on every rank), before sharding.
+
+        Args:
+            epoch: the epoch (default: the current one).
+        """
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return self.indices
@@ -152,7 +177,11 @@ class TrainShardSampler(ShardSampler):
         return self.indices[rng.permutation(self.indices.size)]
 
     def shard(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's indices for ``epoch``: ``order[rank : total_size : world]``."""
+        """This rank's indices for ``epoch``: ``order[rank : total_size : world]``.
+
+        Args:
+            epoch: the epoch (default: the current one).
+        """
         world, rank = self._check()
         epoch = self.epoch if epoch is None else epoch
         # Fixed shards: deal once (the order of epoch 0), then shuffle within the shard per epoch.
@@ -166,7 +195,12 @@ class TrainShardSampler(ShardSampler):
         return shard
 
     def skip_next(self, samples: int, epoch: int) -> None:
-        """Skip ``samples`` of this rank's shard the next time ``epoch`` is iterated."""
+        """Skip ``samples`` of this rank's shard the next time ``epoch`` is iterated.
+
+        Args:
+            samples: how many samples of the shard were already consumed.
+            epoch: the epoch they were consumed in.
+        """
         self._start, self._start_epoch = int(samples), int(epoch)
 
     def __iter__(self) -> Iterator[int]:
@@ -178,6 +212,12 @@ class TrainShardSampler(ShardSampler):
 
 class EvalShardSampler(ShardSampler):
     """Every index of ``indices`` exactly once across ranks, in order: rank r gets ``indices[r::world]``.
+
+    Args:
+        indices: the val/test part's dataset indices, shared by every rank.
+        num_replicas: the world size (default: read from ``torch.distributed`` when iterating).
+        rank: this rank (default: read from ``torch.distributed`` when iterating).
+        seed: unused (evaluation never shuffles); kept for the shared signature.
 
     >>> [list(EvalShardSampler([3, 5, 7, 9, 11], num_replicas=2, rank=r)) for r in (0, 1)]
     [[3, 7, 11], [5, 9]]
@@ -224,6 +264,15 @@ class ResumableDataLoader(DataLoader):
     state when Lightning skipped it (a ``configure_optimizers`` that reads
     ``trainer.estimated_stepping_batches``) and restores the random generators
     (:class:`~lightning_freeze.splitrun.SplitRunDataModule` adds it by itself).
+
+    Args:
+        dataset: the map-style dataset.
+        batch_size: samples per batch.
+        shuffle: without a ``sampler``: shuffle every epoch from ``(seed, epoch)``.
+        sampler: the sampler (a :class:`TrainShardSampler` for exact resume), or None to build one.
+        seed: the seed of the built sampler's shuffles and of the workers' base seed.
+        remainder: the built sampler's ``remainder`` (``"drop"`` or ``"pad"``).
+        **kwargs: further ``DataLoader`` options (``num_workers``, ``collate_fn`` ...), by keyword.
 
     >>> import torch
     >>> from torch.utils.data import TensorDataset
@@ -290,6 +339,7 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        """``(epoch, batches consumed)`` and what they depend on; Lightning stores it in checkpoints."""
         sampler = self.sampler
         return {
             "epoch": self._iter_epoch,
@@ -301,6 +351,11 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the batches ``state`` says were consumed, in that epoch's order.
+
+        Args:
+            state: what :meth:`state_dict` returned when the checkpoint was taken.
+        """
         sampler = self.sampler
         consumed = int(state.get("batches_consumed", 0))
         epoch = int(state.get("epoch", 0))

@@ -29,12 +29,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
-from lightning_freeze.splitrun.assign import assign_folds, assign_parts, codes_of, part_hash
+from lightning_freeze.splitrun.assign import (
+    arm_membership,
+    assign_arms,
+    assign_folds,
+    assign_parts,
+    codes_of,
+    part_hash,
+)
 from lightning_freeze.validation import check_bool, check_choice, check_int, check_number, is_number
 
 __all__ = [
@@ -64,9 +71,15 @@ class SplitSpecError(ValueError):
 class SplitParts:
     """The result of a split: named parts, each a sorted ``int64`` array of dataset indices.
 
-    ``roles`` maps ``train``/``val``/``test`` to the part this run uses for it (an arm's ``A/train``, a shared
-    ``val``). ``manifest`` is the JSON-ready record written to ``split_manifest.json``: spec, seed, part sizes,
-    per-class counts per part, and the sha256 of each part's sorted index list.
+    Args:
+        parts: part name -> sorted dataset indices.
+        roles: ``train``/``val``/``test`` -> the part this run uses for it (an arm's ``A/train``, a shared
+            ``val``).
+        spec: the splitter as JSON (:meth:`Splitter.spec`).
+        seed: the split seed.
+        n: the dataset length.
+        manifest: the JSON-ready record written to ``split_manifest.json``: spec, seed, part sizes, per-class
+            counts per part, and the sha256 of each part's sorted index list.
 
     >>> parts = Holdout(ratios=[0.75, 0.25]).split(8, seed=0)
     >>> sorted(parts.parts), parts.roles, parts.manifest["parts"]["val"]["size"]
@@ -87,13 +100,19 @@ class SplitParts:
 
     @property
     def hashes(self) -> dict[str, str]:
+        """Part name -> sha256 of its index list."""
         return {name: info["sha256"] for name, info in self.manifest["parts"].items()}
 
     def has(self, role: str) -> bool:
+        """Whether this run has a ``role`` part (``train``, ``val`` or ``test``)."""
         return role in self.roles
 
     def role(self, role: str) -> np.ndarray:
-        """The indices this run uses as ``train``, ``val`` or ``test``."""
+        """The indices this run uses as ``role`` (``train``, ``val`` or ``test``).
+
+        Args:
+            role: ``train``, ``val`` or ``test``.
+        """
         if role not in self.roles:
             hint = (
                 "add a test entry to `ratios`"
@@ -212,26 +231,42 @@ def _build(
 
 @dataclass(frozen=True)
 class Splitter:
-    """Base of the splitters: parameters checked in ``__post_init__``, inputs checked in :meth:`split`."""
+    """Base of the splitters: parameters checked in ``__post_init__``, inputs checked in :meth:`split`.
+
+    A subclass declares its parameters as dataclass fields, checks and normalises them in ``__post_init__``
+    (``self._keep(k=check_int(self.k, ...))``: each value checked once, where it enters) and implements
+    :meth:`split`. ``uses_labels``/``uses_groups`` name the field that makes labels/groups necessary.
+    """
 
     uses_labels: ClassVar[str] = (
         "stratify"  # the field that makes labels necessary ("" = never, "*" = always)
     )
     uses_groups: ClassVar[str] = ""  # likewise for groups
 
+    def _keep(self, **values: Any) -> None:
+        """Store checked, normalised parameter values on the frozen instance."""
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
     @property
     def needs_labels(self) -> bool:
+        """Whether :meth:`split` needs one label per sample."""
         return self.uses_labels == "*" or bool(self.uses_labels and getattr(self, self.uses_labels))
 
     @property
     def needs_groups(self) -> bool:
+        """Whether :meth:`split` needs one group id per sample."""
         return self.uses_groups == "*" or bool(self.uses_groups and getattr(self, self.uses_groups))
 
     def _why_labels(self) -> str:
         return "stratify=true" if self.uses_labels == "stratify" else "this splitter"
 
-    def fields(self) -> dict[str, Any]:
-        """Further per-sample inputs :meth:`split` takes by keyword, by the spec that names them."""
+    def per_sample_inputs(self) -> dict[str, Any]:
+        """The further per-sample inputs :meth:`split` takes by keyword, each with the spec that names it.
+
+        A spec is a dataset field name, a callable ``dataset -> array`` or an array: ``SplitRunDataModule``
+        resolves it against its dataset and passes the values (``Arms(by="column")`` takes ``column``).
+        """
         return {}
 
     def spec(self) -> dict[str, Any]:
@@ -241,7 +276,10 @@ class Splitter:
     def _inputs(
         self, n: Any, labels: Any, groups: Any, seed: Any
     ) -> tuple[int, int, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Check the call's inputs: (n, seed, labels, label codes if needed, group codes if needed)."""
+        """Check the call's inputs: (n, seed, labels, label codes if needed, group codes if needed).
+
+        The one place that says labels or groups are missing, for direct calls and SplitRunDataModule alike.
+        """
         where = type(self).__name__
         n = _check_n(n)
         seed = check_int(seed, "seed", minimum=0, where=where, error=SplitSpecError)
@@ -249,8 +287,10 @@ class Splitter:
         groups_arr = _as_array(groups, n, "groups")
         if self.needs_labels and labels_arr is None:
             raise SplitSpecError(
-                f"{where}: {self._why_labels()} needs labels: set `labels` (a dataset field name, an array or a "
-                "callable)" + (" or set `stratify=false`" if getattr(self, "stratify", False) else "")
+                f"{where} needs labels (one per sample) for {self._why_labels()}: set `labels` (a dataset "
+                "field name, an array or a callable; SplitRunDataModule's labels='auto' found no "
+                "targets/labels/y field)"
+                + (" or set `stratify=false`" if getattr(self, "stratify", False) else "")
             )
         if self.needs_groups and groups_arr is None:
             raise SplitSpecError(
@@ -262,6 +302,14 @@ class Splitter:
         return n, seed, labels_arr, codes, gcodes
 
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        """This run's parts of ``n`` samples.
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (needed when the splitter stratifies or selects by label).
+            groups: one group id per sample (needed by grouped splitters).
+            seed: the split seed: the parts are a pure function of the inputs and this seed.
+        """
         raise NotImplementedError
 
 
@@ -270,11 +318,16 @@ class Splitter:
 
 @dataclass(frozen=True)
 class Holdout(Splitter):
-    """Parts named by ``ratios`` (``None``: train 0.8 / val 0.1 / test 0.1), optionally stratified or grouped.
+    """Parts named by ``ratios``, optionally stratified or grouped.
 
-    ``ratios`` is a mapping (it must name ``train`` and ``val``) or a list of 2 or 3 ratios (train, val[,
-    test]). Without groups, part sizes are exact (largest remainder of ``n * ratio``) and stratified parts hold
-    every class within about one sample of its share. ``grouped=True``: whole groups go to one part.
+    Without groups, part sizes are exact (largest remainder of ``n * ratio``) and stratified parts hold every
+    class within about one sample of its share.
+
+    Args:
+        ratios: a mapping of part names to ratios (it must name ``train`` and ``val``) or a list of 2 or 3
+            ratios (train, val[, test]); positive, summing to 1. ``None``: train 0.8 / val 0.1 / test 0.1.
+        stratify: keep every class's share in every part (needs labels).
+        grouped: whole groups go to one part (needs groups).
 
     >>> parts = Holdout(ratios=[0.5, 0.5], stratify=True).split(8, labels=[0, 0, 0, 0, 1, 1, 1, 1], seed=0)
     >>> [len(parts[name]) for name in ("train", "val")]
@@ -288,18 +341,21 @@ class Holdout(Splitter):
     grouped: bool = False
 
     def __post_init__(self) -> None:
-        ratios = DEFAULT_RATIOS if self.ratios is None else self.ratios
-        ratio_map = _normalize_ratios(ratios, "ratios", "Holdout")
-        missing = [name for name in ("train", "val") if name not in ratio_map]
+        where = "Holdout"
+        ratios = _normalize_ratios(DEFAULT_RATIOS if self.ratios is None else self.ratios, "ratios", where)
+        missing = [name for name in ("train", "val") if name not in ratios]
         if missing:
             raise SplitSpecError(
-                f"Holdout: ratios must name the parts 'train' and 'val' (missing {missing}), got {ratio_map}"
+                f"Holdout: ratios must name the parts 'train' and 'val' (missing {missing}), got {ratios}"
             )
-        object.__setattr__(self, "ratios", ratio_map)
-        check_bool(self.stratify, "stratify", where="Holdout", error=SplitSpecError)
-        check_bool(self.grouped, "grouped", where="Holdout", error=SplitSpecError)
+        self._keep(
+            ratios=ratios,
+            stratify=check_bool(self.stratify, "stratify", where=where, error=SplitSpecError),
+            grouped=check_bool(self.grouped, "grouped", where=where, error=SplitSpecError),
+        )
 
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        """The parts of ``ratios`` (see :meth:`Splitter.split` for the arguments)."""
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
         ratios: dict[str, float] = self.ratios  # type: ignore[assignment]
         part = assign_parts(n, list(ratios.values()), codes, gcodes, _stream(seed))
@@ -313,39 +369,20 @@ class Holdout(Splitter):
 # ----------------------------------------------------------------------------------------------- k-fold
 
 
-def _check_fold(splitter: Any) -> None:
-    where = type(splitter).__name__
-    check_int(splitter.k, "k", minimum=2, where=where, error=SplitSpecError)
-    check_int(
-        splitter.fold,
-        "fold",
-        minimum=0,
-        maximum=splitter.k - 1,
-        where=where,
-        error=SplitSpecError,
-        hint=f"fold numbers run from 0 to k-1 = {splitter.k - 1}",
-    )
-    check_number(
-        splitter.test_ratio, "test_ratio", low=0, high=1, high_open=True, where=where, error=SplitSpecError
-    )
-
-
 def _kfold_parts(
-    splitter: Any,
+    splitter: _Folds,
     n: int,
     seed: int,
     labels: np.ndarray | None,
     codes: np.ndarray | None,
     gcodes: np.ndarray | None,
-    stream: tuple[int, ...],
-    shuffle: bool = True,
 ) -> SplitParts:
     """``train``/``val`` for fold ``splitter.fold`` of ``splitter.k`` (+ a fixed ``test`` part carved first)."""
     where = type(splitter).__name__
-    k, fold, test_ratio = splitter.k, splitter.fold, float(splitter.test_ratio)
-    rest = np.arange(n, dtype=np.int64)
+    k, fold, test_ratio = splitter.k, splitter.fold, splitter.test_ratio
     parts: dict[str, np.ndarray] = {}
-    if test_ratio > 0:  # the same test part for every fold and every repeat
+    rest = np.arange(n, dtype=np.int64)
+    if test_ratio > 0:
         part = assign_parts(n, [1.0 - test_ratio, test_ratio], codes, gcodes, _stream(seed, _TEST_STREAM))
         parts["test"] = np.flatnonzero(part == 1)
         rest = np.flatnonzero(part == 0)
@@ -371,7 +408,12 @@ def _kfold_parts(
             f"{where}: {k}-fold needs at least k groups, got {int(sub_groups.max()) + 1}; lower `k`"
         )
     folds = assign_folds(
-        rest.size, k, _stream(seed, *stream), codes=sub_codes, gcodes=sub_groups, shuffle=shuffle
+        rest.size,
+        k,
+        _stream(seed, *splitter._stream()),
+        codes=sub_codes,
+        gcodes=sub_groups,
+        shuffle=splitter._shuffles(),
     )
     parts = {"train": rest[folds != fold], "val": rest[folds == fold], **parts}
     roles = {role: role for role in ("train", "val", "test") if role in parts}
@@ -382,15 +424,51 @@ def _kfold_parts(
 
 @dataclass(frozen=True)
 class _Folds(Splitter):
-    """The k-fold family: fold ``fold`` of ``k`` is ``val`` (+ a fixed ``test`` part); subclasses add fields."""
+    """The k-fold family: fold ``fold`` of ``k`` is ``val`` (+ a fixed ``test`` part); subclasses add fields.
+
+    ``test_ratio`` is keyword-only, so each subclass's own fields follow ``k, fold`` positionally.
+    """
+
+    k: int = 5
+    fold: int = 0
+    _: KW_ONLY
+    test_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        where = type(self).__name__
+        k = check_int(self.k, "k", minimum=2, where=where, error=SplitSpecError)
+        self._keep(
+            k=k,
+            fold=check_int(
+                self.fold,
+                "fold",
+                minimum=0,
+                maximum=k - 1,
+                where=where,
+                error=SplitSpecError,
+                hint=f"fold numbers run from 0 to k-1 = {k - 1}",
+            ),
+            test_ratio=check_number(
+                self.test_ratio,
+                "test_ratio",
+                low=0,
+                high=1,
+                high_open=True,
+                where=where,
+                error=SplitSpecError,
+            ),
+        )
 
     def _stream(self) -> tuple[int, ...]:
         return ()  # the folds' random stream, after the seed
 
+    def _shuffles(self) -> bool:
+        return True
+
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        """``train``/``val`` (+ ``test``) of fold ``fold`` (see :meth:`Splitter.split` for the arguments)."""
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
-        shuffle = getattr(self, "shuffle", True)
-        return _kfold_parts(self, n, seed, labels_arr, codes, gcodes, self._stream(), shuffle=shuffle)
+        return _kfold_parts(self, n, seed, labels_arr, codes, gcodes)
 
 
 @dataclass(frozen=True)
@@ -398,31 +476,43 @@ class KFold(_Folds):
     """k-fold cross-validation: fold ``fold`` of ``k`` is ``val``, the other folds are ``train``.
 
     Folds of one ``(data, k, seed)`` tile the data, and changing ``fold`` never changes the assignment, so
-    ``fold=0..k-1`` in a sweep is one cross-validation. ``stratify``: every fold holds floor or ceil of n_c/k
-    members of each class c. ``shuffle=False``: contiguous folds in index order (within each class when
-    stratified), as scikit-learn's ``KFold(shuffle=False)``. ``test_ratio > 0`` carves a fixed ``test`` part
-    first, the same for every fold.
+    ``fold=0..k-1`` in a sweep is one cross-validation.
+
+    Args:
+        k: the number of folds (>= 2).
+        fold: the fold this run validates on (0..k-1).
+        stratify: every fold holds floor or ceil of n_c/k members of each class c (needs labels).
+        shuffle: False gives contiguous folds in index order (within each class when stratified), as
+            scikit-learn's ``KFold(shuffle=False)``.
+        test_ratio: > 0 carves a fixed ``test`` part first, the same for every fold.
 
     >>> folds = [KFold(k=3, fold=f).split(9, seed=0)["val"].tolist() for f in range(3)]
     >>> sorted(i for fold in folds for i in fold)  # the folds tile the data
     [0, 1, 2, 3, 4, 5, 6, 7, 8]
     """
 
-    k: int = 5
-    fold: int = 0
     stratify: bool = False
     shuffle: bool = True
-    test_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fold(self)
-        check_bool(self.stratify, "stratify", where="KFold", error=SplitSpecError)
-        check_bool(self.shuffle, "shuffle", where="KFold", error=SplitSpecError)
+        super().__post_init__()
+        self._keep(
+            stratify=check_bool(self.stratify, "stratify", where="KFold", error=SplitSpecError),
+            shuffle=check_bool(self.shuffle, "shuffle", where="KFold", error=SplitSpecError),
+        )
+
+    def _shuffles(self) -> bool:
+        return self.shuffle
 
 
 @dataclass(frozen=True)
 class GroupKFold(_Folds):
     """k-fold over whole groups (patients, sessions, sites): a group is never in both ``train`` and ``val``.
+
+    Args:
+        k: the number of folds (>= 2, at most the number of groups).
+        fold: the fold this run validates on (0..k-1).
+        test_ratio: > 0 carves a fixed ``test`` part of whole groups first, the same for every fold.
 
     >>> groups = [0, 0, 1, 1, 2, 2, 3, 3]
     >>> parts = GroupKFold(k=2, fold=0).split(8, groups=groups, seed=0)
@@ -433,17 +523,15 @@ class GroupKFold(_Folds):
     uses_labels: ClassVar[str] = ""
     uses_groups: ClassVar[str] = "*"
 
-    k: int = 5
-    fold: int = 0
-    test_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_fold(self)
-
 
 @dataclass(frozen=True)
 class StratifiedGroupKFold(GroupKFold):
     """k-fold over whole groups, each group placed where its classes are most under-represented.
+
+    Args:
+        k: the number of folds (>= 2, at most the number of groups).
+        fold: the fold this run validates on (0..k-1).
+        test_ratio: > 0 carves a fixed ``test`` part of whole groups first, the same for every fold.
 
     >>> labels, groups = [0, 1] * 6, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     >>> parts = StratifiedGroupKFold(k=3, fold=1).split(12, labels=labels, groups=groups, seed=0)
@@ -459,8 +547,15 @@ class RepeatedKFold(_Folds):
     """``n_repeats`` k-fold cross-validations, each from its own random stream: (``repeat``, ``fold``) is one run.
 
     Sweep ``repeat=range(n_repeats)`` and ``fold=range(k)``. Repeat r's folds come from the stream
-    ``(seed, r)``, so repeats differ from each other and every repeat tiles the data. A ``test_ratio`` part is
-    the same for all repeats and folds.
+    ``(seed, r)``, so repeats differ from each other and every repeat tiles the data.
+
+    Args:
+        k: the number of folds (>= 2).
+        fold: the fold this run validates on (0..k-1).
+        n_repeats: the number of cross-validations.
+        repeat: the cross-validation this run belongs to (0..n_repeats-1).
+        stratify: stratified folds (needs labels).
+        test_ratio: > 0 carves a fixed ``test`` part first, the same for every repeat and fold.
 
     >>> a = RepeatedKFold(k=2, n_repeats=2, repeat=0).split(20, seed=0)["val"]
     >>> b = RepeatedKFold(k=2, n_repeats=2, repeat=1).split(20, seed=0)["val"]
@@ -468,29 +563,30 @@ class RepeatedKFold(_Folds):
     True
     """
 
-    k: int = 5
     n_repeats: int = 2
     repeat: int = 0
-    fold: int = 0
     stratify: bool = False
-    test_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fold(self)
-        check_int(self.n_repeats, "n_repeats", minimum=1, where="RepeatedKFold", error=SplitSpecError)
-        check_int(
-            self.repeat,
-            "repeat",
-            minimum=0,
-            maximum=self.n_repeats - 1,
-            where="RepeatedKFold",
-            error=SplitSpecError,
-            hint=f"repeats run from 0 to n_repeats-1 = {self.n_repeats - 1}",
+        super().__post_init__()
+        where = "RepeatedKFold"
+        n_repeats = check_int(self.n_repeats, "n_repeats", minimum=1, where=where, error=SplitSpecError)
+        self._keep(
+            n_repeats=n_repeats,
+            repeat=check_int(
+                self.repeat,
+                "repeat",
+                minimum=0,
+                maximum=n_repeats - 1,
+                where=where,
+                error=SplitSpecError,
+                hint=f"repeats run from 0 to n_repeats-1 = {n_repeats - 1}",
+            ),
+            stratify=check_bool(self.stratify, "stratify", where=where, error=SplitSpecError),
         )
-        check_bool(self.stratify, "stratify", where="RepeatedKFold", error=SplitSpecError)
 
     def _stream(self) -> tuple[int, ...]:
-        return (int(self.repeat),)
+        return (self.repeat,)
 
 
 # ----------------------------------------------------------------------------------------------- arms
@@ -499,20 +595,69 @@ class RepeatedKFold(_Folds):
 ArmSpec = float | Sequence[Any] | Callable[[np.ndarray], np.ndarray]
 
 
+def _arm_selectors(arms: Any, by: str | None, column: Any, where: str) -> tuple[dict[str, ArmSpec], str]:
+    """``arms`` normalised (ratios, tuples of disjoint values, or predicates) and ``by`` (inferred when None)."""
+    arms = DEFAULT_ARMS if arms is None else arms
+    if not isinstance(arms, Mapping) or not arms:
+        raise SplitSpecError(
+            f"{where}: arms must map arm names to ratios, label lists or predicates, got {arms!r}"
+        )
+    names = [str(a) for a in arms]
+    bad = [a for a in names if "/" in a or not a]
+    if bad:
+        raise SplitSpecError(
+            f"{where}: arm names must be non-empty and without '/': {bad}; rename them in `arms`"
+        )
+    values = list(arms.values())
+    if by is None:
+        by = "ratio" if all(is_number(v) for v in values) else "column" if column is not None else "label"
+    by = check_choice(by, "by", ("ratio", "label", "column"), where=where, error=SplitSpecError)
+    if by == "column" and column is None:
+        raise SplitSpecError(
+            f"{where}: by='column' needs `column` (a dataset field name or one value per sample)"
+        )
+    if by == "ratio":
+        return dict(_normalize_ratios(dict(zip(names, values, strict=True)), "arms", where)), by
+    selectors: dict[str, ArmSpec] = {}
+    owner: dict[Any, str] = {}
+    for name, sel in zip(names, values, strict=True):
+        if callable(sel):
+            selectors[name] = sel
+            continue
+        if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, np.ndarray)):
+            sel = [sel]
+        chosen = tuple(_label(v) for v in sel)
+        if not chosen:
+            raise SplitSpecError(f"{where}: arm {name!r} selects no {by} values; fix `arms`")
+        for value in chosen:
+            if value in owner:
+                raise SplitSpecError(
+                    f"{where}: arms {owner[value]!r} and {name!r} both take {by} {value!r}; make `arms` disjoint"
+                )
+            owner[value] = name
+        selectors[name] = chosen
+    return selectors, by
+
+
 @dataclass(frozen=True)
 class Arms(Splitter):
     """A/B arms: disjoint sub-populations, each with its own ``<arm>/train`` and ``<arm>/val`` parts.
 
-    ``arms`` maps arm names to (``None``: two random halves, ``{A: 0.5, B: 0.5}``):
+    Samples in no arm are left out (counted as ``unassigned`` in the manifest). The assignment itself is
+    :func:`~lightning_freeze.splitrun.assign.assign_arms`.
 
-    - ratios (``by="ratio"``): ``{A: 0.5, B: 0.5}`` splits the samples at random (stratified/grouped);
-    - lists of label values (``by="label"``): ``{A: [0, 1], B: [2, 3]}``;
-    - lists of values of ``column`` (``by="column"``; ``column`` names a dataset field), or predicates
-      ``column -> bool mask``.
-
-    ``arm`` is the arm this run trains on. ``shared_val=True`` carves one ``val`` part first and every arm is
-    validated on it. ``test_ratio`` carves a shared ``test`` part the same way. Samples in no arm are left out
-    (counted as ``unassigned`` in the manifest). ``by`` is inferred when ``None``.
+    Args:
+        arms: arm names mapped to ratios (``{A: 0.5, B: 0.5}``: random, stratified/grouped sub-populations),
+            lists of label values (``{A: [0, 1], B: [2, 3]}``), lists of values of ``column``, or predicates
+            ``values -> bool mask``. ``None``: two random halves ``{A: 0.5, B: 0.5}``.
+        arm: the arm this run trains on.
+        by: ``"ratio"``, ``"label"`` or ``"column"``; inferred from ``arms`` and ``column`` when ``None``.
+        column: for ``by="column"``: a dataset field name (read by SplitRunDataModule) or one value per sample.
+        val_ratio: each arm's validation share (of the shared ``val`` part with ``shared_val``).
+        shared_val: carve one ``val`` part first; every arm validates on it.
+        test_ratio: > 0 carves one shared ``test`` part first.
+        stratify: keep the class shares in every sub-assignment (needs labels).
+        grouped: whole groups stay in one arm and part (needs groups).
 
     >>> labels = [0, 1, 2] * 10
     >>> parts = Arms(arms={"A": [0], "B": [1, 2]}, arm="B").split(30, labels=labels, seed=0)
@@ -535,75 +680,20 @@ class Arms(Splitter):
 
     def __post_init__(self) -> None:
         where = "Arms"
-        arms = DEFAULT_ARMS if self.arms is None else self.arms
-        if not isinstance(arms, Mapping) or not arms:
-            raise SplitSpecError(
-                f"{where}: arms must map arm names to ratios, label lists or predicates, got {arms!r}"
-            )
-        names = [str(a) for a in arms]
-        bad = [a for a in names if "/" in a or not a]
-        if bad:
-            raise SplitSpecError(
-                f"{where}: arm names must be non-empty and without '/': {bad}; rename them in `arms`"
-            )
-        values = list(arms.values())
-        by = self.by
-        if by is None:
-            by = (
-                "ratio"
-                if all(is_number(v) for v in values)
-                else "column"
-                if self.column is not None
-                else "label"
-            )
-        check_choice(by, "by", ("ratio", "label", "column"), where=where, error=SplitSpecError)
-        if by == "ratio":
-            normalised: dict[str, ArmSpec] = dict(
-                _normalize_ratios(dict(zip(names, values, strict=True)), "arms", where)
-            )
-        else:
-            normalised = {}
-            owner: dict[Any, str] = {}
-            for name, sel in zip(names, values, strict=True):
-                if callable(sel):
-                    normalised[name] = sel
-                    continue
-                if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, np.ndarray)):
-                    sel = [sel]
-                chosen = tuple(_label(v) for v in sel)
-                if not chosen:
-                    raise SplitSpecError(f"{where}: arm {name!r} selects no {by} values; fix `arms`")
-                for value in chosen:
-                    if value in owner:
-                        raise SplitSpecError(
-                            f"{where}: arms {owner[value]!r} and {name!r} both take {by} {value!r}; make `arms` disjoint"
-                        )
-                    owner[value] = name
-                normalised[name] = chosen
-        if by == "column" and self.column is None:
-            raise SplitSpecError(
-                f"{where}: by='column' needs `column` (a dataset field name or one value per sample)"
-            )
-        object.__setattr__(self, "arms", normalised)
-        object.__setattr__(self, "by", by)
-        check_choice(
-            self.arm, "arm", names, where=where, error=SplitSpecError, hint="the arm this run trains on"
+        arms, by = _arm_selectors(self.arms, self.by, self.column, where)
+        checks: dict[str, Any] = {"where": where, "error": SplitSpecError}
+        self._keep(
+            arms=arms,
+            by=by,
+            arm=check_choice(self.arm, "arm", list(arms), hint="the arm this run trains on", **checks),
+            val_ratio=check_number(
+                self.val_ratio, "val_ratio", low=0, high=1, low_open=True, high_open=True, **checks
+            ),
+            test_ratio=check_number(self.test_ratio, "test_ratio", low=0, high=1, high_open=True, **checks),
+            shared_val=check_bool(self.shared_val, "shared_val", **checks),
+            stratify=check_bool(self.stratify, "stratify", **checks),
+            grouped=check_bool(self.grouped, "grouped", **checks),
         )
-        check_number(
-            self.val_ratio,
-            "val_ratio",
-            low=0,
-            high=1,
-            low_open=True,
-            high_open=True,
-            where=where,
-            error=SplitSpecError,
-        )
-        check_number(
-            self.test_ratio, "test_ratio", low=0, high=1, high_open=True, where=where, error=SplitSpecError
-        )
-        for option in ("shared_val", "stratify", "grouped"):
-            check_bool(getattr(self, option), option, where=where, error=SplitSpecError)
 
     @property
     def needs_labels(self) -> bool:
@@ -612,26 +702,53 @@ class Arms(Splitter):
     def _why_labels(self) -> str:
         return "by='label'" if self.by == "label" else "stratify=true"
 
-    def fields(self) -> dict[str, Any]:
+    def per_sample_inputs(self) -> dict[str, Any]:
         return {"column": self.column} if self.by == "column" else {}
+
+    def _members(self, n: int, key: np.ndarray) -> np.ndarray:
+        """Arm id per sample (-1: in no arm) from the values the arms select on."""
+        arms: dict[str, ArmSpec] = self.arms  # type: ignore[assignment]
+        names = list(arms)
+        present = {_label(v) for v in np.unique(key)}
+        masks = []
+        for name, sel in arms.items():
+            if callable(sel):
+                mask = np.asarray(sel(key), dtype=bool)
+                if mask.shape != (n,):
+                    raise SplitSpecError(
+                        f"Arms: the predicate of arm {name!r} must return one bool per sample"
+                    )
+            else:
+                absent = [v for v in sel if v not in present]  # type: ignore[union-attr]
+                if absent:
+                    raise SplitSpecError(
+                        f"Arms: arm {name!r} names {self.by} value(s) {absent} that no sample has; the data has "
+                        f"{sorted(present, key=str)[:20]}; fix `arms`"
+                    )
+                mask = np.isin(key, np.asarray(list(sel), dtype=key.dtype))  # type: ignore[arg-type]
+            masks.append(mask)
+        member, clash = arm_membership(key, masks)
+        if clash is not None:
+            first, second, count = clash
+            raise SplitSpecError(
+                f"Arms: arms {names[first]!r} and {names[second]!r} overlap on {count} samples; make `arms` disjoint"
+            )
+        return member
 
     def split(
         self, n: int, labels: Any = None, groups: Any = None, seed: int = 0, column: Any = None
     ) -> SplitParts:
-        where = "Arms"
+        """Every arm's parts; ``roles`` point at this run's arm (see :meth:`Splitter.split`).
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (``by="label"`` or ``stratify``).
+            groups: one group id per sample (``grouped``).
+            seed: the split seed.
+            column: the values of ``column`` per sample (``by="column"``; default: ``column`` itself).
+        """
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
-        arms: dict[str, ArmSpec] = self.arms  # type: ignore[assignment]
-        names = list(arms)
-        rng = _stream(seed)
-
-        def sub_assign(idx: np.ndarray, weights: list[float]) -> np.ndarray:
-            if idx.size == 0:
-                return np.zeros(0, dtype=np.int64)
-            sc = None if codes is None or not self.stratify else codes_of(codes[idx])[1]
-            sg = None if gcodes is None else codes_of(gcodes[idx])[1].astype(np.int64)
-            return assign_parts(idx.size, weights, sc, sg, rng)
-
-        member = np.full(n, -1, dtype=np.int64)  # arm id per sample, -1 = in no arm
+        member = None
         if self.by != "ratio":
             if self.by == "label":
                 key = labels_arr
@@ -639,59 +756,25 @@ class Arms(Splitter):
                 source = self.column if column is None else column
                 if isinstance(source, str):
                     raise SplitSpecError(
-                        f"{where}: column={source!r} is a field name; SplitRunDataModule reads it from the dataset, "
+                        f"Arms: column={source!r} is a field name; SplitRunDataModule reads it from the dataset, "
                         "a direct call passes the values as `column=`"
                     )
                 key = _as_array(source, n, "column")
             assert key is not None
-            present = {_label(v) for v in np.unique(key)}
-            for a, name in enumerate(names):
-                sel = arms[name]
-                if callable(sel):
-                    mask = np.asarray(sel(key), dtype=bool)
-                    if mask.shape != (n,):
-                        raise SplitSpecError(
-                            f"{where}: the predicate of arm {name!r} must return one bool per sample"
-                        )
-                else:
-                    absent = [v for v in sel if v not in present]  # type: ignore[union-attr]
-                    if absent:
-                        shown = sorted(present, key=str)[:20]
-                        raise SplitSpecError(
-                            f"{where}: arm {name!r} names {self.by} value(s) {absent} that no sample has; the data "
-                            f"has {shown}; fix `arms`"
-                        )
-                    mask = np.isin(key, np.asarray(list(sel), dtype=key.dtype))  # type: ignore[arg-type]
-                clash = mask & (member >= 0)
-                if clash.any():
-                    other = names[int(member[np.flatnonzero(clash)[0]])]
-                    raise SplitSpecError(
-                        f"{where}: arms {other!r} and {name!r} overlap on {int(clash.sum())} samples; make `arms` disjoint"
-                    )
-                member[mask] = a
-
-        parts: dict[str, np.ndarray] = {}
-        pool = np.flatnonzero(member >= 0) if self.by != "ratio" else np.arange(n, dtype=np.int64)
-        shared = [
-            (name, r)
-            for name, r in (("test", self.test_ratio), ("val", self.val_ratio if self.shared_val else 0.0))
-            if r > 0
-        ]
-        for name, r in shared:
-            part = sub_assign(pool, [1.0 - r, r])
-            parts[name] = pool[part == 1]
-            pool = pool[part == 0]
-        if self.by == "ratio":
-            member[:] = -1
-            member[pool] = sub_assign(pool, [float(v) for v in arms.values()])  # type: ignore[arg-type]
-        for a, name in enumerate(names):
-            idx = pool[member[pool] == a]
-            if self.shared_val:
-                parts[f"{name}/train"] = idx
-            else:
-                part = sub_assign(idx, [1.0 - self.val_ratio, self.val_ratio])
-                parts[f"{name}/train"] = idx[part == 0]
-                parts[f"{name}/val"] = idx[part == 1]
+            member = self._members(n, key)
+        arms: dict[str, ArmSpec] = self.arms  # type: ignore[assignment]
+        parts = assign_arms(
+            list(arms),
+            n,
+            member,
+            [float(v) for v in arms.values()] if self.by == "ratio" else None,  # type: ignore[arg-type]
+            val_ratio=self.val_ratio,
+            test_ratio=self.test_ratio,
+            shared_val=self.shared_val,
+            codes=codes if self.stratify else None,
+            gcodes=gcodes,
+            rng=_stream(seed),
+        )
         roles = {"train": f"{self.arm}/train", "val": "val" if self.shared_val else f"{self.arm}/val"}
         if "test" in parts:
             roles["test"] = "test"

@@ -26,7 +26,12 @@ _SAME = 1e-9
 
 
 def describe(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """n, mean, sample std (ddof=1), and the ``level`` CI of the mean from Student's t (None below 2 values)."""
+    """n, mean, sample std (ddof=1), and the ``level`` CI of the mean from Student's t (None below 2 values).
+
+    Args:
+        values: the replicates' values.
+        level: the confidence level of the interval.
+    """
     vals = [float(v) for v in values]
     n = len(vals)
     out: dict[str, Any] = {"n": n, "mean": None, "std": None, "ci95": None, "values": vals}
@@ -48,6 +53,11 @@ def paired(baseline: Sequence[float], other: Sequence[float], level: float = 0.9
 
     With fewer than two pairs, or pairs that all differ by the same amount (zero variance, up to float
     rounding), ``t`` and ``p_value`` are None and ``note`` says why.
+
+    Args:
+        baseline: the baseline's values, one per pair.
+        other: the other condition's values, in the same pair order.
+        level: the confidence level of the difference's interval.
     """
     if len(baseline) != len(other):
         raise ValueError("paired samples must have the same length")
