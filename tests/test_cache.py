@@ -149,7 +149,11 @@ def test_recording_finds_what_the_rest_needs():
     model[0].requires_grad_(False), model[2].requires_grad_(False)
     rec = record(model, (torch.randn(8, 4),), {}, {"0": model[0], "2": model[2]})
     assert [c.cacheable for c in rec.calls] == [True, False] and rec.needed == {(0, ())}
-    assert "trains or is random" in rec.calls[1].why
+    assert rec.calls[1].why == "its input depends on dropout in training mode (random)"
+    # the same dropout module in eval mode is deterministic glue, watched for a change of mode
+    model.eval()
+    rec = record(model, (torch.randn(8, 4),), {}, {"0": model[0], "2": model[2]})
+    assert [c.cacheable for c in rec.calls] == [True, True] and rec.modes == [(model[1], False)]
 
 
 class Branchy(nn.Module):
@@ -187,11 +191,47 @@ class NoisyGlue(nn.Module):
         return self.head(self.b(nn.functional.dropout(self.a(x), 0.5, training=self.training)))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: a per-sample Bernoulli mask in training, identity in eval."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class DropPathGlue(NoisyGlue):
+    def __init__(self):
+        super().__init__()
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.b(h + self.drop_path(h)))
+
+
 def test_random_glue_ends_the_cut():
     model = NoisyGlue().train()
     model.a.requires_grad_(False), model.b.requires_grad_(False)
     rec = record(model, (torch.randn(8, 4),), {}, {"a": model.a, "b": model.b})
     assert [c.cacheable for c in rec.calls] == [True, False] and rec.needed == {(0, ())}
+    # functional dropout with training=False is deterministic glue
+    model.eval()
+    rec = record(model, (torch.randn(8, 4),), {}, {"a": model.a, "b": model.b})
+    assert [c.cacheable for c in rec.calls] == [True, True] and rec.needed == {(1, ())}
+    # drop-path in training mode ends the cut, and the reason names the random op; in eval mode it is identity
+    model = DropPathGlue().train()
+    model.a.requires_grad_(False), model.b.requires_grad_(False)
+    rec = record(model, (torch.randn(8, 4),), {}, {"a": model.a, "b": model.b})
+    assert [c.cacheable for c in rec.calls] == [True, False] and "bernoulli_" in rec.calls[1].why
+    model.drop_path.eval()
+    rec = record(model, (torch.randn(8, 4),), {}, {"a": model.a, "b": model.b})
+    assert [c.cacheable for c in rec.calls] == [True, True]
 
 
 def test_store_budget_tiers_and_rebuild(tmp_path):

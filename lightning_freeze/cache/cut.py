@@ -69,6 +69,9 @@ class Cut:
     reads: list[torch.Tensor] = field(default_factory=list, repr=False)  # weights/buffers the glue reads
     prefix_ok: bool = True  # the slots of a sub-batch can be computed without running the rest
     last_needed: int = -1  # index of the last call that produces a slot
+    # parameter-free glue modules whose result depends on their mode, with the mode they were recorded in
+    modes: list[tuple[nn.Module, bool]] = field(default_factory=list, repr=False)
+    stop: str | None = None  # why the cut ends before the frozen prefix does (None: it serves all of it)
 
     @property
     def recorded(self) -> bool:
@@ -79,6 +82,12 @@ class Cut:
             return f"module {self.root_name or '<root>'!r}"
         skipped = [c.name for c in self.calls if c.cacheable] or list(self.blocks)
         return f"{len(self.slots) or '?'} output(s) of {_span(skipped)} inside {self.root_name or '<root>'!r}"
+
+    def __str__(self) -> str:
+        """What is cached and, when the cut ends early, why: e.g. ``1 output(s) of 'model.conv_proj' inside
+        'model'; stops at 'model.encoder.layers.encoder_layer_0': its input depends on the trainable parameter
+        'model.class_token' (freeze 'model.class_token' too to cache more)``."""
+        return self.describe() + (f"; stops at {self.stop}" if self.stop else "")
 
     def skipped_modules(self) -> list[nn.Module]:
         if self.kind == "module":
@@ -95,11 +104,14 @@ class Cut:
         slot_of = {vid: s for s, vid in enumerate(sorted(rec.needed))}
         self.calls = [_call_plan(c, slot_of, rec.calls) for c in rec.calls]
         self.slots = [self.calls[vid[0]].value_key(vid[1]) for vid in sorted(rec.needed)]
-        self.reads = rec.reads
+        self.reads, self.modes = rec.reads, rec.modes
+        first = next((c for c in rec.calls if not c.cacheable and not c.glue), None)
+        if first is not None:
+            remedy = f" ({first.remedy} to cache more)" if first.remedy else ""
+            self.stop = f"{first.name!r}: {first.why}{remedy}"
         if not self.slots:
-            first = next((c for c in rec.calls if not c.cacheable), None)
             if first is not None:
-                return f"the frozen block {first.name!r} cannot be skipped: {first.why}"
+                return f"the frozen block {self.stop}"
             if not rec.calls:
                 return f"{self.root_name or 'the model'}'s forward called none of the frozen blocks {list(self.blocks)}"
             return "no output of the frozen blocks is used by the rest of the network"

@@ -20,7 +20,11 @@ class Guard:
     """Watches the parameters and buffers of ``modules`` plus the ``extra`` tensors (read by the glue)."""
 
     def __init__(
-        self, modules: Iterable[nn.Module], fingerprinter: Fingerprinter, extra: Iterable[torch.Tensor] = ()
+        self,
+        modules: Iterable[nn.Module],
+        fingerprinter: Fingerprinter,
+        extra: Iterable[torch.Tensor] = (),
+        modes: Iterable[tuple[nn.Module, bool]] = (),
     ) -> None:
         tensors: dict[int, torch.Tensor] = {}
         self.sensitive: list[nn.Module] = []
@@ -30,6 +34,7 @@ class Guard:
             self.sensitive += mode_sensitive(top)
         for t in extra:
             tensors.setdefault(id(t), t)
+        self.modes = list(modes)  # glue modules that must keep the mode they were recorded in
         self.tensors = list(tensors.values())
         self.params = [t for t in self.tensors if isinstance(t, nn.Parameter)]
         self.fp = fingerprinter
@@ -44,6 +49,11 @@ class Guard:
         for m in self.sensitive:
             if m.training:
                 return f"{type(m).__name__} in the cached part is in training mode, so its output can change"
+        for m, training in self.modes:
+            if m.training != training:
+                return (
+                    f"{type(m).__name__} between the cached blocks changed its mode, so its output can change"
+                )
         for i, t in enumerate(self.tensors):
             if t._version != self.versions[i]:
                 # Version counters move on any in-place write, also one that writes the same values

@@ -289,12 +289,12 @@ class Server:
         if call.batch < self.settings.min_rows or any(t.requires_grad for t in call.batched):
             return run(*args, **kwargs)
         start = time.perf_counter()
-        rec = record(self.cut.root, args, kwargs, self.cut.blocks, call=run)
+        rec = record(self.cut.root, args, kwargs, self.cut.blocks, call=run, root_name=self.cut.root_name)
         reason = self.cut.complete(rec)
         if reason is not None:
             self.reporter.no_cut(reason)
             return rec.output
-        self.guard = Guard(self.cut.skipped_modules(), self.fp, self.cut.reads)
+        self.guard = Guard(self.cut.skipped_modules(), self.fp, self.cut.reads, self.cut.modes)
         self.full_placeholders = {
             (i, j)
             for i, c in enumerate(self.cut.calls)
@@ -308,7 +308,13 @@ class Server:
         self.stats.record_seconds += time.perf_counter() - start
         self.stats.lookups += call.batch
         self.stats.miss(call.batch, 0.0)
-        self.reporter.event("record", cut=self.cut.describe(), slots=len(self.cut.slots))
+        self.reporter.event("record", cut=self.cut.describe(), slots=len(self.cut.slots), stop=self.cut.stop)
+        if self.cut.stop is not None:
+            self.reporter.warn_once(
+                f"stop:{self.cut.stop}",
+                f"FrozenPrefixCache: caching {self.cut.describe()}, not the whole frozen prefix; the cut stops at "
+                f"{self.cut.stop}.",
+            )
         self._check(args, kwargs, run, call, values)
         return rec.output
 

@@ -31,8 +31,8 @@ the original code, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,18 +44,43 @@ from torch.utils import _pytree as pytree
 
 from lightning_freeze.cache.modes import mode_free
 
-# A value's label: LIVE, or the frozenset of prefix values it is computed from (empty: inputs/constants only).
-LIVE = "live"
+
+@dataclass(frozen=True)
+class Live:
+    """The label of a value that trains or is random: ``why`` names its source, ``remedy`` what would make
+    it cacheable."""
+
+    why: str
+    remedy: str = ""
+
+
+# A value's label: a Live, or the frozenset of prefix values it is computed from (empty: inputs/constants only).
 Label = Any
 ValueId = tuple[int, tuple[Any, ...]]  # (index of the block call, position of the tensor in its output)
 
 _RANDOM = {
-    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "normal_",
-    "bernoulli", "bernoulli_", "multinomial", "poisson", "uniform_", "exponential_", "geometric_",
-    "cauchy_", "log_normal_", "random_", "dropout", "dropout_", "alpha_dropout", "alpha_dropout_",
-    "feature_alpha_dropout", "feature_alpha_dropout_", "dropout1d", "dropout2d", "dropout3d",
-    "native_dropout", "rrelu", "rrelu_", "gumbel_softmax", "fused_dropout",
-}  # fmt: skip
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "randint",
+    "randint_like",
+    "randperm",
+    "normal",
+    "normal_",
+    "bernoulli",
+    "bernoulli_",
+    "multinomial",
+    "poisson",
+    "uniform_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "random_",
+    "gumbel_softmax",
+    "fused_dropout",
+}  # fmt: skip  (dropout and RReLU: see _random_op)
 _BATCH_STATISTICS = {"batch_norm", "instance_norm"}  # depend on the whole batch when training=True
 _ESCAPES = {
     "__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__", "numpy", "equal",
@@ -74,9 +99,14 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
+def is_live(label: Label) -> bool:
+    return isinstance(label, Live)
+
+
 def _union(labels: list[Label]) -> Label:
-    if any(label == LIVE for label in labels):
-        return LIVE
+    live = next((label for label in labels if isinstance(label, Live)), None)
+    if live is not None:
+        return live
     out: frozenset[ValueId] = frozenset()
     for label in labels:
         out |= label
@@ -93,10 +123,11 @@ class BlockCall:
     occurrence: int  # how many calls of the same block came before this one
     cacheable: bool  # inputs from the inputs/constants/prefix only, output batch-first: it can be skipped
     why: str = ""  # why it cannot be skipped
+    remedy: str = ""  # what the user could change so that it can be
+    glue: bool = False  # not skippable but harmless: no batch dimension (position embeddings), run as glue
     outputs: Any = field(default=None, repr=False)  # what it returned (tensors cloned)
-    args: Any = field(
-        default=None, repr=False
-    )  # its arguments: ("value", ValueId) / ("tensor", None) / ("const", x)
+    # its arguments: ("value", ValueId) / ("tensor", None) / ("const", x)
+    args: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -109,7 +140,9 @@ class Recording:
     output: Any = field(default=None, repr=False)  # the forward's result, for the step that recorded it
     reads: list[torch.Tensor] = field(default_factory=list, repr=False)  # weights and buffers the glue read
     glue_reads: set[ValueId] = field(default_factory=set)  # prefix values whose contents the glue reads
-    live_before: int | None = None  # the first block call after a module that trains ran
+    live_before: int | None = None  # the first block call after something with side effects ran
+    # parameter-free modules run as glue whose result depends on their mode, with the mode they had
+    modes: list[tuple[nn.Module, bool]] = field(default_factory=list, repr=False)
 
     def value(self, vid: ValueId) -> torch.Tensor:
         out = self.calls[vid[0]].outputs
@@ -142,17 +175,22 @@ def plain_output(tree: Any) -> bool:
 class _Recorder(TorchFunctionMode):
     """Labels every tensor the glue makes; block and module calls are labelled by :func:`record`."""
 
-    def __init__(self, params: Mapping[int, torch.Tensor]) -> None:
+    def __init__(self, root: nn.Module, prefix: str, batch: int) -> None:
         super().__init__()
+        self.batch = batch
         self.labels: dict[int, tuple[torch.Tensor, Label]] = {}
-        self.inner: dict[int, weakref.ref[torch.Tensor]] = {}
-        self.params = params  # id -> every parameter and buffer of the recorded module
+        # every parameter and buffer of the recorded module, by id: (tensor, qualified name)
+        self.params = {
+            id(t): (t, _qualified(prefix, n))
+            for n, t in (*root.named_parameters(remove_duplicate=False), *root.named_buffers())
+        }
         self.reads: dict[int, torch.Tensor] = {}
         self.needed: set[ValueId] = set()
         self.values: dict[ValueId, torch.Tensor] = {}  # each prefix value as the block returned it
         self.mutated: set[int] = set()  # ids of tensors written in place by the glue
         self.glue_reads: set[ValueId] = set()  # prefix values whose contents the glue reads
-        self.depth = 0  # > 0 inside a block or a module call: not glue
+        self.depth = 0  # > 0 inside a block or a module call (where this mode is off)
+        self.side_effects = 0  # ops or modules seen so far that change state (batch statistics, training)
 
     def set(self, t: torch.Tensor, label: Label) -> None:
         self.labels[id(t)] = (t, label)
@@ -161,17 +199,21 @@ class _Recorder(TorchFunctionMode):
         known = self.labels.get(id(t))
         if known is not None and known[0] is t:
             return known[1]
+        param = self.params.get(id(t))
         if t.requires_grad:
-            return LIVE
-        ref = self.inner.get(id(t))
-        if ref is not None and ref() is t:
-            return LIVE  # made inside a block or a module and handed out other than as its output
-        if id(t) in self.params:
+            if param is not None and param[0] is t:
+                return Live(f"the trainable parameter {param[1]!r}", f"freeze {param[1]!r} too")
+            return Live("a tensor that requires grad")
+        if param is not None and param[0] is t:
             self.reads[id(t)] = t
+        elif t.dim() > 0 and t.shape[0] == self.batch:
+            # per-sample, yet neither an input nor made by the glue: made inside a module and handed out
+            # other than as its output
+            return Live("a per-sample tensor a module handed out other than as its output")
         return frozenset()
 
     def need(self, label: Label) -> None:
-        if label != LIVE:
+        if not is_live(label):
             self.needed |= label
 
     def labels_of(self, tree: Any) -> Label:
@@ -185,10 +227,6 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth > 0:
-            for t in _tensors(out):
-                self.inner[id(t)] = weakref.ref(t)
-            return out
         name = _name(func)
         inputs = [self.label(t) for t in _tensors((args, kwargs))]
         if name in _ESCAPES:  # the value reaches Python (a branch, a print): it must be the real one
@@ -196,15 +234,17 @@ class _Recorder(TorchFunctionMode):
                 self.need(one)
             return out
         label = _union(inputs)
-        if label != LIVE and _tensors(out):
+        if not is_live(label) and _tensors(out):
             self.glue_reads |= label
-        if name in _RANDOM or (name in _BATCH_STATISTICS and _training_flag(func, args, kwargs)):
-            label = LIVE
-        elif name == "scaled_dot_product_attention" and kwargs.get(
-            "dropout_p", args[4] if len(args) > 4 else 0
-        ):
-            label = LIVE  # attention dropout
-        if label == LIVE:
+        random = _random_op(name, func, args, kwargs)
+        if random is not None:
+            label = random
+        elif name in _BATCH_STATISTICS and _training_flag(func, args, kwargs):
+            self.side_effects += 1
+            label = Live(
+                f"{name} in training mode (batch statistics)", "put that norm layer in eval mode (freeze it)"
+            )
+        if is_live(label):
             for one in inputs:
                 self.need(one)
         in_place = (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__")
@@ -219,6 +259,29 @@ class _Recorder(TorchFunctionMode):
 
 
 _SIGNATURES: dict[Any, inspect.Signature | None] = {}
+_DROPOUTS = {
+    "dropout", "dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_",
+    "dropout1d", "dropout2d", "dropout3d", "native_dropout", "feature_dropout", "feature_dropout_",
+}  # fmt: skip
+
+
+def _random_op(name: str, func: Any, args: tuple, kwargs: dict) -> Live | None:
+    """The Live label of a call that draws random numbers, or None. Dropout with ``p == 0`` or
+    ``training=False`` (and RReLU in eval) is deterministic."""
+    if name in _DROPOUTS or name in ("rrelu", "rrelu_"):
+        training = _argument(func, args, kwargs, "training", True, also="train")
+        p = _argument(func, args, kwargs, "p", None) if name not in ("rrelu", "rrelu_") else None
+        if not training or (isinstance(p, (int, float)) and p == 0):
+            return None
+        return Live(
+            f"{name} in training mode (random)",
+            "set its probability to 0, or keep its module in eval mode, to cache past it",
+        )
+    if name == "scaled_dot_product_attention" and kwargs.get("dropout_p", args[4] if len(args) > 4 else 0):
+        return Live("attention dropout (random)", "set the attention dropout to 0 to cache past it")
+    if name in _RANDOM:
+        return Live(f"the random operation {name} (e.g. stochastic depth)", "")
+    return None
 
 
 def _training_flag(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -255,26 +318,35 @@ def record(
     kwargs: dict,
     blocks: Mapping[str, nn.Module],
     call: Callable[..., Any] | None = None,
+    root_name: str = "",
 ) -> Recording:
     """Run ``root(*args, **kwargs)`` once (through ``call`` if given: the original ``forward``) and record it.
 
     ``blocks`` maps names to the frozen modules the cut may skip (their parameters must not require grad).
-    A module outside the blocks counts as glue if it holds no parameters and computes the same in training
-    and eval mode (ReLU, pooling; see :mod:`lightning_freeze.cache.modes`); any other is live.
+    A module outside the blocks that holds no parameters (ReLU, pooling, dropout, a user's parameter-free
+    module) is glue: the ops inside it are recorded like any other glue, so dropout with ``p == 0`` or in
+    eval mode is deterministic, dropout in training mode is random, and what it reads is known. Any other
+    module is live. ``root_name`` prefixes the names in messages.
     """
     batch = _batch_size(args, kwargs)
     block_names = {id(m): n for n, m in blocks.items()}
     inside_blocks = {id(sub) for m in blocks.values() for sub in m.modules()}
     ancestors = {id(m) for m in root.modules() if id(m) not in inside_blocks and _contains(m, inside_blocks)}
-    rec = _Recorder({id(t): t for t in (*root.parameters(), *root.buffers())})
+    module_names = {id(m): _qualified(root_name, n) for n, m in root.named_modules()}
+    rec = _Recorder(root, root_name, batch)
     calls: list[BlockCall] = []
     occurrences: dict[int, int] = {}
-    state = {"live_calls": 0, "live_before": None}
+    modes: dict[int, tuple[nn.Module, bool]] = {}
+    state: dict[str, int | None] = {"live_before": None}
 
     def run_inside(module: nn.Module, a: tuple, k: dict) -> Any:
+        # Without the recording mode: an active TorchFunctionMode changes kernels' code paths (the CPU fast path
+        # of nn.MultiheadAttention and nn.TransformerEncoderLayer is off while one is), and a block must compute
+        # here exactly what it computes in a step without the cache.
         rec.depth += 1
         try:
-            return type(module)._call_impl(module, *a, **k)
+            with _mode_off(rec):
+                return type(module)._call_impl(module, *a, **k)
         finally:
             rec.depth -= 1
 
@@ -289,18 +361,20 @@ def record(
             why = _why_not(label, out, batch)
             call = BlockCall(index, block_names[id(module)], module, occurrence, not why, why)
             calls.append(call)
-            if why and label != LIVE and _batch_free(out, batch):
+            if why and not is_live(label) and _batch_free(out, batch):
                 # a frozen block without a batch dimension (position embeddings): run it, as glue
+                call.glue = True
                 rec.glue_reads |= label
                 for t in _tensors(out):
                     rec.set(t, label)
                 return out
             if why:
+                call.remedy = label.remedy if is_live(label) else ""
                 rec.consume((a, k))
                 for t in _tensors(out):
-                    rec.set(t, LIVE)
+                    rec.set(t, Live(f"the frozen block {call.name!r}, which cannot be skipped"))
                 return out
-            if state["live_calls"] and state["live_before"] is None:
+            if rec.side_effects and state["live_before"] is None:
                 state["live_before"] = index
             call.args = pytree.tree_map(lambda x: _arg_ref(rec, x), (a, k))
             call.outputs = pytree.tree_map(
@@ -316,22 +390,30 @@ def record(
         return run
 
     def module_call(module: nn.Module) -> Callable[..., Any]:
-        glue = next(module.parameters(), None) is None and all(mode_free(m) for m in module.modules())
+        name = module_names.get(id(module), type(module).__name__)
+        trainable = any(p.requires_grad for p in module.parameters())
+        live = Live(
+            f"the module {name!r}, which " + ("trains" if trainable else "is not among the frozen layers"),
+            f"freeze {name!r} too",
+        )
 
         def run(*a: Any, **k: Any) -> Any:
             if rec.depth > 0:
                 return type(module)._call_impl(module, *a, **k)
-            label = rec.labels_of((a, k))
+            rec.side_effects += 1
+            rec.consume((a, k))
             out = run_inside(module, a, k)
-            if glue and plain_output(out):
-                for t in _tensors(out):
-                    rec.set(t, label)
-            else:
-                state["live_calls"] += 1
-                rec.consume((a, k))
-                for t in _tensors(out):
-                    rec.set(t, LIVE)
+            for t in _tensors(out):
+                rec.set(t, live)
             return out
+
+        return run
+
+    def glue_call(module: nn.Module) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            if rec.depth == 0 and not mode_free(module):
+                modes.setdefault(id(module), (module, module.training))
+            return type(module)._call_impl(module, *a, **k)  # its ops are seen as glue
 
         return run
 
@@ -342,6 +424,8 @@ def record(
                 fn = block_call(module)
             elif id(module) in inside_blocks or id(module) in ancestors or module is root:
                 continue
+            elif next(module.parameters(), None) is None:
+                fn = glue_call(module)
             else:
                 fn = module_call(module)
             patched.append(
@@ -362,13 +446,34 @@ def record(
                 module.__dict__.pop("_compiled_call_impl", None)
     needed = {vid for vid in rec.needed if calls[vid[0]].cacheable}
     return Recording(
-        calls, needed, batch, out, list(rec.reads.values()), rec.glue_reads, state["live_before"]
+        calls,
+        needed,
+        batch,
+        out,
+        list(rec.reads.values()),
+        rec.glue_reads,
+        state["live_before"],
+        list(modes.values()),
     )
 
 
+@contextlib.contextmanager
+def _mode_off(mode: TorchFunctionMode) -> Any:
+    """``mode`` switched off for the duration (when it is the innermost mode, as while recording)."""
+    if torch.overrides._get_current_function_mode() is not mode:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return ".".join(part for part in (*prefix.split("."), *name.split(".")) if part and part != "_orig_mod")
+
+
 def _why_not(label: Label, out: Any, batch: int) -> str:
-    if label == LIVE:
-        return "its input depends on something that trains or is random"
+    if is_live(label):
+        return f"its input depends on {label.why}"
     if not plain_output(out):
         return f"it returns a {type(out).__name__} that holds more than tensors and constants"
     tensors = _tensors(out)
@@ -391,7 +496,7 @@ def _arg_ref(rec: _Recorder, x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         return ("const", x)
     label = rec.label(x)
-    if label != LIVE and len(label) == 1:
+    if not is_live(label) and len(label) == 1:
         (vid,) = label
         if rec.values.get(vid) is x and id(x) not in rec.mutated:
             return ("value", vid)
