@@ -22,6 +22,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.engine.adapters import trainable_report
+from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules import adaptive
 from lightning_freeze.validation import check_str
@@ -111,17 +113,22 @@ class AdaptiveFreeze(FreezingCallback):
         head_outside = any(
             p.requires_grad and id(p) not in managed for p in trainer.lightning_module.parameters()
         )
-        most = len(layers) if head_outside else len(layers) - 1
+        # Layers with nothing trainable (peft's base model around blocks without an adapter) are frozen from the
+        # start: never a decision, and the head is the last layer that trains.
+        idle = set(untrainable_layers(layers))
+        self._decidable = [layer.name for layer in layers if layer.name not in idle]
+        most = len(self._decidable) if head_outside else len(self._decidable) - 1
         limit = most if self.max_frozen is None else self.max_frozen
         if limit > most or most < 1:
             raise ValueError(
                 f"AdaptiveFreeze: max_frozen={self.max_frozen} with the layers {[layer.name for layer in layers]}"
                 + ("" if head_outside else ", the last of which is the head and never freezes")
                 + f": at most {most} can freeze; lower max_frozen or use a finer layer spec"
+                + (f" (at the start, {trainable_report(trainer.lightning_module, layers)})" if idle else "")
             )
         self._max_frozen = limit
         self._reset_run_state()
-        self._elements = [max(1, sum(p.numel() for p in layer.params)) for layer in layers]
+        self._elements = [max(1, sum(p.numel() for p in layer.params if p.requires_grad)) for layer in layers]
         self._position = {layer.name: i for i, layer in enumerate(layers)}
 
     def extra_state(self) -> dict[str, Any]:
@@ -222,14 +229,15 @@ class AdaptiveFreeze(FreezingCallback):
         sums = self._sums.tolist()
         n = self._steps_in_interval
         self._sums, self._steps_in_interval = None, 0
-        n_frozen = len(engine.frozen_prefix())
-        training = [layer.name for layer in self.layers[n_frozen:]]
+        decidable = self._decidable
+        n_frozen = next((i for i, name in enumerate(decidable) if not engine.is_frozen(name)), len(decidable))
+        training = decidable[n_frozen:]
         current = {name: sums[self._position[name]] for name in training}
         per_element = {name: current[name] / n / self._elements[self._position[name]] for name in training}
         signals = adaptive.Signals(dict(self._previous), current, per_element)
         self._previous = current
         decision = adaptive.decide(
-            [layer.name for layer in self.layers],
+            decidable,
             n_frozen,
             signals,
             criterion=self.criterion,

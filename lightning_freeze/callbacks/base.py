@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.engine import optim
+from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
 from lightning_freeze.engine.layers import Layer, check_forward_order, preserved_rng, select_layers
 from lightning_freeze.validation import check_bool, check_choice, check_layer_spec
@@ -119,7 +120,7 @@ class FreezingCallback(Callback):
             raise ValueError(
                 f"{name}: with layers={self.layer_spec!r} every parameter of the model is frozen at the start, so "
                 "nothing would train (autograd fails on the first backward). Leave the head out of `layers` "
-                "(e.g. layers='backbone.*')."
+                f"(e.g. layers='backbone.*'). At the start, {trainable_report(pl_module, self.layers)}."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

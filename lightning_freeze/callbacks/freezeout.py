@@ -14,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
+from lightning_freeze.engine.adapters import trainable_report
+from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules.freezeout import (
     GroupSchedule,
@@ -95,15 +97,26 @@ class FreezeOut(FreezingCallback):
         model = trainer.lightning_module
         managed = {id(p) for layer in layers for p in layer.params}
         head_outside = any(p.requires_grad and id(p) not in managed for p in model.parameters())
-        n_groups = len(layers) + int(head_outside)
+        # Layers with nothing trainable (peft's base model around blocks without an adapter) stay frozen and get
+        # no place in the schedule: the head is the last layer that trains, so freezing never leaves nothing.
+        idle = untrainable_layers(layers)
+        scheduled = [layer for layer in layers if layer.name not in idle]
+        n_groups = len(scheduled) + int(head_outside)
         if n_groups < 2:
             raise ValueError(
                 f"FreezeOut needs at least 2 layers (layers to freeze, then the head that trains to the end), "
                 f"but layers={self.layer_spec!r} gives {[layer.name for layer in layers]} and no other trainable "
-                "parameters. Use a model with more blocks or a finer layer spec (e.g. 're:backbone\\.\\d+')."
+                "parameters. Use a model with more blocks or a finer layer spec (e.g. 're:backbone\\.\\d+'). "
+                f"At the start, {trainable_report(model, layers)}."
+            )
+        if idle and not head_outside and layers[-1].name in idle:
+            rank_zero_warn(
+                f"FreezeOut: nothing is trainable in {idle}, so they stay frozen and {scheduled[-1].name!r} is the "
+                f"head that trains to the end ({trainable_report(model, layers)}). To train a head, make it "
+                "trainable before fit, or set `layers` to the blocks you mean."
             )
         schedules = freezeout_schedule(n_groups, self.t0, self.schedule, self.scale_lr)
-        self.layer_schedules = {layer.name: s for layer, s in zip(layers, schedules, strict=False)}
+        self.layer_schedules = {layer.name: s for layer, s in zip(scheduled, schedules, strict=False)}
         self._head_schedule = schedules[-1]
 
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

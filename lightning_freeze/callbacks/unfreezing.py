@@ -24,6 +24,7 @@ import torch
 
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
+from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.layers import Layer, LayerSpecError, layers_within
 from lightning_freeze.rules import thawing
 from lightning_freeze.rules.thawing import Phase, PhaseError, PlateauTracker, ThawSchedule
@@ -165,7 +166,8 @@ class ProgressiveUnfreezing(FreezingCallback):
         if not trains:
             raise PhaseError(
                 f"{where}: nothing would train before the first thaw ({self.thaw_schedule.signature()}); "
-                "leave at least one layer (usually the head) out of the phases, or give it at_epoch: 0"
+                "leave at least one layer (usually the head) out of the phases, or give it at_epoch: 0. "
+                f"At the start, {trainable_report(trainer.lightning_module, layers)}."
             )
 
     def initially_frozen(self, layers: list[Layer]) -> list[str]:

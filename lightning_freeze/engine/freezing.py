@@ -39,6 +39,12 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def untrainable_layers(layers: Iterable[Layer]) -> list[str]:
+    """Names of the ``layers`` in which nothing trains now: every parameter was frozen by someone else (peft's
+    base weights around an adapter-less block, a user's ``requires_grad=False``)."""
+    return [layer.name for layer in layers if not any(p.requires_grad for p in layer.params)]
+
+
 def trainable_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter elements of ``model``."""
     trainable = total = 0
@@ -66,7 +72,10 @@ class FreezeEngine:
         self.owner = owner or "FreezeEngine"
         self.requires_grad_at_start = {id(p): p.requires_grad for layer in self.layers for p in layer.params}
         self.user_frozen = {pid for pid, trains in self.requires_grad_at_start.items() if not trains}
-        self.frozen: set[str] = set()
+        # A layer someone else froze whole is frozen from the start (eval mode, so its output is a pure function
+        # a cache can serve) and stays frozen: it is never thawed and never counts as a freeze of ours.
+        self.untrainable = frozenset(untrainable_layers(self.layers))
+        self.frozen: set[str] = set(self.untrainable)
         self.optimizer: Optimizer | None = None
         self.layout: GroupLayout | None = None
         self.modes_active = False
@@ -133,20 +142,47 @@ class FreezeEngine:
                     self._tell_tie(layer, p)
             if self.modes_active:
                 self._keep_eval(layer)
-        self._sync_groups(changed)
+        self._sync_groups(changed + self.reassert())
         return changed
 
     def thaw(self, names: Iterable[str]) -> list[str]:
-        """Thaw the named layers; returns the names that changed."""
-        changed = [n for n in names if n in self.frozen]
+        """Thaw the named layers (a layer in :attr:`untrainable` stays frozen); returns the names that changed."""
+        changed = [n for n in names if n in self.frozen and n not in self.untrainable]
         self.frozen.difference_update(changed)
         for name in changed:
             layer = self.by_name[name]
             for p in self._freezable(layer):
                 p.requires_grad_(True)
             self._release_eval(layer)
-        self._sync_groups(changed)
+        self._sync_groups(changed + self.reassert())
         return changed
+
+    def reassert(self) -> list[str]:
+        """Put every managed parameter's ``requires_grad`` back to what the frozen set intends; returns the
+        layers that had a wrong flag (set by someone else between transitions, e.g. peft's ``set_adapter``).
+
+        A parameter frozen before we saw the model never trains; one of a frozen layer trains only while a
+        tie or ``norm="train"`` keeps it training; every other one trains.
+        """
+        fixed = []
+        for layer in self.layers:
+            wrong = [p for p in layer.params if p.requires_grad != self._intended(p)]
+            for p in wrong:
+                p.requires_grad_(not p.requires_grad)
+                if not p.requires_grad:
+                    p.grad = None
+                    if self.optimizer is not None:
+                        self.optimizer.state.pop(p, None)
+            if wrong:
+                fixed.append(layer.name)
+        if fixed and ("reassert", ",".join(fixed)) not in self._told:
+            self._told.add(("reassert", ",".join(fixed)))
+            warnings.warn(
+                f"{self.owner}: requires_grad was changed outside the freezing callback in {fixed} (by an adapter "
+                "library's set_adapter, or by hand); put back to the callback's frozen set",
+                stacklevel=3,
+            )
+        return fixed
 
     def activate_modes(self) -> None:
         """From now on keep frozen layers in eval mode (and put those frozen so far there now)."""
@@ -168,6 +204,11 @@ class FreezeEngine:
     # ------------------------------------------------------------------ internals
     def _freezable(self, layer: Layer) -> list[nn.Parameter]:
         return [p for p in layer.params if id(p) not in self.user_frozen and id(p) not in self._norm_params]
+
+    def _intended(self, p: nn.Parameter) -> bool:
+        if id(p) in self.user_frozen:
+            return False
+        return id(p) in self._norm_params or not self._all_users_frozen(p)
 
     def _all_users_frozen(self, p: nn.Parameter) -> bool:
         return all(user is not None and user in self.frozen for user in self._users.get(id(p), ()))
