@@ -56,7 +56,11 @@ def matches(value: Any, tp: Any) -> bool:
     if origin is not None:
         if origin in (collections.abc.Callable, typing.Callable):
             return True
+        if origin is tuple and isinstance(value, (list, tuple)):
+            return True  # yaml has no tuples: a list is what a tuple argument gets from a config
         return isinstance(origin, type) and isinstance(value, origin)
+    if tp is tuple:
+        return isinstance(value, (list, tuple))
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True

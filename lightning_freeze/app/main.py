@@ -16,18 +16,16 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-import traceback
-import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hydra_plugins.lightning_freeze_searchpath.searchpath import CONFIG_NAME, conf_dir
 from lightning_freeze.app.arguments import ConfigError, check_arguments
 from lightning_freeze.app.checkpoints import (
     RESUME_CHOICES,
@@ -35,7 +33,8 @@ from lightning_freeze.app.checkpoints import (
     checkpoint_dir,
     newest_checkpoint,
 )
-from lightning_freeze.app.results import METRICS_FILE, format_result, write_result
+from lightning_freeze.app.config_dir import CONFIG_NAME, conf_dir
+from lightning_freeze.app.results import METRICS_FILE, RunResult, format_result, write_result
 from lightning_freeze.validation import check_choice, check_int, check_str
 
 __all__ = [
@@ -43,8 +42,11 @@ __all__ = [
     "CONFIG_NAME",
     "METRICS_FILE",
     "build_callbacks",
+    "build_checkpoint",
+    "build_trainer",
     "job_value",
     "main",
+    "resume_checkpoint",
     "train",
     "validate_config",
 ]
@@ -56,8 +58,13 @@ _APP = "lightning-freeze"
 def build_callbacks(node: Any, where: str = "freeze") -> list[Any]:
     """Instantiate the callbacks a config node describes.
 
-    The node is empty/null (no callback), a node with ``_target_`` (one callback), or a mapping of
-    names to such nodes (several callbacks, in key order; a null entry is skipped).
+    Args:
+        node: empty/null (no callback), a node with ``_target_`` (one callback), or a mapping (or list) of
+            such nodes (several callbacks, in order; a null entry is skipped).
+        where: the node's key in the config, named by errors (``freeze``, ``cache``, ``callbacks``).
+
+    Raises:
+        TypeError: an entry is not a ``_target_`` node.
     """
     from hydra.utils import instantiate
 
@@ -88,8 +95,17 @@ def _node_values(node: Any) -> dict[str, Any]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no model, data or training: raises :class:`ConfigError` naming the key."""
+    """Every check that needs no model, data or training.
+
+    Args:
+        cfg: the job's composed config.
+
+    Raises:
+        ConfigError: a value the job cannot run with; the message names the key to change.
+    """
     from hydra.utils import get_class
+
+    from lightning_freeze.app.optimizers import check_optimizer_nodes
 
     for key in ("seed", "split_seed"):
         if key in cfg:
@@ -123,11 +139,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={cfg.resume!r} needs checkpoints, but trainer.enable_checkpointing=false writes none"
         )
+    check_optimizer_nodes(cfg.get("task"), "task")
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint this run continues from: ``ckpt_path``, or with ``resume=last`` the newest ``last*.ckpt``
-    in the run's checkpoint dir (None when there is none yet: a first attempt starts fresh)."""
+    """The checkpoint this run continues from (None: a fresh start).
+
+    Args:
+        cfg: the job's config: ``ckpt_path`` names a file; ``resume=last`` picks the newest ``last*.ckpt`` in
+            the run's checkpoint dir (none there yet: the first attempt of a requeued job starts fresh).
+        run_dir: the run directory.
+
+    Raises:
+        ConfigError: the checkpoint is missing, empty, truncated or corrupt (naming the option).
+    """
     if cfg.get("ckpt_path"):
         return check_checkpoint_file(cfg.ckpt_path, "ckpt_path")
     if cfg.get("resume") == "last":
@@ -137,7 +162,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def build_checkpoint(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """The ``checkpoint`` node's callback (writing to ``<run dir>/checkpoints`` unless it names a dirpath)."""
+    """The ``checkpoint`` node's callback, as a list (empty for ``checkpoint=none`` or checkpointing off).
+
+    Args:
+        cfg: the job's config (its ``checkpoint`` and ``trainer`` nodes).
+        run_dir: the run directory: checkpoints go to ``<run dir>/checkpoints`` unless the node names a
+            ``dirpath``.
+    """
     from hydra.utils import instantiate
 
     node = cfg.get("checkpoint")
@@ -179,131 +210,155 @@ def _is_interruption(err: BaseException, trainer: Any | None) -> bool:
     return isinstance(err, SystemExit) and (trainer is None or bool(getattr(trainer, "interrupted", False)))
 
 
-def _new_result(cfg: DictConfig, hydra_cfg: Any | None, run_dir: Path) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "error": None,
-        "metrics": {},
-        "val": {},
-        "test": {},
-        "wall_time_s": None,
-        "fit_time_s": None,
-        "trainable_fraction": None,
-        "trainable_params": None,
-        "total_params": None,
-        "epochs": None,
-        "global_step": None,
-        "resumed_from": None,
-        "seed": cfg.get("seed"),
-        "overrides": list(hydra_cfg.overrides.task) if hydra_cfg is not None else [],
-        "choices": (
-            {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
-            if hydra_cfg is not None
-            else {}
-        ),
-        "run_dir": str(run_dir),
-        "run_id": uuid.uuid4().hex,
+@contextlib.contextmanager
+def _torch_threads(count: Any) -> Iterator[None]:
+    """torch's intra-op thread count for the job (``task.num_threads``; unset: torch's default), restored after."""
+    import torch
+
+    if not count:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> Any:
+    """The job's ``Trainer``: the ``trainer`` node with every callback the config asks for.
+
+    Callbacks, in order: the ``freeze`` and ``cache`` groups' callbacks, the ``callbacks`` node's, the
+    ``checkpoint`` node's (writing to ``<run dir>/checkpoints`` unless it names a ``dirpath``),
+    :class:`~lightning_freeze.ExactResume`, then ``callbacks`` given here.
+
+    Args:
+        cfg: the job's composed config.
+        run_dir: the run directory (the Trainer's ``default_root_dir``).
+        callbacks: further callbacks the caller needs on this Trainer (the app adds its parameter counter).
+    """
+    from hydra.utils import instantiate
+
+    from lightning_freeze.callbacks.resume import ExactResume
+
+    configured = [
+        *build_callbacks(cfg.get("freeze"), "freeze"),
+        *build_callbacks(cfg.get("cache"), "cache"),
+        *build_callbacks(cfg.get("callbacks"), "callbacks"),
+        *build_checkpoint(cfg, run_dir),
+        ExactResume(),
+        *callbacks,
+    ]
+    return instantiate(cfg.trainer, callbacks=configured, default_root_dir=str(run_dir))
+
+
+def _fit_and_evaluate(
+    trainer: Any, model: Any, datamodule: Any, ckpt: Path | None, trainable: Any, record: RunResult
+) -> None:
+    """Fit (from ``ckpt`` when resuming), then validate and test on the parts the split has."""
+    from lightning_freeze.engine.freezing import trainable_counts
+
+    fit_start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt is None else str(ckpt))
+    record.fit_time_s = time.perf_counter() - fit_start
+    # measured before teardown could thaw anything; a fit that never started (a finished run resumed): now
+    record.set_trainable(*(trainable.at_end or trainable_counts(model)))
+    record.epochs, record.global_step = trainer.current_epoch, trainer.global_step
+    if trainer.global_step == 0:
+        raise RuntimeError(
+            "the fit trained no step (an empty train part on some rank, or limits that skip training); "
+            "check the split and trainer.limit_train_batches / max_epochs / max_steps"
+        )
+    evaluate = {"val": trainer.validate, "test": trainer.test}
+    scores = {
+        stage: _float_metrics(run(model, datamodule=datamodule, verbose=False))
+        for stage, run in evaluate.items()
+        if _has_stage(datamodule, stage)
     }
+    record.set_evaluation(scores.get("val", {}), scores.get("test", {}))
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Run one job in this process: check, fit, validate, test; write ``metrics.json``; return the result.
+    """Run one job in this process: check, fit, validate, test; write ``metrics.json``; return its record.
 
-    ``run_dir`` defaults to Hydra's output directory (or the current directory outside Hydra). On failure
-    ``metrics.json`` records ``status: "failed"`` with the error, and the error is re-raised; on Ctrl+C or
-    SIGTERM, ``status: "interrupted"`` with the last epoch and step and the checkpoint to resume from. Under
-    DDP every rank runs this function; only global rank 0 writes and prints.
+    On failure ``metrics.json`` records ``status: "failed"`` with the error, and the error is re-raised; on
+    Ctrl+C or SIGTERM, ``status: "interrupted"`` with the last epoch and step and the checkpoint to resume
+    from. Under DDP every rank runs this function; only global rank 0 writes and prints.
+
+    Args:
+        cfg: the job's composed config (the app's primary config, or another app's with the same keys).
+        run_dir: where the run writes; default: Hydra's output directory, or the current directory outside
+            Hydra.
+
+    Returns:
+        The run's :class:`~lightning_freeze.app.results.RunResult` as a dict (the keys of ``metrics.json``).
     """
     import lightning.pytorch as pl
-    import torch
     from hydra.utils import instantiate
 
-    from lightning_freeze.app._trainable import TrainableFraction, count_params
-    from lightning_freeze.callbacks.resume import ExactResume
+    from lightning_freeze.app._trainable import TrainableFraction
 
     start = time.perf_counter()
     hydra_cfg = _hydra_runtime()
     run_dir = Path(
         run_dir if run_dir is not None else hydra_cfg.runtime.output_dir if hydra_cfg else os.getcwd()
     )
-    result = _new_result(cfg, hydra_cfg, run_dir)
+    record = RunResult(
+        run_dir=str(run_dir),
+        seed=cfg.get("seed"),
+        overrides=list(hydra_cfg.overrides.task) if hydra_cfg is not None else [],
+        choices={k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+        if hydra_cfg is not None
+        else {},
+    )
     trainer = None
-    threads = None
     try:
         validate_config(cfg)
         ckpt = resume_checkpoint(cfg, run_dir)
-        result["resumed_from"] = None if ckpt is None else str(ckpt)
-        if cfg.task.get("num_threads"):
-            threads = torch.get_num_threads()
-            torch.set_num_threads(int(cfg.task.num_threads))
-        if cfg.get("seed") is not None:
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = instantiate(cfg.task.datamodule)
-        if hasattr(datamodule, "check_run_dir"):  # a changed split is refused before anything is written
-            datamodule.check_run_dir(run_dir)
-        model = instantiate(cfg.task.model)
-        trainable = TrainableFraction()
-        callbacks = [
-            *build_callbacks(cfg.get("freeze"), "freeze"),
-            *build_callbacks(cfg.get("cache"), "cache"),
-            *build_callbacks(cfg.get("callbacks"), "callbacks"),
-            *build_checkpoint(cfg, run_dir),
-            ExactResume(),
-            trainable,
-        ]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, default_root_dir=str(run_dir))
-        fit_start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if ckpt is None else str(ckpt))
-        result["fit_time_s"] = time.perf_counter() - fit_start
-        if trainable.at_end is None:  # fit ended before training started (e.g. resumed a finished run)
-            trainable.at_end = count_params(model)
-        result["trainable_params"], result["total_params"] = trainable.at_end
-        result["trainable_fraction"] = trainable.at_end[0] / max(trainable.at_end[1], 1)
-        result["epochs"], result["global_step"] = trainer.current_epoch, trainer.global_step
-        if trainer.global_step == 0:
-            raise RuntimeError(
-                "the fit trained no step (an empty train part on some rank, or limits that skip training); "
-                "check the split and trainer.limit_train_batches / max_epochs / max_steps"
-            )
-        if _has_stage(datamodule, "val"):
-            result["val"] = _float_metrics(trainer.validate(model, datamodule=datamodule, verbose=False))
-        if _has_stage(datamodule, "test"):
-            result["test"] = _float_metrics(trainer.test(model, datamodule=datamodule, verbose=False))
-        result["metrics"] = {**result["val"], **result["test"]}
+        record.resumed_from = None if ckpt is None else str(ckpt)
+        with _torch_threads(cfg.task.get("num_threads")):
+            if cfg.get("seed") is not None:
+                pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+            datamodule = instantiate(cfg.task.datamodule)
+            if hasattr(datamodule, "check_run_dir"):  # a changed split is refused before anything is written
+                datamodule.check_run_dir(run_dir)
+            model = instantiate(cfg.task.model)
+            trainable = TrainableFraction()
+            trainer = build_trainer(cfg, run_dir, [trainable])
+            _fit_and_evaluate(trainer, model, datamodule, ckpt, trainable, record)
         job_value(
-            cfg, result
-        )  # an optimized_metric the run did not produce fails the run, not the sweep later
-        result["status"] = "ok"
+            cfg, record.to_dict()
+        )  # an optimized_metric the run lacks fails the run, not the sweep later
+        record.status = "ok"
     except BaseException as err:
-        result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
+        record.set_error(err)
         if _is_interruption(err, trainer):
-            result["status"] = "interrupted"
             if trainer is not None:
-                result["epochs"], result["global_step"] = trainer.current_epoch, trainer.global_step
-            resume_from = newest_checkpoint(checkpoint_dir(cfg.get("checkpoint"), run_dir))
-            result["resume_from"] = None if resume_from is None else str(resume_from)
-            result["resume_hint"] = (
-                "no checkpoint was written yet: rerun from the start"
-                if resume_from is None
-                else "rerun the same command with resume=last (same run dir)"
-                if resume_from.name.startswith("last")
-                else f"rerun the same command with ckpt_path={resume_from}"
-            )
+                record.epochs, record.global_step = trainer.current_epoch, trainer.global_step
+            record.set_interrupted(newest_checkpoint(checkpoint_dir(cfg.get("checkpoint"), run_dir)))
         raise
     finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        result["wall_time_s"] = time.perf_counter() - start
+        record.wall_time_s = time.perf_counter() - start
         if _is_global_zero(trainer):
-            result["written_to"] = str(write_result(run_dir, result))
-            print(format_result(result), flush=True)
-    return result
+            record.written_to = str(write_result(run_dir, record.to_dict()))
+            print(format_result(record.to_dict()), flush=True)
+    return record.to_dict()
 
 
 def job_value(cfg: DictConfig, result: Mapping[str, Any]) -> Any:
-    """What the job returns to Hydra: the ``optimized_metric`` as a float (for Optuna and other sweepers that
-    optimise a number), else the whole result."""
+    """What the job returns to Hydra.
+
+    Args:
+        cfg: the job's config; its ``optimized_metric`` names the metric a sweeper (Optuna) optimises.
+        result: the run's record (``train()``'s return value).
+
+    Returns:
+        The ``optimized_metric`` as a float when one is set, else the whole record (a dict).
+
+    Raises:
+        ConfigError: ``optimized_metric`` is not a metric of this run.
+    """
     name = cfg.get("optimized_metric")
     if not name:
         return dict(result)
@@ -315,12 +370,18 @@ def job_value(cfg: DictConfig, result: Mapping[str, Any]) -> Any:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> Any:
-    """The Hydra app behind ``lightning-freeze``; one call per job (multirun: one per sweep point)."""
-    from lightning_freeze.app.launch import (
-        RankProcessError,
-        run_job,
-    )  # DDP ranks run exactly this job's config
+    """The Hydra app behind ``lightning-freeze``; one call per job (multirun: one per sweep point).
 
+    Args:
+        cfg: the job's composed config (Hydra passes it).
+
+    Returns:
+        :func:`job_value` of the run.
+    """
+    from lightning_freeze.app.console import print_each_message_once
+    from lightning_freeze.app.launch import RankProcessError, run_job  # DDP ranks run exactly this job
+
+    print_each_message_once()
     try:
         result = run_job(train, cfg)
     except RankProcessError as err:  # rank 0 finished, another rank did not: the job failed

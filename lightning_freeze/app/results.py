@@ -1,4 +1,4 @@
-"""One run's result record, ``metrics.json``, and its printed table.
+"""One run's result record (:class:`RunResult`), ``metrics.json``, and its printed table.
 
 A run records ``status``: ``ok``, ``failed`` (with the ``error``) or ``interrupted`` (with the last epoch and
 step and the checkpoint to resume from). A completed result is never replaced by another run that did not
@@ -8,18 +8,92 @@ and leaves the earlier ``metrics.json`` as it was. ``run_id`` tells runs apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import traceback
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_freeze.splitrun.report import json_ready
 
-__all__ = ["METRICS_FILE", "format_result", "write_result"]
+__all__ = ["METRICS_FILE", "RunResult", "format_result", "write_result"]
 
 METRICS_FILE = "metrics.json"
+RunStatus = Literal["ok", "failed", "interrupted"]
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    """What one run records in ``metrics.json``: one field per key, in the file's order.
+
+    A run starts ``failed`` and becomes ``ok`` only when fit, validation and test all returned, so a crash at
+    any point leaves an honest record.
+
+    Args:
+        run_dir: the run directory (``metrics.json`` and the checkpoints go there).
+        seed: the run seed (``seed``), as configured.
+        overrides: the command-line overrides of this Hydra job (empty outside Hydra).
+        choices: the option picked in each config group (``{"freeze": "layer_freeze", ...}``).
+    """
+
+    status: RunStatus = "failed"
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # val and test together
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float | None = None
+    fit_time_s: float | None = None
+    trainable_fraction: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    epochs: int | None = None
+    global_step: int | None = None
+    resumed_from: str | None = None  # the checkpoint this run continued from
+    seed: Any = None
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, Any] = field(default_factory=dict)
+    run_dir: str
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    traceback: str | None = None
+    resume_from: str | None = None  # an interrupted run: the checkpoint to continue from
+    resume_hint: str | None = None
+    written_to: str | None = None
+
+    def set_trainable(self, trainable: int, total: int) -> None:
+        """Record the trainable and total parameter counts (at the end of training)."""
+        self.trainable_params, self.total_params = trainable, total
+        self.trainable_fraction = trainable / max(total, 1)
+
+    def set_evaluation(self, val: Mapping[str, float], test: Mapping[str, float]) -> None:
+        """Record the validation and test metrics; ``metrics`` holds both."""
+        self.val, self.test = dict(val), dict(test)
+        self.metrics = {**self.val, **self.test}
+
+    def set_error(self, err: BaseException) -> None:
+        """Record the exception that ended the run (called inside its ``except`` block, for the traceback)."""
+        self.error = f"{type(err).__name__}: {err}"
+        self.traceback = traceback.format_exc()
+
+    def set_interrupted(self, resume_from: Path | None) -> None:
+        """Mark the run interrupted (Ctrl+C, SIGTERM) and say how to continue it."""
+        self.status = "interrupted"
+        self.resume_from = None if resume_from is None else str(resume_from)
+        self.resume_hint = (
+            "no checkpoint was written yet: rerun from the start"
+            if resume_from is None
+            else "rerun the same command with resume=last (same run dir)"
+            if resume_from.name.startswith("last")
+            else f"rerun the same command with ckpt_path={resume_from}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as ``metrics.json`` holds it (and as ``train()`` returns it)."""
+        return dataclasses.asdict(self)
 
 
 def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
