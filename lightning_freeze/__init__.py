@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from lightning_freeze.callbacks.layer_freeze import (
         LayerFreeze as LayerFreeze,
     )
+    from lightning_freeze.callbacks.layer_sampling import (
+        LayerSampling as LayerSampling,
+    )
     from lightning_freeze.callbacks.resume import (
         ExactResume as ExactResume,
     )
