@@ -176,7 +176,7 @@ def test_help_says_what_the_app_does_and_lists_the_groups(tmp_path: Path):
     assert out.startswith("lightning-freeze: fine-tune a pretrained model with a layer-freezing strategy")
     for group in GROUPS:
         assert f"\n{group}: " in out
-    assert "split: arms, group_kfold, holdout, kfold, repeated_kfold" in out
+    assert "split: arms, group_kfold, holdout, kfold, nested_kfold, repeated_kfold" in out
     assert "resume=last" in out and "optimized_metric" in out
 
 
@@ -200,7 +200,7 @@ def test_end_to_end_run(tmp_path: Path):
     # the app's checkpoints load with torch's default weights_only=True: plain containers only
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == result["global_step"]
-    assert type(last["hyper_parameters"]["pretrain"]) is dict and "ExactResume" in last["callbacks"]
+    assert last["hyper_parameters"]["pretrained"] is True and "ExactResume" in last["callbacks"]
 
 
 def test_failed_run_records_the_error(tmp_path: Path):
@@ -272,3 +272,135 @@ def test_hydra_tutorial_app_and_user_app_can_use_our_groups(tmp_path: Path):
     assert cfg.freeze.until_epoch == 2 and cfg.freeze.norm == "eval"
     assert type(instantiate(cfg.freeze)).__name__ == "LayerFreeze"
     assert instantiate(cfg.split) == KFold(k=5, fold=3, stratify=True)
+
+
+def test_build_trainer_adds_every_configured_callback_in_order(tmp_path: Path):
+    from lightning.pytorch.callbacks import Timer
+
+    from lightning_freeze.app.main import build_trainer
+
+    cfg = _compose("cache=frozen_prefix", *QUIET)
+    extra = Timer()  # a callback the caller adds (the app adds its parameter counter)
+    trainer = build_trainer(cfg, tmp_path, [extra])
+    names = [type(c).__name__ for c in trainer.callbacks]
+    order = ["LayerFreeze", "FrozenPrefixCache", "ModelCheckpoint", "ExactResume"]
+    assert [n for n in names if n in order] == order and trainer.callbacks.index(extra) > names.index(
+        "ExactResume"
+    )
+    assert trainer.default_root_dir == str(tmp_path)
+    assert trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+
+
+def test_metrics_json_keeps_its_keys(tmp_path: Path):
+    """The result record is a dataclass; metrics.json keeps the keys users' tooling reads."""
+    from lightning_freeze.app.results import RunResult
+
+    keys = set(RunResult(run_dir=str(tmp_path)).to_dict())
+    assert {
+        "status", "error", "metrics", "val", "test", "wall_time_s", "fit_time_s", "trainable_fraction",
+        "trainable_params", "total_params", "epochs", "global_step", "resumed_from", "seed", "overrides",
+        "choices", "run_dir", "run_id", "traceback", "resume_from", "resume_hint", "written_to",
+    } == keys  # fmt: skip
+
+
+def _message_text(line: str) -> str:
+    """A printed line without the logging format around it (Hydra's `[date][name][LEVEL] - `, `INFO: `)."""
+    import re
+
+    line = re.sub(r"^\[[^\]]*\]\[[^\]]*\]\[[A-Z]+\] - ", "", line)
+    return re.sub(r"^(INFO|WARNING|ERROR|DEBUG): ", "", line).strip()
+
+
+def test_a_run_prints_each_message_once_and_warnings_say_warning(tmp_path: Path):
+    """Lightning's messages once, in Hydra's format (also in the job's log file); warnings with their
+    category; nothing printed twice (the result table's rules aside)."""
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "freeze.until_epoch=5",  # beyond the fit: the callback warns
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [_message_text(line) for line in (proc.stdout + proc.stderr).splitlines()]
+    messages = [line for line in lines if any(c.isalnum() for c in line)]
+    repeated = sorted({m for m in messages if messages.count(m) > 1})
+    assert not repeated, f"printed more than once: {repeated}"
+    everything = proc.stdout + proc.stderr
+    assert everything.count("GPU available") == 1 and "INFO: GPU available" not in everything
+    assert "][lightning.pytorch.utilities.rank_zero][INFO] - GPU available" in proc.stdout
+    assert "GPU available" in (run_dir / "lightning-freeze.log").read_text()  # Hydra's job log has it too
+    (warning,) = [line for line in proc.stderr.splitlines() if "the layers thaw at epoch 5" in line]
+    assert "UserWarning: LayerFreeze: the layers thaw at epoch 5" in warning
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children()]
+
+
+@pytest.mark.ddp
+def test_ranks_exit_with_their_launcher_and_leave_no_rank_config(tmp_path: Path):
+    """SIGKILL rank 0 (the launcher) mid-training: rank 1 exits at once (the kernel's parent-death signal,
+    not gloo noticing a missing peer seconds later), and the run dir holds no rank config."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lightning_freeze", f"hydra.run.dir={run_dir}", "trainer=ddp_cpu"]
+    command += ["trainer.max_epochs=1000", "checkpoint.every_n_train_steps=3", *QUIET]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run_dir / "checkpoints").glob("*step=3*.ckpt")):  # both ranks are training
+            assert launcher.poll() is None and time.monotonic() < deadline, (
+                "the DDP job did not start training"
+            )
+            time.sleep(0.2)
+        (rank_1,) = _children(launcher.pid)
+        rank_1_process = psutil.Process(rank_1)
+        killed = time.monotonic()
+        os.kill(launcher.pid, signal.SIGKILL)
+        rank_1_process.wait(timeout=30)
+        lingered = time.monotonic() - killed
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert lingered < 1.0, f"rank 1 outlived its launcher by {lingered:.2f} s"
+    assert not list(run_dir.glob(".rank_config*")) and not list(run_dir.glob("*.tmp"))
+
+
+def test_the_launcher_watchdog_alone_ends_an_orphaned_rank(tmp_path: Path):
+    """Where there is no parent-death signal (not Linux), the watchdog thread ends a rank whose launcher died."""
+    import time
+
+    import psutil
+
+    rank = (
+        "import os, time\n"
+        "from lightning_freeze.app.launch import exit_with_launcher\n"
+        "exit_with_launcher(os.getppid(), parent_death_signal=False, poll_s=0.1)\n"
+        "print('watching', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {rank!r}])\ntime.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "watching"  # printed by the rank
+        orphan = psutil.Process(_children(proc.pid)[0])
+        proc.kill()
+        killed = time.monotonic()
+        orphan.wait(timeout=30)
+        assert time.monotonic() - killed < 1.5
+    finally:
+        proc.kill()
+        proc.wait()

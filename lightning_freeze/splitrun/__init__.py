@@ -1,4 +1,5 @@
-"""SplitRun: deterministic splits (holdout, k-fold, stratified, grouped, repeated, A/B arms), DDP shard
+"""SplitRun: deterministic splits (holdout, k-fold, stratified, grouped, repeated, nested, time-ordered, A/B
+arms), DDP shard
 samplers, a resumable train loader, the SplitRunDataModule, and sweep aggregation
 (``lightning-freeze-report <sweep_dir>``).
 
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
         KFold as KFold,
     )
     from lightning_freeze.splitrun.splitters import (
+        NestedKFold as NestedKFold,
+    )
+    from lightning_freeze.splitrun.splitters import (
         RepeatedKFold as RepeatedKFold,
     )
     from lightning_freeze.splitrun.splitters import (
@@ -63,6 +67,9 @@ if TYPE_CHECKING:
     )
     from lightning_freeze.splitrun.splitters import (
         StratifiedGroupKFold as StratifiedGroupKFold,
+    )
+    from lightning_freeze.splitrun.splitters import (
+        TimeSeriesSplit as TimeSeriesSplit,
     )
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "codes_of",
     "part_hash",
     "stratified_kfold",
+    "time_series_bounds",
+    "time_units",
 ]
 
 _SEGMENT_LOOP_MAX = 4096  # classes up to which within-class shuffles are one rng.shuffle per class
@@ -333,3 +335,83 @@ def assign_arms(
             parts[f"{name}/train"] = idx[part == 0]
             parts[f"{name}/val"] = idx[part == 1]
     return parts
+
+
+def time_units(
+    n: int, time: np.ndarray | None, gcodes: np.ndarray | None
+) -> tuple[np.ndarray, int, tuple[int, int] | None]:
+    """Number the samples (or whole groups) 0..U-1 in time order: the units a time-ordered split cuts.
+
+    Ties in ``time`` keep the dataset order. With groups, a group is one unit, placed by its earliest time;
+    two groups whose time spans interleave (one has a sample later than the other's first and earlier than
+    its last) cannot be ordered, and are returned as the clash.
+
+    Args:
+        n: the number of samples.
+        time: one sortable time value per sample, or None for the dataset order.
+        gcodes: a small-int group code per sample (groups are units), or None (samples are units).
+
+    Returns:
+        ``(unit per sample, number of units, clash)``: ``clash`` is ``(group code, group code)`` or None.
+    """
+    tcodes = (
+        np.arange(n, dtype=np.int64) if time is None else np.unique(time, return_inverse=True)[1].reshape(-1)
+    )
+    if gcodes is None:
+        unit = np.empty(n, dtype=np.int64)
+        unit[np.argsort(tcodes, kind="stable")] = np.arange(n, dtype=np.int64)
+        return unit, n, None
+    n_groups = int(gcodes.max()) + 1
+    first = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full(n_groups, -1, dtype=np.int64)
+    np.minimum.at(first, gcodes, tcodes)
+    np.maximum.at(last, gcodes, tcodes)
+    position = np.full(n_groups, n, dtype=np.int64)
+    np.minimum.at(position, gcodes, np.arange(n, dtype=np.int64))  # ties between groups: dataset order
+    order = np.lexsort((position, last, first))
+    later = last[order[:-1]] > first[order[1:]]
+    clash = None
+    if later.any():
+        i = int(np.flatnonzero(later)[0])
+        clash = (int(order[i]), int(order[i + 1]))
+    group_unit = np.empty(n_groups, dtype=np.int64)
+    group_unit[order] = np.arange(n_groups, dtype=np.int64)
+    return group_unit[gcodes], n_groups, clash
+
+
+def time_series_bounds(
+    units: int,
+    k: int,
+    fold: int,
+    *,
+    gap: int,
+    test_units: int,
+    val_units: int | None,
+    max_train_units: int | None,
+) -> dict[str, tuple[int, int]]:
+    """Unit ranges ``[start, stop)`` of a walk-forward split: ``train`` always ends ``gap`` units before ``val``.
+
+    The last ``test_units`` units are a fixed ``test`` part. Of the rest, the last ``k * val_units`` units are
+    k consecutive validation blocks (default size: ``rest // (k + 1)``, like scikit-learn's
+    ``TimeSeriesSplit``); fold f validates on block f and trains on everything up to ``gap`` units before it
+    (an expanding window), or on the last ``max_train_units`` of those. The caller checks that train is not
+    empty.
+
+    Args:
+        units: the number of time-ordered units.
+        k: the number of folds.
+        fold: this run's fold (0 is the earliest validation block).
+        gap: units left out between the end of train and the start of val.
+        test_units: units at the end kept as the fixed test part (0: none).
+        val_units: the size of each validation block (None: ``rest // (k + 1)``).
+        max_train_units: the most units of train (None: all before the gap).
+    """
+    rest = units - test_units
+    size = rest // (k + 1) if val_units is None else val_units
+    val_start = rest - (k - fold) * size
+    train_stop = val_start - gap
+    train_start = 0 if max_train_units is None else max(0, train_stop - max_train_units)
+    bounds = {"train": (train_start, train_stop), "val": (val_start, val_start + size)}
+    if test_units:
+        bounds["test"] = (rest, units)
+    return bounds

@@ -21,6 +21,8 @@ splitter                       needs                                       parts
 :class:`GroupKFold`            groups                                      ``train``, ``val`` (+ ``test``)
 :class:`StratifiedGroupKFold`  labels and groups                           ``train``, ``val`` (+ ``test``)
 :class:`RepeatedKFold`         labels if ``stratify``                      ``train``, ``val`` (+ ``test``)
+:class:`NestedKFold`           labels if ``stratify``, groups if ``grouped``  ``train``, ``val``, ``test`` (outer)
+:class:`TimeSeriesSplit`       a time field (or the dataset order)         ``train``, ``val`` (+ ``test``)
 :class:`Arms`                  labels (by label), a column (by column)     ``<arm>/train``, ``<arm>/val``
 =============================  ==========================================  ================================
 """
@@ -41,6 +43,8 @@ from lightning_freeze.splitrun.assign import (
     assign_parts,
     codes_of,
     part_hash,
+    time_series_bounds,
+    time_units,
 )
 from lightning_freeze.validation import check_bool, check_choice, check_int, check_number, is_number
 
@@ -55,6 +59,8 @@ __all__ = [
     "SplitSpecError",
     "Splitter",
     "StratifiedGroupKFold",
+    "NestedKFold",
+    "TimeSeriesSplit",
 ]
 
 MANIFEST_VERSION = 2
@@ -369,6 +375,45 @@ class Holdout(Splitter):
 # ----------------------------------------------------------------------------------------------- k-fold
 
 
+def _fold_ids(
+    where: str,
+    rest: np.ndarray,
+    k: int,
+    labels: np.ndarray | None,
+    codes: np.ndarray | None,
+    gcodes: np.ndarray | None,
+    rng: np.random.Generator,
+    *,
+    shuffle: bool = True,
+    k_option: str = "k",
+    after: str = "",
+) -> np.ndarray:
+    """Fold id (0..k-1) of each sample of ``rest``, after checking that k folds can be made of it."""
+    if k > rest.size:
+        raise SplitSpecError(
+            f"{where}: {k_option}={k} folds is more than the {rest.size} samples available{after}; lower "
+            f"`{k_option}`"
+        )
+    sub_codes = None if codes is None else codes_of(codes[rest])[1]
+    sub_groups = None if gcodes is None else codes_of(gcodes[rest])[1].astype(np.int64)
+    if sub_codes is not None:
+        counts = np.bincount(sub_codes)
+        small = np.flatnonzero(counts < k)
+        if small.size:
+            uniq = codes_of(labels[rest])[0]  # type: ignore[index]
+            detail = ", ".join(f"{_label(uniq[c])}: {int(counts[c])}" for c in small[:5])
+            raise SplitSpecError(
+                f"{where}: stratified {k}-fold needs at least {k_option}={k} members per class{after}, but some "
+                f"classes have fewer ({detail}); lower `{k_option}`, merge rare classes, or set `stratify=false`"
+            )
+    if sub_groups is not None and int(sub_groups.max()) + 1 < k:
+        raise SplitSpecError(
+            f"{where}: {k}-fold needs at least {k_option}={k} groups{after}, got {int(sub_groups.max()) + 1}; "
+            f"lower `{k_option}`"
+        )
+    return assign_folds(rest.size, k, rng, codes=sub_codes, gcodes=sub_groups, shuffle=shuffle)
+
+
 def _kfold_parts(
     splitter: _Folds,
     n: int,
@@ -386,34 +431,16 @@ def _kfold_parts(
         part = assign_parts(n, [1.0 - test_ratio, test_ratio], codes, gcodes, _stream(seed, _TEST_STREAM))
         parts["test"] = np.flatnonzero(part == 1)
         rest = np.flatnonzero(part == 0)
-    if k > rest.size:
-        after = " after the test part" if test_ratio > 0 else ""
-        raise SplitSpecError(
-            f"{where}: k={k} folds is more than the {rest.size} samples available{after}; lower `k`"
-        )
-    sub_codes = None if codes is None else codes_of(codes[rest])[1]
-    sub_groups = None if gcodes is None else codes_of(gcodes[rest])[1].astype(np.int64)
-    if sub_codes is not None:
-        counts = np.bincount(sub_codes)
-        small = np.flatnonzero(counts < k)
-        if small.size:
-            uniq = codes_of(labels[rest])[0]  # type: ignore[index]
-            detail = ", ".join(f"{_label(uniq[c])}: {int(counts[c])}" for c in small[:5])
-            raise SplitSpecError(
-                f"{where}: stratified {k}-fold needs at least k={k} members per class, but some classes have "
-                f"fewer ({detail}); lower `k`, merge rare classes, or set `stratify=false`"
-            )
-    if sub_groups is not None and int(sub_groups.max()) + 1 < k:
-        raise SplitSpecError(
-            f"{where}: {k}-fold needs at least k groups, got {int(sub_groups.max()) + 1}; lower `k`"
-        )
-    folds = assign_folds(
-        rest.size,
+    folds = _fold_ids(
+        where,
+        rest,
         k,
+        labels,
+        codes,
+        gcodes,
         _stream(seed, *splitter._stream()),
-        codes=sub_codes,
-        gcodes=sub_groups,
         shuffle=splitter._shuffles(),
+        after=" after the test part" if test_ratio > 0 else "",
     )
     parts = {"train": rest[folds != fold], "val": rest[folds == fold], **parts}
     roles = {role: role for role in ("train", "val", "test") if role in parts}
@@ -587,6 +614,243 @@ class RepeatedKFold(_Folds):
 
     def _stream(self) -> tuple[int, ...]:
         return (self.repeat,)
+
+
+# ----------------------------------------------------------------------------------------------- nested
+
+
+_OUTER_STREAM, _INNER_STREAM = 0x0A7E, 0x1AAE  # nested CV's outer and inner random streams
+
+
+@dataclass(frozen=True)
+class NestedKFold(Splitter):
+    """Nested cross-validation: ``test`` is outer fold ``outer_fold``; ``train``/``val`` split the rest in k.
+
+    The outer folds come from the stream ``(seed, outer)`` and tile the data; for each outer fold the outer
+    training part (everything but its test fold) is split into ``inner_k`` folds from the stream ``(seed,
+    inner, outer_fold)``. A job ``(outer_fold, inner_fold)`` trains on ``train`` and validates on ``val``;
+    model selection reads only ``val`` (inner folds), and the selected condition is scored on ``test``, which
+    no inner job of that outer fold trained or validated on. Sweep both folds:
+    ``split.outer_fold='range(5)' split.inner_fold='range(3)'``.
+
+    Args:
+        outer_k: the number of outer folds (>= 2).
+        inner_k: the number of inner folds of each outer training part (>= 2).
+        outer_fold: this run's outer fold, its ``test`` part (0..outer_k-1).
+        inner_fold: this run's inner fold, its ``val`` part (0..inner_k-1).
+        stratify: stratified outer and inner folds (needs labels).
+        grouped: whole groups stay in one fold at both levels (needs groups).
+        shuffle: False gives contiguous folds in index order at both levels.
+
+    >>> parts = NestedKFold(outer_k=3, inner_k=2, outer_fold=1, inner_fold=0).split(12, seed=0)
+    >>> [len(parts[name]) for name in ("train", "val", "test")]
+    [4, 4, 4]
+    >>> set(parts["test"]) & (set(parts["train"]) | set(parts["val"]))
+    set()
+    """
+
+    uses_groups: ClassVar[str] = "grouped"
+
+    outer_k: int = 5
+    inner_k: int = 3
+    outer_fold: int = 0
+    inner_fold: int = 0
+    stratify: bool = False
+    grouped: bool = False
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        checks: dict[str, Any] = {"where": "NestedKFold", "error": SplitSpecError}
+        outer_k = check_int(self.outer_k, "outer_k", minimum=2, **checks)
+        inner_k = check_int(self.inner_k, "inner_k", minimum=2, **checks)
+        self._keep(
+            outer_k=outer_k,
+            inner_k=inner_k,
+            outer_fold=check_int(
+                self.outer_fold,
+                "outer_fold",
+                minimum=0,
+                maximum=outer_k - 1,
+                hint=f"outer folds run from 0 to outer_k-1 = {outer_k - 1}",
+                **checks,
+            ),
+            inner_fold=check_int(
+                self.inner_fold,
+                "inner_fold",
+                minimum=0,
+                maximum=inner_k - 1,
+                hint=f"inner folds run from 0 to inner_k-1 = {inner_k - 1}",
+                **checks,
+            ),
+            stratify=check_bool(self.stratify, "stratify", **checks),
+            grouped=check_bool(self.grouped, "grouped", **checks),
+            shuffle=check_bool(self.shuffle, "shuffle", **checks),
+        )
+
+    def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
+        """``test`` (outer fold), ``train`` and ``val`` (inner split); see :meth:`Splitter.split`."""
+        n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
+        everything = np.arange(n, dtype=np.int64)
+        outer = _fold_ids(
+            "NestedKFold",
+            everything,
+            self.outer_k,
+            labels_arr,
+            codes,
+            gcodes,
+            _stream(seed, _OUTER_STREAM),
+            shuffle=self.shuffle,
+            k_option="outer_k",
+        )
+        rest = everything[outer != self.outer_fold]
+        inner = _fold_ids(
+            "NestedKFold",
+            rest,
+            self.inner_k,
+            labels_arr,
+            codes,
+            gcodes,
+            _stream(seed, _INNER_STREAM, self.outer_fold),
+            shuffle=self.shuffle,
+            k_option="inner_k",
+            after=f" in the training part of outer fold {self.outer_fold}",
+        )
+        parts = {
+            "train": rest[inner != self.inner_fold],
+            "val": rest[inner == self.inner_fold],
+            "test": everything[outer == self.outer_fold],
+        }
+        return _build(
+            parts,
+            {role: role for role in parts},
+            self.spec(),
+            seed,
+            n,
+            labels_arr,
+            "lower `outer_k` or `inner_k`",
+        )
+
+
+# ----------------------------------------------------------------------------------------------- time order
+
+
+@dataclass(frozen=True)
+class TimeSeriesSplit(_Folds):
+    """Walk-forward validation: fold f validates on the f-th of k consecutive blocks, trains only before it.
+
+    Samples are ordered by ``time`` (ties and ``time=None``: the dataset order). The last ``k`` blocks of
+    ``test_size`` samples are the validation blocks (default size ``n // (k + 1)``, as scikit-learn's
+    ``TimeSeriesSplit``); fold f trains on everything up to ``gap`` samples before its block (an expanding
+    window), or on the last ``max_train_size`` of those. Every validation sample is at or after every
+    training sample in time. ``grouped=True`` makes whole groups the units (a day, a session): a group is
+    never in both train and val, and ``gap``, ``test_size``, ``max_train_size`` count groups; groups whose
+    time spans interleave are an error. ``test_ratio > 0`` keeps the latest units as a fixed ``test`` part.
+    The split needs no randomness: ``seed`` only enters the manifest.
+
+    Args:
+        k: the number of folds (validation blocks), >= 2.
+        fold: this run's fold; 0 is the earliest validation block.
+        gap: units left out between the end of train and the start of val (no leakage across the cut).
+        max_train_size: the most units of train (None: everything before the gap, an expanding window).
+        test_size: units per validation block (None: ``(units - test units) // (k + 1)``).
+        time: the time of each sample: a dataset field name (read by SplitRunDataModule), one value per
+            sample, or None for the dataset order. A direct call may pass the values as ``split(time=...)``.
+        grouped: whole groups are the units (needs groups).
+        test_ratio: the share of the latest units kept as a fixed ``test`` part (0: none).
+
+    >>> parts = TimeSeriesSplit(k=3, fold=1, gap=1).split(12, seed=0)
+    >>> parts["train"].tolist(), parts["val"].tolist()
+    ([0, 1, 2, 3, 4], [6, 7, 8])
+    """
+
+    uses_labels: ClassVar[str] = ""
+    uses_groups: ClassVar[str] = "grouped"
+
+    gap: int = 0
+    max_train_size: int | None = None
+    test_size: int | None = None
+    time: Any = None
+    grouped: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks: dict[str, Any] = {"where": "TimeSeriesSplit", "error": SplitSpecError}
+        self._keep(
+            gap=check_int(self.gap, "gap", minimum=0, **checks),
+            max_train_size=check_int(
+                self.max_train_size, "max_train_size", minimum=1, allow_none=True, **checks
+            ),
+            test_size=check_int(self.test_size, "test_size", minimum=1, allow_none=True, **checks),
+            grouped=check_bool(self.grouped, "grouped", **checks),
+        )
+
+    def per_sample_inputs(self) -> dict[str, Any]:
+        return {} if self.time is None else {"time": self.time}
+
+    def split(
+        self, n: int, labels: Any = None, groups: Any = None, seed: int = 0, time: Any = None
+    ) -> SplitParts:
+        """The walk-forward parts of fold ``fold``.
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (only for the manifest's class counts).
+            groups: one group id per sample (``grouped``).
+            seed: the split seed (recorded; the split is not random).
+            time: one sortable time value per sample (default: ``time`` itself, or the dataset order).
+        """
+        where = "TimeSeriesSplit"
+        n, seed, labels_arr, _, gcodes = self._inputs(n, labels, groups, seed)
+        source = self.time if time is None else time
+        if isinstance(source, str):
+            raise SplitSpecError(
+                f"{where}: time={source!r} is a field name; SplitRunDataModule reads it from the dataset, a "
+                "direct call passes the values as `time=`"
+            )
+        times = _as_array(source, n, "time")
+        unit, units, clash = time_units(n, times, gcodes)
+        if clash is not None:
+            names = codes_of(np.asarray(groups))[0]
+            raise SplitSpecError(
+                f"{where}: groups {_label(names[clash[0]])!r} and {_label(names[clash[1]])!r} overlap in time, so "
+                "no time-ordered split keeps both whole; fix `groups` or `time`, or set `grouped=false`"
+            )
+        what = "groups" if gcodes is not None else "samples"
+        test_units = math.ceil(self.test_ratio * units) if self.test_ratio > 0 else 0
+        rest = units - test_units
+        size = self.test_size if self.test_size is not None else rest // (self.k + 1)
+        first_train = rest - self.k * size - self.gap
+        if size < 1 or first_train < 1:
+            raise SplitSpecError(
+                f"{where}: {rest} {what} (after {test_units} test {what}) are too few for k={self.k} validation "
+                f"blocks of {size} with gap={self.gap}: the first fold would train on {max(first_train, 0)}; "
+                "lower `k`, `gap` or `test_size`"
+            )
+        bounds = time_series_bounds(
+            units,
+            self.k,
+            self.fold,
+            gap=self.gap,
+            test_units=test_units,
+            val_units=size,
+            max_train_units=self.max_train_size,
+        )
+        parts = {name: np.flatnonzero((unit >= lo) & (unit < hi)) for name, (lo, hi) in bounds.items()}
+        built = _build(
+            parts,
+            {role: role for role in parts},
+            self.spec(),
+            seed,
+            n,
+            labels_arr,
+            "lower `k`, `gap` or `test_size`",
+        )
+        built.manifest["units"] = {
+            "kind": what,
+            "count": int(units),
+            **{k: list(v) for k, v in bounds.items()},
+        }
+        return built
 
 
 # ----------------------------------------------------------------------------------------------- arms
