@@ -25,6 +25,7 @@ import torch
 from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.adapters import trainable_report
+from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer, LayerSpecError, layers_within
 from lightning_freeze.rules import thawing
 from lightning_freeze.rules.thawing import Phase, PhaseError, PlateauTracker, ThawSchedule
@@ -135,6 +136,11 @@ class ProgressiveUnfreezing(FreezingCallback):
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         names = [layer.name for layer in layers]
         where = type(self).__name__
+        if self.phases is None:
+            # Layers below the head with nothing trainable (peft's base model around blocks without an adapter)
+            # stay frozen and take no place in the schedule: every step of it thaws something.
+            idle = set(untrainable_layers(layers[:-1]))
+            names = [name for name in names if name not in idle]
         try:
             phases = None
             if self.phases is not None:
