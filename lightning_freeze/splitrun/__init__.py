@@ -1,7 +1,8 @@
 """SplitRun: deterministic splits (holdout, k-fold, stratified, grouped, repeated, nested, time-ordered, A/B
-arms), DDP shard
-samplers, a resumable train loader, the SplitRunDataModule, and sweep aggregation
-(``lightning-freeze-report <sweep_dir>``).
+arms), DDP shard samplers, a resumable train loader, the SplitRunDataModule, and sweep aggregation
+(``lightning-freeze-report <sweep_dir>``) that ends in a decision: out-of-fold predictions
+(:class:`PredictionRecorder`, :func:`oof_predictions`), fold ensembles (:func:`fold_ensemble`), nested CV and the
+best condition.
 
 Names are imported on first use: the splitters and the statistics need neither torch nor Lightning, and
 ``from lightning_freeze.splitrun import KFold`` imports in milliseconds.
@@ -25,6 +26,27 @@ if TYPE_CHECKING:
     )
     from lightning_freeze.splitrun.datamodule import (
         SplitRunDataModule as SplitRunDataModule,
+    )
+    from lightning_freeze.splitrun.ensemble import (
+        EnsembleError as EnsembleError,
+    )
+    from lightning_freeze.splitrun.ensemble import (
+        FoldEnsemble as FoldEnsemble,
+    )
+    from lightning_freeze.splitrun.ensemble import (
+        fold_ensemble as fold_ensemble,
+    )
+    from lightning_freeze.splitrun.oof import (
+        IncompleteOOFError as IncompleteOOFError,
+    )
+    from lightning_freeze.splitrun.oof import (
+        OOFPredictions as OOFPredictions,
+    )
+    from lightning_freeze.splitrun.oof import (
+        oof_predictions as oof_predictions,
+    )
+    from lightning_freeze.splitrun.predictions import (
+        PredictionRecorder as PredictionRecorder,
     )
     from lightning_freeze.splitrun.sampling import (
         EvalShardSampler as EvalShardSampler,

@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lightning_freeze.splitrun.decision import best_condition, default_metric, nested_selection, optuna_best
+from lightning_freeze.splitrun.oof import is_higher_better
 from lightning_freeze.splitrun.stats import describe, paired
 
 __all__ = [
@@ -51,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPLICATE_KEYS = ("split.fold", "split.repeat", "seed", "split_seed")
+REPLICATE_KEYS = ("split.fold", "split.repeat", "split.outer_fold", "split.inner_fold", "seed", "split_seed")
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "split_manifest.json"
 # Per-job numbers recorded next to the metrics: fit time apart from the wall time (which includes one-time setup
@@ -79,6 +83,7 @@ class Job:
         error: the error of a job that did not succeed.
         split_key: the part hashes of its split manifest, the split seed and the run seed (pairs jobs).
         split: a short description of the split, for the tables.
+        manifest: the job's ``split_manifest.json`` (None when it has none).
     """
 
     path: Path
@@ -88,6 +93,7 @@ class Job:
     error: str | None = None
     split_key: tuple[Any, ...] | None = None  # the part hashes of its split manifest and its run seed
     split: str | None = None  # a short description of that split, for the tables
+    manifest: dict[str, Any] | None = None  # its split_manifest.json
 
 
 def json_ready(value: Any) -> Any:
@@ -125,17 +131,37 @@ def _read_overrides(job_dir: Path, metrics: Mapping[str, Any] | None) -> dict[st
     return {}
 
 
-def _split_identity(job_dir: Path, seed: Any) -> tuple[tuple[Any, ...] | None, str | None]:
-    path = job_dir / MANIFEST_FILE
+def _read_manifest(job_dir: Path) -> dict[str, Any] | None:
     try:
-        manifest = json.loads(path.read_text())
-        hashes = tuple(sorted((str(name), str(part["sha256"])) for name, part in manifest["parts"].items()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        manifest = json.loads((job_dir / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _split_identity(
+    manifest: Mapping[str, Any] | None, seed: Any
+) -> tuple[tuple[Any, ...] | None, str | None]:
+    try:
+        hashes = tuple(sorted((str(name), str(part["sha256"])) for name, part in manifest["parts"].items()))  # type: ignore[index]
+    except (KeyError, TypeError, AttributeError):
         return None, None
-    spec = manifest.get("spec") or {}
+    spec = manifest.get("spec") or {}  # type: ignore[union-attr]
     kind = spec.get("kind", "?")
-    where = "".join(f" {k}={spec[k]}" for k in ("repeat", "fold") if k in spec)
-    return (hashes, manifest.get("seed"), seed), f"{kind}{where} split_seed={manifest.get('seed')}"
+    where = "".join(f" {k}={spec[k]}" for k in ("repeat", "fold", "outer_fold", "inner_fold") if k in spec)
+    return (hashes, manifest.get("seed"), seed), f"{kind}{where} split_seed={manifest.get('seed')}"  # type: ignore[union-attr]
+
+
+def _optimized_metric(jobs: Sequence[Job]) -> str | None:
+    """The sweep's ``optimized_metric`` (the app records it in each job's Hydra config), if it set one."""
+    for job in jobs[:1]:
+        path = job.path / ".hydra" / "config.yaml"
+        if path.is_file():
+            import yaml
+
+            value = (yaml.safe_load(path.read_text()) or {}).get("optimized_metric")
+            return str(value) if value else None
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -168,15 +194,29 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
         overrides = _read_overrides(job_dir, data)
         if data is None:
             jobs.append(
-                Job(job_dir, overrides, "missing", error=f"no {METRICS_FILE} (the job died or is running)")
+                Job(
+                    job_dir,
+                    overrides,
+                    "missing",
+                    error=f"no {METRICS_FILE} (the job died or is running)",
+                    manifest=_read_manifest(job_dir),
+                )
             )
             continue
         metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if _is_number(v)}
         metrics.update({k: float(data[k]) for k in EXTRA_METRICS if _is_number(data.get(k))})
-        key, split = _split_identity(job_dir, data.get("seed"))
+        manifest = _read_manifest(job_dir)
+        key, split = _split_identity(manifest, data.get("seed"))
         jobs.append(
             Job(
-                job_dir, overrides, str(data.get("status", "unknown")), metrics, data.get("error"), key, split
+                job_dir,
+                overrides,
+                str(data.get("status", "unknown")),
+                metrics,
+                data.get("error"),
+                key,
+                split,
+                manifest,
             )
         )
     return jobs
@@ -207,7 +247,11 @@ def metric_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(
-    jobs: Sequence[Job], replicate_keys: Sequence[str] = REPLICATE_KEYS, baseline: str | None = None
+    jobs: Sequence[Job],
+    replicate_keys: Sequence[str] = REPLICATE_KEYS,
+    baseline: str | None = None,
+    metric: str | None = None,
+    direction: str | None = None,
 ) -> dict[str, Any]:
     """The summary dict: conditions x metrics statistics, paired comparisons, failed jobs.
 
@@ -217,6 +261,10 @@ def summarize(
             defines a condition.
         baseline: the condition the others are compared with (a condition label or one ``key=value`` of it);
             default: a condition with ``=none``, else the first.
+        metric: the metric the best condition is chosen on (default: the sweep's ``optimized_metric``, else the
+            first ``val/`` metric where higher is better).
+        direction: ``"maximize"`` or ``"minimize"`` (default: from the metric's name; losses and errors are
+            minimised).
     """
     ok = [j for j in jobs if j.status == "ok"]
     failed = [
@@ -290,7 +338,19 @@ def summarize(
                         "no pairs: no job of the two conditions trained on the same split and seed"
                     )
                 comparisons.append(result)
+    metric = metric or _optimized_metric(ok) or default_metric(metric_names, EXTRA_METRICS)
+    if direction not in (None, "maximize", "minimize"):
+        raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+    if metric is not None and metric_names and metric not in metric_names:
+        raise ValueError(f"metric {metric!r} is not a metric of this sweep; its metrics are {metric_names}")
+    higher = (direction == "maximize") if direction else (metric is not None and is_higher_better(metric))
+    decision = None if metric is None else best_condition(groups, metric, higher, pair_key)
+    nested = None
+    if metric is not None and metric.startswith("val/"):
+        nested = nested_selection(ok, label, metric, higher)
     return {
+        "decision": decision,
+        "nested": nested,
         "n_jobs": len(jobs),
         "n_ok": len(ok),
         "failed": failed,
@@ -336,6 +396,101 @@ def _ci(ci: Sequence[float] | None) -> str:
     return "-" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
+def _decision_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """The decision sections: best condition, Optuna's best trial, nested CV, OOF sets, fold ensembles."""
+    lines: list[str] = []
+    best = summary.get("decision")
+    if best:
+        line = (
+            f"**Best condition on {best['metric']} ({best['direction']}): {best['best']}**, mean "
+            f"{_fmt(best['mean'])}, 95% CI {_ci(best['ci95'])}, n={best['n']}"
+        )
+        comparison = best.get("comparison")
+        if best.get("runner_up") is not None and comparison is not None:
+            verdict = (
+                "not tested"
+                if best["significant"] is None
+                else "significantly better"
+                if best["significant"]
+                else "not significantly better"
+            )
+            line += (
+                f"; {verdict} than the runner-up {best['runner_up']} ({_fmt(best['runner_up_mean'])}): paired "
+                f"difference {_fmt(comparison['mean_diff'])}, 95% CI {_ci(comparison['ci95'])}, "
+                f"p={_fmt(comparison['p_value'], 3)}, {comparison['pairs']} pairs"
+                + (f" ({comparison['note']})" if comparison.get("note") else "")
+            )
+        lines += ["## Decision", "", line + ".", ""]
+    optuna = summary.get("optuna")
+    if optuna:
+        overrides = " ".join(f"{k}={v}" for k, v in optuna["overrides"].items())
+        lines += [
+            f"Optuna's best trial: value {_fmt(optuna['best_value'])} with `{overrides}`, run dir "
+            f"{optuna['run_dir'] or '(not found)'}.",
+            "",
+        ]
+    nested = summary.get("nested")
+    if nested:
+        est = nested["estimate"]
+        lines += [
+            f"## Nested cross-validation (select on {nested['selection_metric']} of inner folds only, score on "
+            f"{nested['score_metric']} of the outer test fold)",
+            "",
+            "| outer fold | selected | inner score | outer score | test part held out |",
+            "|---|---|---|---|---|",
+        ]
+        for fold in nested["outer_folds"]:
+            lines.append(
+                f"| {fold['outer_fold']} | {fold['selected']} | {_fmt(fold['inner_scores'][fold['selected']])} | "
+                f"{_fmt(fold['outer_score'])} | {'yes' if fold['test_part_held_out'] else 'NO'} |"
+            )
+        naive = nested.get("naive_best") or {}
+        lines += [
+            "",
+            f"Nested estimate ({nested['score_metric']}): {_fmt(est['mean'])}, 95% CI {_ci(est['ci95'])}, "
+            f"n={est['n']} outer folds; naive best: {naive.get('condition')} with {naive.get('metric')} "
+            f"{_fmt(naive.get('mean'))} (selected and scored on the same validation folds: optimistic).",
+            "",
+        ]
+    if summary.get("oof"):
+        lines += [
+            "## Out-of-fold predictions",
+            "",
+            "| set | folds | samples | metrics | file |",
+            "|---|---|---|---|---|",
+        ]
+        for entry in summary["oof"]:
+            if entry["complete"]:
+                metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in entry.get("metrics", {}).items()) or "-"
+                lines.append(
+                    f"| {entry['name']} | {entry['k']} | {entry['n']} | {metrics} | {entry['file']} |"
+                )
+            else:
+                lines.append(
+                    f"| {entry['name']} | {entry['k']} | - | incomplete, no OOF score: {'; '.join(entry['missing'])} | - |"
+                )
+        lines.append("")
+    if summary.get("ensembles"):
+        lines += [
+            "## Fold ensembles on the test part",
+            "",
+            "| set | folds | average | metric | ensemble | folds' mean | folds' 95% CI |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for entry in summary["ensembles"]:
+            if "error" in entry:
+                lines.append(f"| - | - | - | - | not made: {entry['error']} | - | - |")
+                continue
+            for name, value in entry["metrics"].items():
+                folds = entry["fold_metrics"].get(name, {})
+                lines.append(
+                    f"| {entry['name']} | {entry['n_folds']} | {entry['average']} | test/{name} | {_fmt(value)} | "
+                    f"{_fmt(folds.get('mean'))} | {_ci(folds.get('ci95'))} |"
+                )
+        lines.append("")
+    return lines
+
+
 def to_markdown(summary: Mapping[str, Any], title: str = "Sweep summary") -> str:
     """The summary as a Markdown document (what ``summary.md`` holds and the CLI prints).
 
@@ -372,6 +527,7 @@ def to_markdown(summary: Mapping[str, Any], title: str = "Sweep summary") -> str
                 f"| {_fmt(r['t'], 3)} | {_fmt(r['p_value'], 3)} | {r['note'] or ''} |"
             )
         lines.append("")
+    lines += _decision_markdown(summary)
     if summary["failed"]:
         lines += [
             "## Failed jobs (not averaged)",
@@ -387,14 +543,21 @@ def to_markdown(summary: Mapping[str, Any], title: str = "Sweep summary") -> str
     return "\n".join(lines)
 
 
-def plot(summary: Mapping[str, Any], path: Path, max_metrics: int = 4) -> bool:
+def plot(
+    summary: Mapping[str, Any],
+    path: Path,
+    max_metrics: int = 4,
+    oof: Mapping[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+) -> bool:
     """One panel per metric: a point per job, lines joining the same replicate (legend) across conditions, and
-    the mean with its 95% CI (black), clipped to the metric's range.
+    the mean with its 95% CI (black), clipped to the metric's range. With fold ensembles, a panel of the folds'
+    test scores against the ensemble's; with OOF class predictions, the first set's OOF confusion matrix.
 
     Args:
         summary: what :func:`summarize` returned.
         path: the PNG to write (atomically).
         max_metrics: the most metric panels drawn (extra metrics such as times come last).
+        oof: OOF set name -> (targets, class probabilities or None), for the confusion matrix.
 
     Returns:
         False when matplotlib is missing or there is nothing to draw.
@@ -413,7 +576,15 @@ def plot(summary: Mapping[str, Any], path: Path, max_metrics: int = 4) -> bool:
     conds = summary["conditions"]
     if not metrics or not conds:
         return False
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
+    ensembles = [e for e in summary.get("ensembles") or [] if "error" not in e]
+    confusion = next(((name, t, p) for name, (t, p) in (oof or {}).items() if p is not None), None)
+    panels = len(metrics) + bool(ensembles) + bool(confusion)
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8), squeeze=False)
+    extra_axes = list(axes[0][len(metrics) :])
+    if ensembles:
+        _plot_ensembles(extra_axes.pop(0), ensembles)
+    if confusion:
+        _plot_confusion(extra_axes.pop(0), *confusion)
     for ax, m in zip(axes[0], metrics, strict=False):
         low, high = summary["metric_ranges"].get(m, (-math.inf, math.inf))
         series: dict[str, list[tuple[int, float]]] = {}
@@ -448,10 +619,128 @@ def plot(summary: Mapping[str, Any], path: Path, max_metrics: int = 4) -> bool:
     return True
 
 
+def _plot_ensembles(ax: Any, ensembles: Sequence[Mapping[str, Any]]) -> None:
+    """Folds' test scores (points, mean with CI) next to the ensemble's score (a star), per set and metric."""
+    ticks = []
+    for entry in ensembles:
+        name = next((m for m in ("acc", "mse") if m in entry["metrics"]), next(iter(entry["metrics"]), None))
+        if name is None:
+            continue
+        x = len(ticks)
+        folds = entry["fold_metrics"].get(name) or {}
+        values = folds.get("values") or []
+        ax.plot([x - 0.1] * len(values), values, "o", color="tab:blue", alpha=0.6, markersize=4)
+        if folds.get("ci95"):
+            low, high = folds["ci95"]
+            ax.errorbar(
+                [x],
+                [folds["mean"]],
+                yerr=[[folds["mean"] - low], [high - folds["mean"]]],
+                fmt="s",
+                color="black",
+                capsize=4,
+            )
+        ax.plot([x + 0.15], [entry["metrics"][name]], "*", color="tab:red", markersize=12)
+        ticks.append(f"{entry['name']}\ntest/{name}")
+    ax.set_xticks(range(len(ticks)))
+    ax.set_xticklabels(ticks, fontsize=7)
+    ax.set_title("folds (o, mean+CI) vs ensemble (*)")
+    ax.grid(alpha=0.3)
+
+
+def _plot_confusion(ax: Any, name: str, target: np.ndarray, probs: np.ndarray) -> None:
+    """The OOF confusion matrix of one set, as row-normalised shares."""
+    classes = probs.shape[1]
+    truth = np.asarray(target).astype(np.int64).reshape(-1)
+    counts = np.bincount(truth * classes + probs.argmax(axis=1), minlength=classes * classes).reshape(
+        classes, classes
+    )
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(classes):
+        for j in range(classes):
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("target")
+    ax.set_title(f"OOF confusion ({name})", fontsize=9)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _oof_and_ensembles(
+    root: Path, jobs: Sequence[Job], ensemble: bool, average: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Merge each OOF set into ``oof_predictions[.<set>].npz`` and score it; score the fold ensembles.
+
+    Returns the summary entries and, for the plot, the arrays (OOF targets and probabilities per set).
+    """
+    from lightning_freeze.splitrun.ensemble import EnsembleError, fold_ensembles
+    from lightning_freeze.splitrun.oof import (
+        OOF_FILE,
+        IncompleteOOFError,
+        merge_oof,
+        oof_sets,
+        prediction_metrics,
+        probabilities,
+    )
+
+    oof_entries, arrays = [], {}
+    sets = oof_sets(jobs)
+    for found in sets:
+        entry: dict[str, Any] = {
+            "name": found.name,
+            "k": found.k,
+            "complete": found.complete,
+            "missing": found.missing,
+        }
+        if found.complete:
+            try:
+                oof = merge_oof(found)
+            except IncompleteOOFError as err:
+                entry.update(complete=False, missing=[str(err)])
+            else:
+                slug = (
+                    ""
+                    if len(sets) == 1
+                    else "." + "".join(c if c.isalnum() or c in "-_=." else "_" for c in found.name)
+                )
+                path = root / OOF_FILE.replace(".npz", f"{slug}.npz")
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+                data = {"index": oof.index, "output": oof.output, "fold": oof.fold, "kind": np.str_(oof.kind)}
+                if oof.target is not None:
+                    data["target"] = oof.target
+                np.savez(tmp, **data)
+                os.replace(tmp, path)
+                entry.update(
+                    file=path.name,
+                    n=int(oof.index.size),
+                    metrics={
+                        f"oof/{k}": v for k, v in prediction_metrics(oof.target, oof.output, oof.kind).items()
+                    },
+                )
+                if oof.target is not None:
+                    arrays[found.name] = (oof.target, probabilities(oof.output, oof.kind))
+        oof_entries.append(entry)
+    ensembles: list[dict[str, Any]] = []
+    if ensemble:
+        for result in fold_ensembles(jobs, average):  # type: ignore[arg-type]
+            if isinstance(result, EnsembleError):
+                ensembles.append({"error": str(result)})
+            else:
+                ensembles.append(result.as_dict())
+    return oof_entries, ensembles, arrays
 
 
 def write_summary(
@@ -459,32 +748,51 @@ def write_summary(
     replicate_keys: Sequence[str] = REPLICATE_KEYS,
     baseline: str | None = None,
     with_plot: bool = True,
+    *,
+    metric: str | None = None,
+    direction: str | None = None,
+    ensemble: bool | None = None,
+    average: str = "probs",
 ) -> dict[str, Any]:
     """Collect the jobs of ``sweep_dir`` and write summary.json / summary.md / summary.png there.
 
+    Besides the conditions' statistics, the summary names the best condition (:func:`summarize`), merges
+    out-of-fold predictions into ``oof_predictions.npz`` and scores them, and scores the fold ensembles.
+
     Raises ``FileNotFoundError`` for a missing dir, :class:`NoJobsError` when it holds no job and ``ValueError``
-    for an unknown ``baseline``, before anything is written.
+    for an unknown ``baseline`` or ``metric``, before anything is written.
 
     Args:
         sweep_dir: the sweep root.
         replicate_keys: overrides averaged over (see :func:`summarize`).
         baseline: the condition the others are compared with (see :func:`summarize`).
         with_plot: also write ``summary.png``.
+        metric: the metric the best condition is chosen on (see :func:`summarize`).
+        direction: ``"maximize"`` or ``"minimize"`` (see :func:`summarize`).
+        ensemble: score fold ensembles on the test part (None: when the jobs recorded test predictions;
+            True: also report why an ensemble cannot be made).
+        average: the ensembles' average: ``"probs"`` or ``"logits"``.
     """
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no sweep dir {root}")
+    if average not in ("probs", "logits"):
+        raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
     jobs = collect_jobs(root)
     if not jobs:
         raise NoJobsError(
             f"{root} holds no job of a sweep (no {METRICS_FILE} and no .hydra/ in any subdirectory)"
         )
-    summary = summarize(jobs, replicate_keys, baseline)
+    summary = summarize(jobs, replicate_keys, baseline, metric, direction)
     summary["sweep_dir"] = str(root)
+    summary["optuna"] = optuna_best(root, jobs)
+    if ensemble is None:
+        ensemble = any((j.path / "predictions.test.npz").is_file() for j in jobs)
+    summary["oof"], summary["ensembles"], oof_arrays = _oof_and_ensembles(root, jobs, ensemble, average)
     _write_atomic(root / "summary.json", json.dumps(json_ready(summary), indent=2, allow_nan=False) + "\n")
     _write_atomic(root / "summary.md", to_markdown(summary, f"Sweep summary: {root}") + "\n")
     if with_plot:
-        plot(summary, root / "summary.png")
+        plot(summary, root / "summary.png", oof=oof_arrays)
     return summary
 
 
@@ -509,13 +817,47 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", default=None, help="the condition others are compared with, e.g. freeze=none"
     )
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="the metric the best condition is chosen on (default: optimized_metric)",
+    )
+    parser.add_argument("--direction", choices=("maximize", "minimize"), default=None)
+    parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="average the folds' test predictions (predictions.test.npz) into a fold ensemble and score it",
+    )
+    parser.add_argument(
+        "--ensemble-average",
+        choices=("probs", "logits"),
+        default="probs",
+        help="average the folds' probabilities or their logits (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = write_summary(args.sweep_dir, [k for k in args.replicate.split(",") if k], args.baseline)
+        summary = write_summary(
+            args.sweep_dir,
+            [k for k in args.replicate.split(",") if k],
+            args.baseline,
+            metric=args.metric,
+            direction=args.direction,
+            ensemble=True if args.ensemble else None,
+            average=args.ensemble_average,
+        )
     except FileNotFoundError as err:
         parser.error(f"{err}; pass the sweep dir of a multirun (hydra.sweep.dir)")
-    except ValueError as err:  # NoJobsError, an unknown --baseline
-        parser.error(str(err) + ("; fix --baseline" if "baseline" in str(err) else ""))
+    except ValueError as err:  # NoJobsError, an unknown --baseline or --metric
+        hint = (
+            "; fix --baseline" if "baseline" in str(err) else "; fix --metric" if "metric" in str(err) else ""
+        )
+        parser.error(str(err) + hint)
+    if args.ensemble and not any("error" not in e for e in summary["ensembles"]):
+        reasons = "; ".join(e["error"] for e in summary["ensembles"]) or (
+            "the sweep has no k-fold jobs with a fixed test part and recorded test predictions (run the folds "
+            "with split.test_ratio > 0 and PredictionRecorder)"
+        )
+        parser.error(f"--ensemble: no fold ensemble can be made here: {reasons}")
     print(to_markdown(summary, f"Sweep summary: {args.sweep_dir}"))
     return 0 if summary["n_ok"] else 1
 
