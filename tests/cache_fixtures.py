@@ -303,9 +303,10 @@ FROZEN = {
                  "model.features.transition1"],
 }  # fmt: skip
 FREEZEOUT_LAYERS = {
-    "resnet18": ["model.conv1", "model.bn1", "model.layer1", "model.layer2", "model.layer3", "model.layer4", "model.fc"],
-    "vit": ["model.conv_proj", "model.encoder.layers.*", "model.encoder.ln", "model.heads"],
-    "mobilenet": ["model.features.*", "model.classifier"],
+    "resnet18": ["model.conv1", "model.bn1", "model.layer*", "model.fc"],
+    # auto[0] and auto[2]: the root's own parameters (class token) and the encoder's (position embedding)
+    "vit": ["auto[0]", "model.conv_proj", "auto[2]", "model.encoder.layers.*", "model.encoder.ln", "model.heads"],
+    "mobilenet": ["model.features.*", "model.classifier.*"],
     "densenet": ["model.features.*", "model.classifier"],
 }  # fmt: skip
 

@@ -38,7 +38,6 @@ from lightning_freeze.cache import budget
 from lightning_freeze.cache.cut import Cut, fallback_cut, named_cut, plan_cut, usable_prefix
 from lightning_freeze.cache.disk import DiskTier, free_bytes
 from lightning_freeze.cache.fingerprint import Fingerprinter
-from lightning_freeze.cache.patch import Patch
 from lightning_freeze.cache.readahead import Readahead, next_batch
 from lightning_freeze.cache.serving import Server, Settings
 from lightning_freeze.cache.stats import EpochStats
@@ -139,7 +138,6 @@ class FrozenPrefixCache(Callback):
         self._per_row: deque[float] = deque(maxlen=64)
         self._epoch = EpochStats(per_row=self._per_row)
         self._use_fallback = False
-        self._pruned = False
         self._named: dict[str, Any] = {}
         self.readahead = Readahead(self.fingerprinter) if self.read_ahead else None
         self._settings = Settings(self.min_rows, self.verify, self.strict)
@@ -217,8 +215,6 @@ class FrozenPrefixCache(Callback):
         if unused and not self._use_fallback:
             # the root never ran in a training step: try a module the step does call
             self._use_fallback, self._cut_key = True, None
-        elif server.cut.recorded and not self._pruned:
-            self._install(server, prune=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         e = self._epoch
@@ -381,21 +377,11 @@ class FrozenPrefixCache(Callback):
 
     def _install(self, server: Server, prune: bool) -> None:
         self._uninstall()
-        patch = self._patch = Patch()
-        cut = server.cut
-        if cut.kind == "module":
-            patch.instead_of_call(cut.root, server.module_call)
-        else:
-            patch.around_forward(cut.root, server)
-            for block in cut.skipped_modules() if prune else cut.blocks.values():
-                patch.instead_of_call(block, server.block_call)
-        self._pruned = prune
+        server.install(prune)
 
     def _uninstall(self) -> None:
-        patch = getattr(self, "_patch", None)
-        if patch is not None:
-            patch.restore()
-        self._patch = None
+        if self.server is not None:
+            self.server.uninstall()
 
     def _drop(self, why: str) -> None:
         if self.server is not None:

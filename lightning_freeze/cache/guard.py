@@ -1,8 +1,8 @@
 """Whether the cached part of the network still computes what it computed when its rows were stored.
 
 Checked before every served call, in microseconds: every parameter the cut skips or reads is frozen,
-no such parameter or buffer changed, and every module in a skipped block that behaves differently in
-training is in eval mode.
+no such parameter or buffer changed, and every module in the cached part that may behave differently in
+training keeps the mode it had when the rows were computed.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ class Guard:
         modes: Iterable[tuple[nn.Module, bool]] = (),
     ) -> None:
         tensors: dict[int, torch.Tensor] = {}
-        self.sensitive: list[nn.Module] = []
+        # modules whose output may depend on their mode, each with the mode the rows were computed in
+        self.modes = list(modes)
         for top in modules:
             for t in (*top.parameters(), *top.buffers()):
                 tensors.setdefault(id(t), t)
-            self.sensitive += mode_sensitive(top)
+            self.modes += [(m, m.training) for m in mode_sensitive(top)]
         for t in extra:
             tensors.setdefault(id(t), t)
-        self.modes = list(modes)  # glue modules that must keep the mode they were recorded in
         self.tensors = list(tensors.values())
         self.params = [t for t in self.tensors if isinstance(t, nn.Parameter)]
         self.fp = fingerprinter
@@ -46,14 +46,9 @@ class Guard:
         for p in self.params:
             if p.requires_grad:
                 return "a parameter of the cached part requires grad (it was thawed, or it is tied to one that trains)"
-        for m in self.sensitive:
-            if m.training:
-                return f"{type(m).__name__} in the cached part is in training mode, so its output can change"
         for m, training in self.modes:
             if m.training != training:
-                return (
-                    f"{type(m).__name__} between the cached blocks changed its mode, so its output can change"
-                )
+                return f"{type(m).__name__} in the cached part changed its mode, so its output can change"
         for i, t in enumerate(self.tensors):
             if t._version != self.versions[i]:
                 # Version counters move on any in-place write, also one that writes the same values

@@ -38,6 +38,7 @@ from lightning_freeze.cache.extend import carry_over
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.guard import Guard
 from lightning_freeze.cache.keys import CallKeys, row_keys, select_rows
+from lightning_freeze.cache.patch import Patch
 from lightning_freeze.cache.readahead import Readahead
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore, Unsupported, memory_format
@@ -140,8 +141,27 @@ class Server:
         self.batch_rows = 0
         self.readahead: Readahead | None = None  # set by the callback
         self.batch_leaves: list[Any] = []  # the tensors of the current training batch
+        self.patch: Patch | None = None
 
     # ------------------------------------------------------------------ entry points
+    def install(self, prune: bool = False) -> None:
+        """Put the entry points on the model: the root and every block that may be skipped (``prune``: only
+        the blocks the recorded cut skips)."""
+        self.uninstall()
+        patch = self.patch = Patch()
+        cut = self.cut
+        if cut.kind == "module":
+            patch.instead_of_call(cut.root, self.module_call)
+        else:
+            patch.around_forward(cut.root, self)
+            for block in cut.skipped_modules() if prune else cut.blocks.values():
+                patch.instead_of_call(block, self.block_call)
+
+    def uninstall(self) -> None:
+        if self.patch is not None:
+            self.patch.restore()
+            self.patch = None
+
     def module_call(self, module: nn.Module, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
         """The ``module`` cut was called (it is the one skipped block)."""
         step = self.enter(args, kwargs, run)
@@ -289,12 +309,14 @@ class Server:
         if call.batch < self.settings.min_rows or any(t.requires_grad for t in call.batched):
             return run(*args, **kwargs)
         start = time.perf_counter()
-        rec = record(self.cut.root, args, kwargs, self.cut.blocks, call=run, root_name=self.cut.root_name)
+        visible = {name for name, _, _ in self.inherited[0].slots} if self.inherited is not None else ()
+        rec = record(self.cut.root, args, kwargs, self.cut.blocks, run, self.cut.root_name, visible)
         reason = self.cut.complete(rec)
         if reason is not None:
             self.reporter.no_cut(reason)
             return rec.output
         self.guard = Guard(self.cut.skipped_modules(), self.fp, self.cut.reads, self.cut.modes)
+        self.install(prune=True)  # the blocks as recorded: a promoted module is skipped whole
         self.full_placeholders = {
             (i, j)
             for i, c in enumerate(self.cut.calls)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +191,7 @@ class _Recorder(TorchFunctionMode):
         self.glue_reads: set[ValueId] = set()  # prefix values whose contents the glue reads
         self.depth = 0  # > 0 inside a block or a module call (where this mode is off)
         self.side_effects = 0  # ops or modules seen so far that change state (batch statistics, training)
+        self.live_ops = 0  # random or batch-statistics ops seen so far
 
     def set(self, t: torch.Tensor, label: Label) -> None:
         self.labels[id(t)] = (t, label)
@@ -238,9 +239,11 @@ class _Recorder(TorchFunctionMode):
             self.glue_reads |= label
         random = _random_op(name, func, args, kwargs)
         if random is not None:
+            self.live_ops += 1
             label = random
         elif name in _BATCH_STATISTICS and _training_flag(func, args, kwargs):
             self.side_effects += 1
+            self.live_ops += 1
             label = Live(
                 f"{name} in training mode (batch statistics)", "put that norm layer in eval mode (freeze it)"
             )
@@ -319,6 +322,7 @@ def record(
     blocks: Mapping[str, nn.Module],
     call: Callable[..., Any] | None = None,
     root_name: str = "",
+    visible: Collection[str] = (),
 ) -> Recording:
     """Run ``root(*args, **kwargs)`` once (through ``call`` if given: the original ``forward``) and record it.
 
@@ -326,7 +330,10 @@ def record(
     A module outside the blocks that holds no parameters (ReLU, pooling, dropout, a user's parameter-free
     module) is glue: the ops inside it are recorded like any other glue, so dropout with ``p == 0`` or in
     eval mode is deterministic, dropout in training mode is random, and what it reads is known. Any other
-    module is live. ``root_name`` prefixes the names in messages.
+    module is live. A module that holds frozen blocks is skipped as one block when its whole call turns out to
+    be a pure function of prefix values, unless it holds one of the blocks named in ``visible`` (the blocks
+    whose outputs the previous cut stored, so that its rows can be carried over). ``root_name`` prefixes the
+    names in messages.
     """
     batch = _batch_size(args, kwargs)
     block_names = {id(m): n for n, m in blocks.items()}
@@ -409,6 +416,51 @@ def record(
 
         return run
 
+    promoted: list[tuple[int, int, BlockCall, set[ValueId]]] = []  # (first, end) of the inner calls, the call
+
+    def ancestor_call(module: nn.Module) -> Callable[..., Any]:
+        """A module that holds frozen blocks: when its whole call turns out to be a pure function of prefix values
+        (every inner block skippable, no random op, no other module with parameters), it is skipped as one."""
+        owned = {id(p) for p in module.parameters()}
+        covered = not any(p.requires_grad for p in module.parameters()) and owned <= {
+            id(p) for sub in module.modules() if id(sub) in block_names for p in sub.parameters()
+        }
+
+        def run(*a: Any, **k: Any) -> Any:
+            if rec.depth > 0 or not covered:
+                return type(module)._call_impl(module, *a, **k)
+            label = rec.labels_of((a, k))
+            first, effects, live_ops = len(calls), rec.side_effects, rec.live_ops
+            refs = pytree.tree_map(lambda x: _arg_ref(rec, x), (a, k))
+            out = type(module)._call_impl(module, *a, **k)
+            inside = {c.name for c in calls[first:]} | {p[2].name for p in promoted if p[0] >= first}
+            clean = (
+                calls[first:]
+                and not inside & set(visible)
+                and all(c.cacheable for c in calls[first:])
+                and (rec.side_effects, rec.live_ops) == (effects, live_ops)
+                and not _why_not(_union([label, rec.labels_of(out)]), out, batch)
+            )
+            if not clean:
+                return out
+            occurrence = occurrences.get(id(module), 0)
+            occurrences[id(module)] = occurrence + 1
+            call = BlockCall(
+                -1 - len(promoted), module_names[id(module)], module, occurrence, True, args=refs
+            )
+            call.outputs = pytree.tree_map(
+                lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, out
+            )
+            promoted.append((first, len(calls), call, rec.needed | rec.glue_reads))
+            for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+                if isinstance(leaf, torch.Tensor):
+                    vid = (call.index, plain_path(path))
+                    rec.set(leaf, frozenset({vid}))
+                    rec.values[vid] = leaf
+            return out
+
+        return run
+
     def glue_call(module: nn.Module) -> Callable[..., Any]:
         def run(*a: Any, **k: Any) -> Any:
             if rec.depth == 0 and not mode_free(module):
@@ -422,8 +474,10 @@ def record(
         for module in root.modules():
             if id(module) in block_names:
                 fn = block_call(module)
-            elif id(module) in inside_blocks or id(module) in ancestors or module is root:
+            elif id(module) in inside_blocks or module is root:
                 continue
+            elif id(module) in ancestors:
+                fn = ancestor_call(module)
             elif next(module.parameters(), None) is None:
                 fn = glue_call(module)
             else:
@@ -444,17 +498,74 @@ def record(
                 module._compiled_call_impl = previous
             else:
                 module.__dict__.pop("_compiled_call_impl", None)
-    needed = {vid for vid in rec.needed if calls[vid[0]].cacheable}
+    calls, index = _with_promotions(calls, promoted, rec.needed | rec.glue_reads)
+    needed = {
+        (index[i], path) for i, path in rec.needed if index.get(i) is not None and calls[index[i]].cacheable
+    }
+    for c in calls:
+        c.args = pytree.tree_map(lambda ref: _renumbered(ref, index), c.args, is_leaf=_is_ref)
+    live_before = state["live_before"]
+    if live_before is not None:
+        live_before = min(
+            (index[i] for i in index if i >= live_before and index[i] is not None), default=None
+        )
     return Recording(
         calls,
         needed,
         batch,
         out,
         list(rec.reads.values()),
-        rec.glue_reads,
-        state["live_before"],
+        {(index[i], path) for i, path in rec.glue_reads if index.get(i) is not None},
+        live_before,
         list(modes.values()),
     )
+
+
+def _with_promotions(
+    calls: list[BlockCall], promoted: list[tuple[int, int, BlockCall, set[ValueId]]], used: set[ValueId]
+) -> tuple[list[BlockCall], dict[int, int | None]]:
+    """The block calls with each outermost promoted module call in place of the calls inside it, and the new
+    index of every old one (promoted calls have negative old indices; None: inside a promoted call). A
+    promotion whose inner values are used after it returned (other than through its output) is not made."""
+    chosen: list[tuple[int, int, BlockCall]] = []
+    for first, end, call, before in sorted(promoted, key=lambda p: (p[0], -p[1])):
+        if chosen and first < chosen[-1][1]:
+            continue  # inside one already chosen
+        if any(first <= i < end for i, _ in used - before):
+            continue
+        chosen.append((first, end, call))
+    out: list[BlockCall] = []
+    index: dict[int, int | None] = {}
+    starts = {first: (end, call) for first, end, call in chosen}
+    i = 0
+    while i < len(calls):
+        if i in starts:
+            end, call = starts[i]
+            index[call.index] = len(out)
+            for j in range(i, end):
+                index[j] = None
+            i = end
+            out.append(call)
+            continue
+        index[i] = len(out)
+        out.append(calls[i])
+        i += 1
+    for _, _, call, _ in promoted:
+        index.setdefault(call.index, None)
+    for n, c in enumerate(out):
+        c.index = n
+    return out, index
+
+
+def _renumbered(ref: Any, index: dict[int, int | None]) -> Any:
+    if isinstance(ref, tuple) and len(ref) == 2 and ref[0] == "value":
+        new = index.get(ref[1][0])
+        return ("value", (new, ref[1][1])) if new is not None else ("tensor", None)
+    return ref
+
+
+def _is_ref(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and x[0] in ("value", "tensor", "const")
 
 
 @contextlib.contextmanager
