@@ -264,6 +264,13 @@ CASES: list[Case] = [
     Case("arms with absent labels", "before training", ("split=arms", "split.arms={A: [5, 6], B: [7, 8, 9]}"), ("that no sample has", "[0, 1, 2, 3, 4]")),
     Case("grouped split, no groups", "before training", ("split=group_kfold",), ("GroupKFold needs groups", "set `groups`")),
     Case("datamodule batch_size=0", "before training", ("task.datamodule.batch_size=0",), ("batch_size must be a positive integer",)),
+    Case("optimizer lr=-1", "before training", ("task.model.optimizer.lr=-1",), ("task.model.optimizer.lr=-1", "Invalid learning rate")),
+    Case("optimizer betas", "before training", ("+task.model.optimizer.betas=[0.9,1.5]",), ("task.model.optimizer.betas=", "beta parameter")),
+    Case("optimizer lr=abc", "before training", ("task.model.optimizer.lr=abc",), ("task.model.optimizer.lr must be a number",)),
+    Case("optimizer SGD nesterov", "before training", ("task.model.optimizer._target_=torch.optim.SGD", "+task.model.optimizer.nesterov=true"), ("task.model.optimizer.nesterov=True", "Nesterov momentum")),
+    Case("optimizer not partial", "before training", ("task.model.optimizer._partial_=false",), ("task.model.optimizer", "_partial_: true")),
+    Case("scheduler factor", "before training", ("task.model.scheduler={_target_: torch.optim.lr_scheduler.ReduceLROnPlateau, _partial_: true, factor: 2.0}",), ("task.model.scheduler.factor=2.0", "Factor should be < 1.0")),
+    Case("cli optimizer lr=-1", "cli", ("task.model.optimizer.lr=-1",), ("task.model.optimizer.lr=-1",)),
     Case("optimized_metric absent", "end of job", ("freeze=none", "trainer.max_steps=2", "optimized_metric=val/accuracy"), ("optimized_metric='val/accuracy' is not a metric of this run", "val/acc")),
     # the command line, in real processes: the same errors, a non-zero exit code and metrics.json agree
     Case("cli max_epochs=abc", "cli", ("trainer.max_epochs=abc",), ("trainer.max_epochs must be an int or None",)),

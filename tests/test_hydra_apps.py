@@ -171,3 +171,68 @@ def test_template_app_that_asks_gets_our_groups_complete_and_its_own_first(templ
     assert own["trainer"]["default_root_dir"].endswith("out")  # the app's own trainer/cpu wins
     searchpath = _run(template, "--info", "searchpath").stdout
     assert searchpath.count("lightning-freeze://") == 1
+
+
+def _ask_for_our_groups(template: Path, extra: str = "") -> None:
+    train_yaml = template.parent / "configs" / "train.yaml"
+    train_yaml.write_text(
+        train_yaml.read_text() + extra + "hydra:\n  searchpath:\n    - lightning-freeze://\n"
+    )
+
+
+def test_the_help_of_an_app_that_asks_lists_our_groups_next_to_its_own(template):
+    """Hydra lists `--help` groups from the search path it starts with, without the primary config's
+    `hydra.searchpath`; our plugin adds lightning-freeze:// there for an app that asks, and only then."""
+    _ask_for_our_groups(template)
+    proc = _run(template, "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = proc.stdout.split("== Config ==")[0].splitlines()
+    groups = dict(line.split(": ", 1) for line in listed if ": " in line)
+    assert groups["trainer"] == "cpu, ddp, ddp_cpu, default, gpu"  # the app's and ours, one list
+    assert groups["freeze"].startswith("adaptive, backbone, freezeout, layer_freeze")
+    assert "kfold" in groups["split"] and groups["task"] == "digits" and "none" in groups["cache"]
+    assert groups["paths"] == "default"  # the app's own group
+    # the composition itself is Hydra's: our source appears once in the search path a job uses
+    assert _run(template, "--info", "searchpath").stdout.count("lightning-freeze://") == 1
+    # asking on the command line instead of in the primary config works the same
+    (template.parent / "configs" / "train.yaml").write_text(textwrap.dedent(TEMPLATE_CONFIGS["train.yaml"]))
+    assert "freeze" not in _run(template, "--help").stdout
+    asked = _run(template, "hydra.searchpath=[lightning-freeze://]", "--help").stdout
+    assert "\nfreeze: adaptive" in asked
+
+
+def test_the_plugin_costs_other_apps_no_torch_import():
+    """Hydra imports every plugin module for every app: ours imports neither torch nor Lightning."""
+    code = (
+        "import sys, json\n"
+        "import hydra_plugins.lightning_freeze_searchpath.searchpath as plugin\n"
+        "print(json.dumps([plugin.conf_dir().name, sorted(m for m in ('torch', 'lightning') if m in sys.modules)]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(out.stdout) == ["conf", []]
+
+
+def test_the_digits_task_works_in_another_app_without_top_level_keys(template):
+    """`task: digits` needs no key of our primary config; it follows the app's split, split_seed and seed
+    when the app has them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_freeze.splitrun import Holdout, KFold
+
+    _ask_for_our_groups(template)
+    train_yaml = template.parent / "configs" / "train.yaml"
+    train_yaml.write_text(train_yaml.read_text().replace("seed: 12345\n", ""))  # no top-level key of ours
+    with initialize_config_dir(config_dir=str(template.parent / "configs"), version_base="1.3"):
+        alone = compose("train", overrides=["+task=digits"])
+        with_ours = compose("train", overrides=["+task=digits", "+split=kfold", "split.fold=2", "+seed=7"])
+    datamodule = instantiate(alone.task.datamodule)
+    assert datamodule.splitter == Holdout() and datamodule.seed == 0 and datamodule.shuffle_seed == 0
+    assert callable(instantiate(alone.task.model.optimizer))
+    datamodule = instantiate(with_ours.task.datamodule)
+    assert datamodule.splitter == KFold(k=5, fold=2) and datamodule.shuffle_seed == 7
+    # and a real process of that app composes and resolves it
+    proc = _run(template, "+task=digits", "trainer=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cfg["task"]["datamodule"]["split"] is None and cfg["task"]["datamodule"]["seed"] == 0

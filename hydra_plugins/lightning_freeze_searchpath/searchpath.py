@@ -31,6 +31,7 @@ from hydra._internal.core_plugins.file_config_source import FileConfigSource
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.config_source import ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+from typing_extensions import override
 
 from lightning_freeze.app.config_dir import CONFIG_NAME, SEARCH_PATH, conf_dir
 
@@ -50,6 +51,7 @@ class LightningFreezeConfigSource(FileConfigSource):
         self.path = str(conf_dir())
 
     @staticmethod
+    @override
     def scheme() -> str:
         return "lightning-freeze"
 
@@ -82,9 +84,9 @@ def _requested_search_path(
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    for override in OverridesParser.create().parse_overrides(overrides=overrides):
-        if override.get_key_element() == "hydra.searchpath":
-            return override.value()
+    for parsed in OverridesParser.create().parse_overrides(overrides=overrides):
+        if parsed.get_key_element() == "hydra.searchpath":
+            return parsed.value()
     if config_name is None:
         return None
     with_schema = copy.deepcopy(search_path)
@@ -96,6 +98,7 @@ def _requested_search_path(
 class LightningFreezeHelpSearchPath(SearchPathPlugin):
     """Lists our groups in the ``--help`` of an app whose ``hydra.searchpath`` asks for them (see above)."""
 
+    @override
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         request = _help_request()
         if request is None:

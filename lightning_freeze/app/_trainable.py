@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_freeze.engine.freezing import trainable_counts as count_params
 
@@ -18,8 +19,10 @@ class TrainableFraction(Callback):
         self.at_start: tuple[int, int] | None = None
         self.at_end: tuple[int, int] | None = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.at_start = count_params(pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.at_end = count_params(pl_module)

@@ -33,7 +33,12 @@ def _is_union(tp: Any) -> bool:
 
 
 def matches(value: Any, tp: Any) -> bool:
-    """Whether a config value (plain containers, as composed) can be passed where ``tp`` is annotated."""
+    """Whether a config value can be passed where ``tp`` is annotated.
+
+    Args:
+        value: the value, as plain containers (a yaml list stands for a tuple too).
+        tp: the annotation (unions, ``Literal``, ``Optional``, generics; unreadable ones accept everything).
+    """
     if tp is Any or tp is inspect.Parameter.empty or isinstance(tp, (typing.TypeVar, str)):
         return True
     if _is_union(tp):
@@ -67,7 +72,11 @@ def matches(value: Any, tp: Any) -> bool:
 
 
 def describe_type(tp: Any) -> str:
-    """``Optional[int]`` -> ``an int or None``; ``Literal['a', 'b']`` -> ``'a' or 'b'``."""
+    """An annotation in words: ``Optional[int]`` -> ``an int or None``; ``Literal['a', 'b']`` -> ``'a' or 'b'``.
+
+    Args:
+        tp: the annotation.
+    """
     if typing.get_origin(tp) is typing.Literal:
         return " or ".join(repr(arg) for arg in _args(tp))
     if _is_union(tp):
@@ -84,7 +93,17 @@ def describe_type(tp: Any) -> str:
 
 
 def check_arguments(target: Callable[..., Any], values: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`ConfigError` for the first value of ``values`` that ``target``'s annotations refuse."""
+    """Check config values against the annotations of the callable they configure.
+
+    Args:
+        target: a class (its ``__init__`` is read) or a function.
+        values: the node's values by argument name (keys starting with ``_`` and unannotated ones are skipped).
+        where: the node's key in the config, the prefix of the key an error names (``trainer``).
+
+    Raises:
+        ConfigError: the first value the annotations refuse, e.g. ``trainer.max_epochs must be an int or
+            None, got 'abc'``.
+    """
     func = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     try:
         hints = typing.get_type_hints(func)

@@ -20,13 +20,23 @@ RESUME_CHOICES = (None, "last")
 
 
 def checkpoint_dir(node: Any, run_dir: Path) -> Path:
-    """The directory the ``checkpoint`` node writes to (its ``dirpath``, else ``<run dir>/checkpoints``)."""
+    """The directory the ``checkpoint`` node writes to.
+
+    Args:
+        node: the ``checkpoint`` config node (or None): its ``dirpath`` when set.
+        run_dir: the run directory; the default is ``<run dir>/checkpoints``.
+    """
     dirpath = node.get("dirpath") if node is not None and hasattr(node, "get") else None
     return Path(dirpath) if dirpath else run_dir / "checkpoints"
 
 
 def newest_checkpoint(directory: Path, pattern: str = "*.ckpt") -> Path | None:
-    """The most recently written checkpoint matching ``pattern`` in ``directory`` (None when there is none)."""
+    """The most recently written checkpoint in a directory (None when there is none).
+
+    Args:
+        directory: where to look (a missing directory holds none).
+        pattern: the file names to consider, e.g. ``last*.ckpt``.
+    """
     if not directory.is_dir():
         return None
     found = [p for p in directory.glob(pattern) if p.is_file()]
@@ -39,6 +49,13 @@ def check_checkpoint_file(path: str | Path, option: str) -> Path:
     PyTorch writes checkpoints as zip archives: every member's CRC is checked (a truncated or corrupted file
     fails here, not with ``UnicodeDecodeError`` or ``OSError: Invalid argument`` inside ``torch.load``).
     Nothing is unpickled.
+
+    Args:
+        path: the checkpoint file.
+        option: the config option that named it (``ckpt_path``), named by the error.
+
+    Raises:
+        ConfigError: the file is missing, a directory, empty, truncated or corrupt.
     """
     file = Path(path)
     if not file.exists():

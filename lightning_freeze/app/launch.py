@@ -8,10 +8,12 @@ launcher path that torchrun uses:
 1. it asks Lightning how many processes this job's trainer would start on this node (a Trainer built from
    the job's ``trainer`` node, with no callbacks and no logger). Nothing to start (one process, spawn,
    torchrun, SLURM): the task simply runs;
-2. otherwise it saves the job's composed config (resolved, with the ``hydra`` node) to
-   ``<job dir>/.rank_config.yaml``, sets ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``NODE_RANK``/
-   ``LOCAL_RANK`` and starts ``python -m lightning_freeze.app.launch <job dir>/.rank_config.yaml`` for every
-   other local rank. With ``LOCAL_RANK`` set, Lightning joins these processes and starts none of its own;
+2. otherwise it sets ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``NODE_RANK``/``LOCAL_RANK`` and starts
+   ``python -m lightning_freeze.app.launch`` for every other local rank, writing the job's composed config
+   (resolved, with the ``hydra`` node) to its stdin: nothing is left in the run dir, however the job ends.
+   With ``LOCAL_RANK`` set, Lightning joins these processes and starts none of its own. Each rank is tied to
+   its launcher (:func:`exit_with_launcher`): when the launcher dies, even by SIGKILL, the rank exits at once
+   instead of training on until gloo notices the missing peer;
 3. every rank runs the task on exactly that config, then meets the others at a barrier and destroys the
    process group before it exits (a rank that exits first can abort its peer at interpreter exit);
 4. rank 0 waits for the other ranks, checks their exit codes, and restores every DDP environment variable,
@@ -26,6 +28,7 @@ launcher path that torchrun uses:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import importlib.util
 import logging
@@ -38,17 +41,25 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["DDP_ENV_VARS", "RANK_CONFIG", "RankProcessError", "load_rank_config", "run_job"]
+__all__ = [
+    "DDP_ENV_VARS",
+    "LAUNCHER_PID_ENV",
+    "RankProcessError",
+    "exit_with_launcher",
+    "load_rank_config",
+    "rank_config_text",
+    "run_job",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RANK_CONFIG = ".rank_config.yaml"
+LAUNCHER_PID_ENV = "LIGHTNING_FREEZE_LAUNCHER_PID"  # the pid a rank process exits with
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Everything a DDP job may leave behind in os.environ (our launcher, Lightning, seed_everything, torchrun).
 DDP_ENV_VARS = (
     "MASTER_ADDR",
@@ -66,7 +77,12 @@ _CHILD_WAIT_S = 120.0
 
 
 class RankProcessError(RuntimeError):
-    """A rank process of the job failed although rank 0's task returned; ``result`` is what it returned."""
+    """A rank process of the job failed although rank 0's task returned.
+
+    Args:
+        failures: ``(local rank, exit code)`` of each rank process that failed.
+        result: what rank 0's task returned (the app records it as failed).
+    """
 
     def __init__(self, failures: list[tuple[int, int]], result: Any) -> None:
         super().__init__(f"DDP rank process(es) of this job failed: (local rank, exit code) {failures}")
@@ -117,8 +133,13 @@ def _resolved(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=False)
 
 
-def write_rank_config(task: Callable[..., Any], cfg: DictConfig, job_dir: Path) -> Path:
-    """Save what a rank needs to run exactly this job: task reference, cwd, composed config, hydra node."""
+def rank_config_text(task: Callable[..., Any], cfg: DictConfig) -> str:
+    """What a rank needs to run exactly this job, as YAML: task reference, cwd, composed config, hydra node.
+
+    Args:
+        task: the job's task function (module level: a rank process imports it).
+        cfg: the job's composed config (interpolations resolved where they resolve here).
+    """
     from hydra.core.hydra_config import HydraConfig
 
     payload = {
@@ -127,20 +148,21 @@ def write_rank_config(task: Callable[..., Any], cfg: DictConfig, job_dir: Path) 
         "config": _resolved(cfg),
         "hydra": _resolved(HydraConfig.get()),
     }
-    job_dir.mkdir(parents=True, exist_ok=True)
-    path = job_dir / RANK_CONFIG
-    tmp = path.with_name(f"{RANK_CONFIG}.{os.getpid()}.tmp")
-    OmegaConf.save(OmegaConf.create(payload), tmp)
-    os.replace(tmp, path)
-    return path
+    return OmegaConf.to_yaml(OmegaConf.create(payload))
 
 
-def load_rank_config(path: str | os.PathLike[str]) -> tuple[Callable[..., Any], DictConfig]:
-    """Load a saved job: set Hydra's runtime config as the job had it; return ``(task, cfg)``."""
+def load_rank_config(text: str) -> tuple[Callable[..., Any], DictConfig]:
+    """Load a job written by :func:`rank_config_text`: set Hydra's runtime config as the job had it, change to
+    its working directory, and return ``(task, cfg)``.
+
+    Args:
+        text: the YAML :func:`rank_config_text` wrote.
+    """
     from hydra.conf import HydraConf
     from hydra.core.hydra_config import HydraConfig
 
-    saved = OmegaConf.load(path)
+    saved = OmegaConf.create(text)
+    assert isinstance(saved, DictConfig)
     hydra_node = OmegaConf.structured(HydraConf)
     OmegaConf.set_struct(hydra_node, False)  # composed hydra nodes carry keys HydraConf lacks (e.g. `env`)
     hydra_node = OmegaConf.merge(hydra_node, saved.hydra)
@@ -160,6 +182,9 @@ def local_processes(trainer_node: Any) -> tuple[int, int] | None:
 
     Lightning is asked, not imitated: a Trainer is built from the node (no callbacks, logger or checkpoints),
     and its strategy's launcher and cluster environment say whether it would launch subprocesses.
+
+    Args:
+        trainer_node: the job's ``trainer`` node (``_target_: lightning.pytorch.Trainer``).
     """
     if not (isinstance(trainer_node, DictConfig) and "_target_" in trainer_node):
         return None
@@ -199,8 +224,11 @@ def local_processes(trainer_node: Any) -> tuple[int, int] | None:
 
 
 def end_process_group(ok: bool) -> None:
-    """Leave the job's process group cleanly: meet every rank at a barrier (when the job went well), then
-    destroy the group, so no rank exits while a peer still talks to it."""
+    """Leave the job's process group cleanly, so no rank exits while a peer still talks to it.
+
+    Args:
+        ok: the job went well: meet every rank at a barrier first; otherwise only destroy the group.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -261,8 +289,44 @@ def _restored_environment() -> Iterator[None]:
                 fn.rank = 0
 
 
-def _start_ranks(config_path: Path, per_node: int, nodes: int) -> list[subprocess.Popen]:
-    """Set this process up as local rank 0 and start local ranks 1..per_node-1 (the torchrun environment)."""
+def exit_with_launcher(launcher_pid: int, *, parent_death_signal: bool = True, poll_s: float = 0.2) -> None:
+    """Tie this process to the process that launched it: when the launcher dies, this process exits.
+
+    On Linux the kernel kills this process the moment its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``;
+    the parent is the launcher's thread that started it, which waits for its ranks). Everywhere, a daemon
+    thread also polls the parent pid every ``poll_s`` seconds and exits when it changed (the process was
+    re-parented), for systems without ``prctl``. A launcher that died before this call is caught by the same
+    comparison at once.
+
+    Args:
+        launcher_pid: the launcher's pid (the rank's parent).
+        parent_death_signal: use ``prctl`` where there is one (False: the watchdog thread alone).
+        poll_s: the watchdog's polling interval in seconds.
+    """
+    if parent_death_signal and sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # no libc prctl (e.g. a static interpreter): the watchdog stays
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def launcher_is_gone() -> bool:
+        return os.getppid() != launcher_pid
+
+    def watch() -> None:
+        while not launcher_is_gone():
+            time.sleep(poll_s)
+        sys.stderr.write(
+            f"lightning-freeze: the launcher of this rank (pid {launcher_pid}) is gone; exiting\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+    if launcher_is_gone():
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="lightning-freeze-launcher-watchdog").start()
+
+
+def _start_ranks(config_text: str, per_node: int, nodes: int) -> list[subprocess.Popen]:
+    """Set this process up as local rank 0 and start local ranks 1..per_node-1 (the torchrun environment),
+    each reading the job from its stdin."""
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
     node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
@@ -276,9 +340,22 @@ def _start_ranks(config_path: Path, per_node: int, nodes: int) -> list[subproces
     os.environ.update({**common, "LOCAL_RANK": "0", "RANK": str(node_rank * per_node)})
     procs = []
     for local in range(1, per_node):
-        env = {**os.environ, **common, "LOCAL_RANK": str(local), "RANK": str(node_rank * per_node + local)}
-        command = [sys.executable, "-m", "lightning_freeze.app.launch", str(config_path)]
-        procs.append(subprocess.Popen(command, env=env, cwd=os.getcwd()))
+        env = {
+            **os.environ,
+            **common,
+            "LOCAL_RANK": str(local),
+            "RANK": str(node_rank * per_node + local),
+            LAUNCHER_PID_ENV: str(os.getpid()),
+        }
+        command = [sys.executable, "-m", "lightning_freeze.app.launch"]
+        proc = subprocess.Popen(command, env=env, cwd=os.getcwd(), stdin=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(config_text.encode("utf-8"))
+            proc.stdin.close()
+        except OSError:  # the rank died at once: its exit code reports it (see _RankWatcher)
+            pass
     return procs
 
 
@@ -311,7 +388,18 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str =
     ``cfg[trainer_key]`` is the job's Trainer node (``_target_: lightning.pytorch.Trainer``). Outside Hydra,
     in a process started by an external launcher (torchrun: ``LOCAL_RANK`` is set; SLURM), or when the trainer
     runs in one process, the task runs as it is, and leaves its process group (if it made one) cleanly.
-    Raises :class:`RankProcessError` when a rank process failed although this rank's task returned.
+
+    Args:
+        task: a module-level function ``task(cfg)`` (rank processes import it by name).
+        cfg: the job's composed config.
+        trainer_key: the key of the job's Trainer node in ``cfg``.
+
+    Returns:
+        What ``task(cfg)`` returned on this rank (rank 0).
+
+    Raises:
+        RankProcessError: a rank process failed although this rank's task returned.
+        ValueError: ``task`` is not importable by a rank process (a local function).
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -323,11 +411,11 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str =
     layout = local_processes(cfg.get(trainer_key))
     if layout is None:
         return _run_and_leave(task, cfg)
-    config_path = write_rank_config(task, cfg, Path(HydraConfig.get().runtime.output_dir))
+    config_text = rank_config_text(task, cfg)
     ok, left_cleanly = False, False
     result: Any = None
     with _restored_environment():
-        procs = _start_ranks(config_path, *layout)
+        procs = _start_ranks(config_text, *layout)
         watcher = _RankWatcher(procs)
         watcher.start()
         try:
@@ -347,9 +435,16 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig, trainer_key: str =
 
 
 def _child_main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m lightning_freeze.app.launch <job dir>/.rank_config.yaml")
-    task, cfg = load_rank_config(argv[0])
+    if argv or LAUNCHER_PID_ENV not in os.environ:
+        raise SystemExit(
+            "python -m lightning_freeze.app.launch is started by run_job: it reads its job from stdin and "
+            f"needs {LAUNCHER_PID_ENV}"
+        )
+    exit_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
+    from lightning_freeze.app.console import print_each_message_once
+
+    print_each_message_once()  # warnings as rank 0 prints them
+    task, cfg = load_rank_config(sys.stdin.read())
     ok = False
     try:
         task(cfg)

@@ -327,9 +327,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dic
             trainable = TrainableFraction()
             trainer = build_trainer(cfg, run_dir, [trainable])
             _fit_and_evaluate(trainer, model, datamodule, ckpt, trainable, record)
-        job_value(
-            cfg, record.to_dict()
-        )  # an optimized_metric the run lacks fails the run, not the sweep later
+        # an optimized_metric the run lacks fails the run, not the sweep later
+        job_value(cfg, record.to_dict())
         record.status = "ok"
     except BaseException as err:
         record.set_error(err)

@@ -97,8 +97,18 @@ class RunResult:
 
 
 def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
-    """Write ``result`` to ``run_dir/metrics.json`` (atomically), unless that would replace a completed result
-    with an incomplete one; then to ``metrics.<status>.json``. Returns the path written."""
+    """Write a run's record to ``run_dir/metrics.json``, atomically.
+
+    A completed (``ok``) record of another run is never replaced by one that did not complete: that record
+    goes to ``metrics.<status>.json`` next to it instead.
+
+    Args:
+        run_dir: the run directory (created if needed).
+        result: the record (:meth:`RunResult.to_dict`).
+
+    Returns:
+        The path written.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / METRICS_FILE
     if result.get("status") != "ok" and path.is_file():
@@ -121,7 +131,11 @@ def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
 
 
 def format_result(result: Mapping[str, Any]) -> str:
-    """A short, human-readable table of one run's result."""
+    """A short, human-readable table of one run's record.
+
+    Args:
+        result: the record (:meth:`RunResult.to_dict`, or ``metrics.json`` as read back).
+    """
     rows: list[tuple[str, str]] = [("status", str(result["status"]))]
     if result.get("error"):
         rows.append(("error", str(result["error"]).splitlines()[0][:200]))

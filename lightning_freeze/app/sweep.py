@@ -21,6 +21,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from typing_extensions import override
 
 from lightning_freeze.splitrun.report import REPLICATE_KEYS, to_markdown, write_summary
 
@@ -30,7 +31,13 @@ log = logging.getLogger(__name__)
 
 
 class SweepSummary(Callback):
-    """Write the sweep summary after every job of a multirun and when the multirun ends."""
+    """Write the sweep summary after every job of a multirun and when the multirun ends.
+
+    Args:
+        replicate_keys: the overrides averaged over (folds, repeats, seeds); every other override names a
+            condition.
+        baseline: the condition the others are compared against (e.g. ``freeze=none``); default: none.
+    """
 
     def __init__(self, replicate_keys: Sequence[str] = REPLICATE_KEYS, baseline: str | None = None) -> None:
         self.replicate_keys = list(replicate_keys)
@@ -44,10 +51,12 @@ class SweepSummary(Callback):
             log.warning("could not summarise %s: %s", sweep_dir, err)
             return None
 
+    @override
     def on_job_end(self, config: Any, job_return: Any = None, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             self._write(config)
 
+    @override
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         summary = self._write(config)
         if summary is not None:
