@@ -1,0 +1,176 @@
+"""Cross-validation to a decision with real components: a 2-process gloo DDP validation recorded once per
+sample, and real Hydra multiruns of the app on the digits task (k-fold OOF predictions and fold ensembles
+checked against each fold's own model; nested CV and the best-condition line on a sweep with a known winner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_app
+
+from lightning_freeze.splitrun import KFold, NestedKFold, fold_ensemble, oof_predictions
+from lightning_freeze.splitrun.assign import part_hash
+from lightning_freeze.splitrun.predictions import read_predictions
+
+SCRIPTS = Path(__file__).parent / "ddp_scripts"
+RECORDER = "+callbacks.predictions={_target_: lightning_freeze.splitrun.PredictionRecorder}"
+FAST = [
+    "task.model.pretrained=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.logger=false",
+    "freeze=none",
+]
+
+
+def _check(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.ddp
+def test_ddp_predictions_are_gathered_exactly_once_and_equal_the_model(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "predictions_ddp.py"), str(tmp_path), "2"],
+        timeout=240,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"DDP script failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from predictions_ddp import data, model
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    x, y = data().tensors
+    net = model().eval()
+    for stage in ("val", "test"):
+        rows = read_predictions(tmp_path / f"predictions.{stage}.npz")
+        part = np.asarray(ranks[stage])
+        assert np.array_equal(rows["index"], part)  # every sample of the part once, in dataset order
+        assert rows["part_sha256"] == part_hash(part) and rows["kind"] == "logits"
+        with torch.no_grad():
+            expected = net(x[torch.as_tensor(part)]).numpy()
+        np.testing.assert_allclose(rows["output"], expected, rtol=0, atol=1e-6)
+        assert np.array_equal(rows["target"], y.numpy()[part])
+    assert sorted(ranks["val_rows_per_rank"]) == [16, 17]  # each rank recorded only its own shard
+
+
+@pytest.mark.slow
+def test_kfold_sweep_oof_predictions_and_fold_ensemble_match_each_fold_model(tmp_path):
+    from lightning_freeze.tasks.digits import DigitsClassifier, DigitsDataset
+
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        "-m",
+        "split=stratified_kfold",
+        "split.k=3",
+        "split.fold=range(3)",
+        "split.test_ratio=0.2",
+        *FAST,
+        RECORDER,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    _check(proc)
+    data = DigitsDataset(classes=[5, 6, 7, 8, 9])
+    x, labels = data.images, np.asarray(data.labels)
+    oof = oof_predictions(sweep)
+    test = KFold(k=3, fold=0, stratify=True, test_ratio=0.2).split(len(data), labels, seed=0)["test"]
+    assert np.array_equal(oof.index, np.setdiff1d(np.arange(len(data)), test))  # every sample once, in order
+    assert np.array_equal(oof.target, labels[oof.index])
+    ensemble = fold_ensemble(sweep)
+    fold_probs = []
+    for fold, job in sorted(oof.jobs.items()):
+        model = DigitsClassifier.load_from_checkpoint(
+            Path(job) / "checkpoints" / "last.ckpt", weights_only=True
+        )
+        model.eval()
+        rows = oof.fold == fold
+        with torch.no_grad():
+            val_out = model(x[torch.as_tensor(oof.index[rows])]).numpy()
+            fold_probs.append(torch.softmax(model(x[torch.as_tensor(test)]), dim=1).numpy())
+        np.testing.assert_allclose(
+            oof.output[rows], val_out, rtol=0, atol=1e-5
+        )  # its own fold model's output
+        metrics = json.loads((Path(job) / "metrics.json").read_text())["metrics"]
+        predicted, truth = oof.output[rows].argmax(1), oof.target[rows]
+        macro = np.mean(
+            [(predicted[truth == c] == c).mean() for c in np.unique(truth)]
+        )  # torchmetrics' default
+        assert macro == pytest.approx(metrics["val/acc"], abs=1e-6)
+    np.testing.assert_allclose(ensemble.output, np.mean(fold_probs, axis=0), rtol=0, atol=1e-5)
+    summary = json.loads((sweep / "summary.json").read_text())
+    (entry,) = summary["oof"]
+    assert entry["complete"] and entry["metrics"]["oof/acc"] == pytest.approx(
+        (oof.output.argmax(1) == oof.target).mean()
+    )
+    assert summary["ensembles"][0]["metrics"]["acc"] == pytest.approx(ensemble.metrics["acc"])
+    assert (sweep / "oof_predictions.npz").is_file() and (sweep / "summary.png").is_file()
+
+
+@pytest.mark.slow
+def test_nested_sweep_selects_on_inner_folds_and_names_the_known_winner(tmp_path):
+    """lr=0 cannot learn: it must lose every inner selection and the best-condition line, significantly."""
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        "-m",
+        "split=nested_kfold",
+        "split.outer_k=3",
+        "split.inner_k=2",
+        "split.outer_fold=range(3)",
+        "split.inner_fold=range(2)",
+        "task.model.optimizer.lr=0.0,0.003",
+        *FAST,
+        "trainer.limit_train_batches=8",
+        "trainer.enable_checkpointing=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    _check(proc)
+    summary = json.loads((sweep / "summary.json").read_text())
+    winner = "task.model.optimizer.lr=0.003"
+    best = summary["decision"]
+    assert best["best"] == winner and best["significant"] is True and best["comparison"]["pairs"] == 6
+    nested = summary["nested"]
+    assert [f["selected"] for f in nested["outer_folds"]] == [winner] * 3 and nested["estimate"]["n"] == 3
+    # the manifests show each job trained and validated on the inner split of its outer fold's training part
+    data_n = json.loads((sweep / "0" / "split_manifest.json").read_text())["n"]
+    labels = None
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+        manifest = json.loads((job / "split_manifest.json").read_text())
+        spec = manifest["spec"]
+        if labels is None:
+            from lightning_freeze.tasks.digits import DigitsDataset
+
+            labels = np.asarray(DigitsDataset(classes=[5, 6, 7, 8, 9]).labels)
+            assert labels.size == data_n
+        parts = NestedKFold(3, 2, spec["outer_fold"], spec["inner_fold"], stratify=True).split(
+            data_n, labels, seed=0
+        )
+        assert {name: p["sha256"] for name, p in manifest["parts"].items()} == parts.hashes
+        assert not set(parts["test"]) & (set(parts["train"]) | set(parts["val"]))
+    for fold in nested["outer_folds"]:
+        scores = [
+            json.loads((job / "metrics.json").read_text())["metrics"]["test/acc"]
+            for job in sweep.iterdir()
+            if job.is_dir()
+            and job.name.isdigit()
+            and json.loads((job / "split_manifest.json").read_text())["spec"]["outer_fold"]
+            == fold["outer_fold"]
+            and "lr=0.003" in " ".join(json.loads((job / "metrics.json").read_text())["overrides"])
+        ]
+        assert fold["outer_score"] == pytest.approx(sum(scores) / len(scores))
+    assert "Nested estimate (test/acc)" in (sweep / "summary.md").read_text()
