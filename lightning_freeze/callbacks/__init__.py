@@ -3,6 +3,7 @@
 from lightning_freeze.callbacks.adaptive import AdaptiveFreeze
 from lightning_freeze.callbacks.freezeout import FreezeOut
 from lightning_freeze.callbacks.layer_freeze import LayerFreeze
+from lightning_freeze.callbacks.layer_sampling import LayerSampling
 from lightning_freeze.callbacks.unfreezing import ProgressiveUnfreezing
 
-__all__ = ["AdaptiveFreeze", "FreezeOut", "LayerFreeze", "ProgressiveUnfreezing"]
+__all__ = ["AdaptiveFreeze", "FreezeOut", "LayerFreeze", "LayerSampling", "ProgressiveUnfreezing"]
