@@ -20,7 +20,6 @@ from lightning_freeze.splitrun.assign import part_hash
 from lightning_freeze.splitrun.predictions import read_predictions
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
-RECORDER = "+callbacks.predictions={_target_: lightning_freeze.splitrun.PredictionRecorder}"
 FAST = [
     "task.model.pretrained=false",
     "trainer.max_epochs=1",
@@ -70,6 +69,7 @@ def test_ddp_predictions_are_gathered_exactly_once_and_equal_the_model(tmp_path)
 
 @pytest.mark.slow
 def test_kfold_sweep_oof_predictions_and_fold_ensemble_match_each_fold_model(tmp_path):
+    """The app records every job's predictions by default (callbacks.predictions)."""
     from lightning_freeze.tasks.digits import DigitsClassifier, DigitsDataset
 
     sweep = tmp_path / "sweep"
@@ -80,7 +80,6 @@ def test_kfold_sweep_oof_predictions_and_fold_ensemble_match_each_fold_model(tmp
         "split.fold=range(3)",
         "split.test_ratio=0.2",
         *FAST,
-        RECORDER,
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
 from lightning_freeze.splitrun.assign import part_hash
-from lightning_freeze.validation import check_choice
+from lightning_freeze.validation import check_bool, check_choice
 
 __all__ = ["PREDICTIONS_FILE", "OutputKind", "PredictionRecorder", "read_predictions"]
 
@@ -110,6 +111,8 @@ class PredictionRecorder(Callback):
             or ``"auto"``: probabilities when every row of a 2-d output is non-negative and sums to 1, logits for
             other 2-d outputs, values for 1-d outputs.
         dirpath: where the files go (default: ``trainer.default_root_dir``, the job's dir in the app).
+        during_fit: also record the validation passes inside ``fit`` (each overwrites the file); False records
+            only ``trainer.validate()`` and ``trainer.test()``, as the app does (it validates after fit).
 
     >>> PredictionRecorder(stages=("val",)).stages
     ('val',)
@@ -120,6 +123,7 @@ class PredictionRecorder(Callback):
         stages: Sequence[str] = _STAGES,
         kind: OutputKind = "auto",
         dirpath: str | os.PathLike[str] | None = None,
+        during_fit: bool = True,
     ) -> None:
         if isinstance(stages, str):
             stages = (stages,)
@@ -130,6 +134,7 @@ class PredictionRecorder(Callback):
             kind, "kind", ("auto", "logits", "probs", "values"), where="PredictionRecorder"
         )
         self.dirpath = None if dirpath is None else Path(dirpath)
+        self.during_fit = check_bool(during_fit, "during_fit", where="PredictionRecorder")
         self._rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
         self._order: list[int] | None = None  # this rank's dataset indices in evaluation order
         self._taken = 0
@@ -141,7 +146,11 @@ class PredictionRecorder(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "val" in self.stages and not trainer.sanity_checking:
+        if (
+            "val" in self.stages
+            and not trainer.sanity_checking
+            and (self.during_fit or trainer.state.fn != TrainerFn.FITTING)
+        ):
             self._start(trainer, pl_module, trainer.val_dataloaders)
 
     @override
