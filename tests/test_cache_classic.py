@@ -87,4 +87,4 @@ def test_freezeout_moving_the_boundary_stays_bit_identical(kind):
     on, runs_on = fit(kind, make, cache, epochs=4)
     off, runs_off = fit(kind, make, epochs=4)
     assert_same(on, runs_on, off, runs_off)
-    assert cache.off_reason is None and sum(h["hits"] for h in cache.history) > 0
+    assert cache.history[-1]["off"] is None and sum(h["hits"] for h in cache.history) > 0

@@ -132,7 +132,7 @@ def test_freezeout_on_resnet_carries_rows_through_each_newly_frozen_stage():
     off, runs_off = fit_fixture("resnet", make(), epochs=3)
     assert_same(on, runs_on, off, runs_off)
     actions = [e["action"] for e in cache.events]
-    assert "extend" in actions and "invalidate" not in actions and cache.off_reason is None
+    assert "extend" in actions and "invalidate" not in actions and cache.history[-1]["off"] is None
     assert "'model.resnet.encoder.stages.1'" in cache.history[-1]["cached"]
     assert cache.history[-1]["hit_rate"] == 1.0
 

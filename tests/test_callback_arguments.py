@@ -65,11 +65,9 @@ CASES = [
     (FrozenPrefixCache, {"module": ""}, "module must be 'auto' or a module name"),
     (FrozenPrefixCache, {"max_bytes": "lots"}, "max_bytes: cannot read 'lots'"),
     (FrozenPrefixCache, {"min_hit_rate": 2}, "min_hit_rate must be a number in \\[0, 1\\]"),
-    (FrozenPrefixCache, {"verify": -1}, "verify must be a non-negative integer"),
-    (FrozenPrefixCache, {"min_rows": 0}, "min_rows must be a positive integer"),
-    (FrozenPrefixCache, {"strict": "no"}, "strict must be true or false"),
+    (FrozenPrefixCache, {"on_mismatch": "raise"}, "on_mismatch='raise' is not supported"),
+    (FrozenPrefixCache, {"fixed_shards": "no"}, "fixed_shards must be true or false"),
     (FrozenPrefixCache, {"max_disk_bytes": "lots"}, "max_disk_bytes"),
-    (FrozenPrefixCache, {"read_ahead": 1}, "read_ahead must be true or false"),
     (FrozenPrefixCache, {"log_stats": "yes"}, "log_stats must be true or false"),
     (FrozenPrefixCache, {"disk_dir": 3}, "disk_dir must be a path or None"),
 ]

@@ -42,7 +42,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from benchmarks.harness import (
     BenchContext,
@@ -303,26 +303,13 @@ class EpochTimer(L.Callback):
 class ColdPages(L.Callback):
     """Drops the disk tier's pages from the page cache before every epoch, so its reads come from the disk."""
 
-    def __init__(self, cache) -> None:
-        self.cache = cache
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if self.cache.disk is not None:
-            self.cache.disk.drop_from_page_cache()
+        from lightning_freeze.cache.disk import drop_from_page_cache
 
-
-class BatchStream(IterableDataset):
-    """The batches in a new order every epoch, as an iterable dataset: Lightning then fetches a batch ahead."""
-
-    def __init__(self, batches: Sequence) -> None:
-        self.batches, self.epoch = list(batches), 0
-
-    def __iter__(self):
-        order = torch.randperm(
-            len(self.batches), generator=torch.Generator().manual_seed(self.epoch)
-        ).tolist()
-        self.epoch += 1
-        return (self.batches[i] for i in order)
+        drop_from_page_cache(self.folder)
 
 
 def _samples(per_epoch_wall, per_epoch_cpu, fit: tuple[float, float]) -> dict[str, float]:
@@ -336,32 +323,29 @@ def _samples(per_epoch_wall, per_epoch_cpu, fit: tuple[float, float]) -> dict[st
     }
 
 
-def _lightning_round(
-    module_factory, batches, callbacks, epochs: int, device, info: dict, stream: bool = False
-) -> dict[str, float]:
+def _lightning_round(module_factory, batches, callbacks, epochs: int, device, info: dict) -> dict[str, float]:
     module = module_factory()
     timer = EpochTimer(torch.device(device))
     with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-cache-") as tmp:
         trainer = make_trainer(
             len(batches) * epochs, [timer, *callbacks], device=device, root_dir=tmp, max_epochs=epochs
         )
-        data = BatchStream(batches) if stream else BatchList(batches)
-        loader = DataLoader(data, batch_size=None, shuffle=not stream)
+        loader = DataLoader(BatchList(batches), batch_size=None, shuffle=True)
         torch.manual_seed(0)
         w0, c0 = clocks(device)
         trainer.fit(module, train_dataloaders=loader)
         w1, c1 = clocks(device)
     info["weights"] = _digest(module)
     for cb in callbacks:
-        if getattr(cb, "history", None) and hasattr(cb, "fingerprinter"):
+        if type(cb).__name__ == "FrozenPrefixCache" and cb.history:
             last = cb.history[-1]
             info.update(
                 hit_rate=last["hit_rate"],
                 cache_mb=max(h["bytes"] for h in cb.history) / 1e6,
                 disk_mb=max(h["disk_bytes"] for h in cb.history) / 1e6,
-                read_ahead=last["read_ahead"],
                 cached=last["cached"],
-                off=cb.off_reason,
+                off=last["off"],
+                overhead_ms=1e3 * last["overhead_s"] / max(1, last["steps"]),
             )
     return _samples(
         [timer.step_times(e, 0) for e in range(epochs)],
@@ -499,18 +483,16 @@ def disk_contenders(w: Workload, device, ram_bytes: int) -> tuple[list[Contender
             cbs: list = [LayerFreeze(w.frozen, plot=False)]
             if cache_kw is not None:
                 cache = FrozenPrefixCache(max_bytes=ram_bytes, **cache_kw)
-                cbs += [cache] + ([ColdPages(cache)] if cold else [])
+                cbs += [cache] + ([ColdPages(cache_kw["disk_dir"])] if cold else [])
             return cbs
 
         return Contender(
             name,
-            lambda: _lightning_round(
-                w.make_module, w.batches, callbacks(), w.epochs, device, info, stream=True
-            ),
+            lambda: _lightning_round(w.make_module, w.batches, callbacks(), w.epochs, device, info),
             note=note,
         )
 
-    disk = dict(max_disk_bytes="4GB", disk_dir=tempfile.gettempdir())
+    disk = dict(max_disk_bytes="4GB", disk_dir=tempfile.mkdtemp(prefix="lf-bench-disk-"))
     return [
         lit(LF, None, "the prefix is computed every step"),
         lit(
@@ -520,15 +502,9 @@ def disk_contenders(w: Workload, device, ram_bytes: int) -> tuple[list[Contender
         ),
         lit("+ cache, RAM + disk", disk, "rows past max_bytes on disk; the page cache holds them (warm)"),
         lit(
-            "+ cache, RAM + disk, cold, no read-ahead",
-            {**disk, "read_ahead": False},
-            "the disk tier's pages dropped before every epoch (posix_fadvise DONTNEED): reads from the disk, at the step",
-            cold=True,
-        ),
-        lit(
-            "+ cache, RAM + disk, cold, read-ahead",
+            "+ cache, RAM + disk, cold",
             disk,
-            "as above, with the next batch's rows read by the background thread during the current step",
+            "the disk tier's pages dropped before every epoch (posix_fadvise DONTNEED): reads from the disk, at the step",
             cold=True,
         ),
     ], infos
@@ -575,9 +551,9 @@ def _cache_cell(infos: dict[str, dict]) -> Callable[[Measurement], str]:
             return "—"
         rate = "no lookups" if info["hit_rate"] is None else f"hit rate {info['hit_rate']:.0%} (last epoch)"
         disk = f" ({fmt_num(info['disk_mb'])} MB on disk)" if info.get("disk_mb") else ""
-        ahead = f"; {info['read_ahead']} batches read ahead" if info.get("read_ahead") else ""
         off = f"; switched off: {info['off']}" if info.get("off") else ""
-        return f"{rate}, {fmt_num(info['cache_mb'])} MB{disk}{ahead}{off}"
+        work = f"; our work {info['overhead_ms']:.2f} ms/step" if info.get("overhead_ms") is not None else ""
+        return f"{rate}, {fmt_num(info['cache_mb'])} MB{disk}{work}{off}"
 
     return cell
 

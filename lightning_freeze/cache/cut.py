@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lightning_freeze.cache.modes import mode_free
-from lightning_freeze.cache.trace import BlockCall, Recording, ValueId, plain_output, plain_path
+from lightning_freeze.cache.store import RowStore
+from lightning_freeze.cache.trace import BlockCall, Recording, ValueId, is_ref, plain_output, plain_path
 from lightning_freeze.engine.freezing import NORM_TYPES
 from lightning_freeze.engine.layers import named_modules
 
@@ -148,7 +149,7 @@ def _call_plan(c: BlockCall, slot_of: dict[ValueId, int], calls: Sequence[BlockC
             return ("value", (calls[i].name, calls[i].occurrence, path))
         return ref
 
-    args = None if c.args is None else pytree.tree_map(key_of, c.args, is_leaf=_is_ref)
+    args = None if c.args is None else pytree.tree_map(key_of, c.args, is_leaf=is_ref)
     plan = CallPlan(c.name, c.module, c.cacheable, c.occurrence, args=args)
     if not c.cacheable:
         return plan
@@ -283,7 +284,7 @@ def extension(old: Cut, new: Cut) -> list[CallPlan] | None:
         call = by_value.get(key)
         if call is None or call.args is None:
             return False
-        refs = [leaf for leaf in pytree.tree_leaves(call.args, is_leaf=_is_ref) if _is_ref(leaf)]
+        refs = [leaf for leaf in pytree.tree_leaves(call.args, is_leaf=is_ref) if is_ref(leaf)]
         if any(kind == "tensor" for kind, _ in refs):
             return False
         if not all(derive(ref) for kind, ref in refs if kind == "value"):
@@ -297,5 +298,43 @@ def extension(old: Cut, new: Cut) -> list[CallPlan] | None:
     return sorted(steps, key=new.calls.index)
 
 
-def _is_ref(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and x[0] in ("value", "tensor", "const")
+# ---------------------------------------------------------------------------------------------- carrying rows over
+# When a new cut's slots can be computed from the old cut's slots alone (the newly skipped blocks take nothing
+# but stored rows and constants, as the stages of a ResNet or the children of an ``nn.Sequential`` do), every
+# stored row is pushed through the new blocks once, in batches, instead of refilling the cache. Otherwise (a
+# block that also takes an attention mask computed from the inputs) the rows are dropped and the cache fills again.
+def carry_over(
+    old: Cut, store: RowStore, new: Cut, table_key: Any, batch_rows: int, min_rows: int, device: torch.device
+) -> tuple[RowStore | None, str]:
+    """The rows of ``store`` (``old``'s) as rows of ``new``, and what was done ("kept", "extended" or why
+    they were dropped); None when they were dropped."""
+    if table_key not in store.tables:
+        return None, "the new cut is called with other arguments"
+    if old.slots == new.slots:
+        return store, "kept"
+    steps = extension(old, new)
+    if steps is None:
+        return None, "the new cut needs more than the stored rows"
+    try:
+        with torch.no_grad():
+            rebuilt = store.rebuild(
+                lambda rows: _through(old, new, steps, rows), batch_rows, min_rows, device
+            )
+    except Exception as err:  # noqa: BLE001 - fall back to refilling
+        return None, f"could not extend the stored rows: {err}"
+    return rebuilt, "extended"
+
+
+def _through(old: Cut, new: Cut, steps: Sequence[CallPlan], rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``new``'s slot rows from ``old``'s, through the newly skipped blocks ``steps``."""
+    env: dict[Any, torch.Tensor] = dict(zip(old.slots, rows, strict=True))
+    for step in steps:
+        args, kwargs = pytree.tree_map(
+            lambda ref: env[ref[1]] if ref[0] == "value" else ref[1],
+            step.args,
+            is_leaf=is_ref,
+        )
+        out = step.module(*args, **kwargs)
+        for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+            env[step.value_key(plain_path(path))] = leaf
+    return [env[key] for key in new.slots]

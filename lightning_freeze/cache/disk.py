@@ -109,20 +109,6 @@ class DiskTier:
             self.full = False
             path.unlink(missing_ok=True)
 
-    def drop_from_page_cache(self) -> None:
-        """Ask the kernel to forget the cached pages of every chunk (benchmarks: cold reads)."""
-        for path in self.files:
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)  # dirty pages cannot be dropped
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
     def release(self) -> None:
         """Delete every chunk file and the folders made for them (mapped chunks stay readable until dropped)."""
         for path in self.files:
@@ -137,3 +123,20 @@ class DiskTier:
                 path.rmdir()
             except OSError:
                 break  # not empty: someone else's files are there
+
+
+def drop_from_page_cache(folder: str | os.PathLike[str]) -> None:
+    """Ask the kernel to forget the cached pages of every file under ``folder`` (benchmarks: cold reads)."""
+    for path in Path(folder).rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)  # dirty pages cannot be dropped
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

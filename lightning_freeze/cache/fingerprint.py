@@ -3,7 +3,7 @@
 Two schemes, picked by device; both hash every bit of the sample, so equal bits give equal
 fingerprints and ``-0.0``/``0.0`` or NaNs with different payloads count as different samples (the
 conservative choice for a cache). The per-sample dtype and shape are not part of the 128 bits;
-callers key on them separately (:func:`signature`).
+callers key on them separately (:func:`dtype_and_shape`).
 
 - **CPU tensors**: BLAKE2b with a 16-byte digest over each row's bytes (``hashlib``; ~1 GB/s per core,
   no torch ops, no copies beyond making the batch contiguous). BLAKE2b is a cryptographic hash: the
@@ -46,7 +46,7 @@ CHUNK_WORDS = 1 << 15
 _MASK32 = 0xFFFFFFFF
 
 
-def signature(x: torch.Tensor) -> tuple[Any, ...]:
+def dtype_and_shape(x: torch.Tensor) -> tuple[Any, ...]:
     """What a fingerprint does not cover: the per-sample shape and the dtype."""
     return (str(x.dtype), tuple(x.shape[1:]))
 
@@ -144,5 +144,5 @@ class Fingerprinter:
 
     def tensor(self, t: torch.Tensor) -> bytes:
         """A fingerprint of a whole tensor (e.g. a weight or a buffer), its dtype and shape included."""
-        sig = repr(signature(t.detach().reshape(1, *t.shape))).encode()
-        return hashlib.blake2b(self.rows(t.detach().reshape(1, -1))[0] + sig, digest_size=16).digest()
+        form = repr(dtype_and_shape(t.detach().reshape(1, *t.shape))).encode()
+        return hashlib.blake2b(self.rows(t.detach().reshape(1, -1))[0] + form, digest_size=16).digest()

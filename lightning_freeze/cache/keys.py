@@ -2,7 +2,7 @@
 
 The batch size is the first dimension of the first tensor argument. Every tensor argument with that
 first dimension is per-sample: each sample's key fingerprints its row of every such tensor (see
-:mod:`lightning_freeze.cache.fingerprint`). Everything else goes into the call's *signature*, which keys
+:mod:`lightning_freeze.cache.fingerprint`). Everything else goes into the call's *table key*, which keys
 the rows too: other tensors by a fingerprint of their whole content, the per-sample shapes and dtypes,
 plain constants (``None``, numbers, strings) by value, other objects by type, and the device and
 autocast state.
@@ -12,7 +12,7 @@ autocast state.
 >>> call = CallKeys.of(fp, (), {"input_ids": ids, "attention_mask": mask})
 >>> call.batch, len(call.keys[0]), call.keys[0] == call.keys[1]   # rows 0 and 1 differ in their mask only
 (3, 16, False)
->>> call.sig == CallKeys.of(fp, (ids,), {"attention_mask": mask}).sig   # positional is not keyword
+>>> call.table_key == CallKeys.of(fp, (ids,), {"attention_mask": mask}).table_key   # positional is not keyword
 False
 """
 
@@ -48,9 +48,9 @@ def _autocast_state(device: torch.device) -> tuple[Any, ...]:
 
 @dataclass
 class CallKeys:
-    """The signature and per-sample keys of one call ``f(*args, **kwargs)``."""
+    """The table key and per-sample keys of one call ``f(*args, **kwargs)``."""
 
-    sig: tuple[Any, ...]
+    table_key: tuple[Any, ...]
     keys: list[bytes]
     batch: int
     batched: list[torch.Tensor]  # the per-sample tensor arguments, in argument order
@@ -63,10 +63,10 @@ class CallKeys:
         return batch, flat
 
     @staticmethod
-    def signature(
+    def table_key_of(
         args: tuple, kwargs: dict, fp: Fingerprinter
     ) -> tuple[tuple[Any, ...], int, list[torch.Tensor]]:
-        """The signature alone (cheap: per-sample tensors contribute only their shape and dtype)."""
+        """The table key alone (cheap: per-sample tensors contribute only their shape and dtype)."""
         batch, flat = CallKeys.split(args, kwargs)
         parts: list[Any] = []
         batched: list[torch.Tensor] = []
@@ -87,8 +87,8 @@ class CallKeys:
 
     @staticmethod
     def of(fp: Fingerprinter, args: tuple, kwargs: dict) -> CallKeys:
-        sig, batch, batched = CallKeys.signature(args, kwargs, fp)
-        return CallKeys(sig, row_keys(fp, batched), batch, batched)
+        table_key, batch, batched = CallKeys.table_key_of(args, kwargs, fp)
+        return CallKeys(table_key, row_keys(fp, batched), batch, batched)
 
 
 def row_keys(fp: Fingerprinter, batched: Sequence[torch.Tensor], scheme: str | None = None) -> list[bytes]:

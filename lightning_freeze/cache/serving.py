@@ -16,9 +16,9 @@ calls reach here):
 :meth:`Server.enter` decides before the forward runs and :meth:`Server.leave` stores what it computed, so
 the forward itself runs between them as the user's code (compiled, if the model is). The first call after
 a new cut is recorded (:mod:`lightning_freeze.cache.trace`) to find the slots, and the rows of the cut it
-replaces are carried over (:mod:`lightning_freeze.cache.extend`). While rows are stored, ``verify`` times
-per cut, some samples are computed again in another batch composition and compared bit for bit, so that
-serving never needs to compute the skipped blocks.
+replaces are carried over (:func:`lightning_freeze.cache.cut.carry_over`). :data:`VERIFY_PER_FIT` times per
+fit, freshly stored samples are computed again in another batch composition and compared bit for bit
+(:mod:`lightning_freeze.cache.verify`), so that serving never needs to compute the skipped blocks.
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lightning_freeze.cache.cut import CallPlan, Cut
-from lightning_freeze.cache.extend import carry_over
+from lightning_freeze.cache.cut import CallPlan, Cut, carry_over
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.guard import Guard
 from lightning_freeze.cache.keys import CallKeys, row_keys, select_rows
 from lightning_freeze.cache.patch import Patch
-from lightning_freeze.cache.readahead import Readahead
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore, Unsupported, memory_format
 from lightning_freeze.cache.trace import record
@@ -107,9 +105,17 @@ class Step:
         return self.result is not _RUN
 
 
+MIN_ROWS = 4
+"""Batches (and sub-batches of misses) with fewer rows are computed and never stored: CPU kernels take other code
+paths for tiny batches, whose last bits can differ."""
+VERIFY_PER_FIT = 1
+"""Batches per fit whose freshly stored rows are computed again in another batch composition and compared bit
+for bit (rows carried over to a new cut are also compared, for free, with the batch that recorded it)."""
+
+
 @dataclass
 class Settings:
-    """The callback's options, shared by the servers of one fit (``verify_left`` counts down across cuts)."""
+    """What the servers of one fit share (``verify_left`` counts down across cuts)."""
 
     min_rows: int
     verify_left: int
@@ -133,15 +139,24 @@ class Server:
         self.stats, self.reporter = stats, reporter
         self.inherited = inherited
         self.guard: Guard | None = None
-        self.metas: dict[Any, list[dict[int, Any]]] = {}  # per signature: the shapes of placeholder outputs
+        self.metas: dict[Any, list[dict[int, Any]]] = {}  # per table key: the shapes of placeholder outputs
         self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
         self.active = False  # inside a training step
         self.calls = 0  # calls of the cut in the current training step
         self.context: _Context | None = None
         self.batch_rows = 0
-        self.readahead: Readahead | None = None  # set by the callback
-        self.batch_leaves: list[Any] = []  # the tensors of the current training batch
         self.patch: Patch | None = None
+
+    # ------------------------------------------------------------------ a training step
+    def begin_step(self) -> None:
+        """A training step starts: calls of the cut are looked up until :meth:`end_step`."""
+        self.active, self.calls = True, 0
+        self.stats.steps += 1
+
+    def end_step(self) -> bool:
+        """The training step ended; returns whether it called the cut's root."""
+        self.active = False
+        return self.calls > 0
 
     # ------------------------------------------------------------------ entry points
     def install(self, prune: bool = False) -> None:
@@ -217,32 +232,25 @@ class Server:
             self.reporter.invalidate(problem)
             stats.bypassed += 1
             return Step()
-        sig, batch, batched = CallKeys.signature(args, kwargs, self.fp)
+        table_key, batch, batched = CallKeys.table_key_of(args, kwargs, self.fp)
         if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
             stats.bypassed += 1
             return Step()
-        ready = self.readahead.take(batched, sig, self.store) if self.readahead is not None else None
-        if self.readahead is not None:
-            self.readahead.learn(self.batch_leaves, batched, sig)
-        call = CallKeys(sig, ready.keys if ready is not None else row_keys(self.fp, batched), batch, batched)
+        call = CallKeys(table_key, row_keys(self.fp, batched), batch, batched)
         step = Step(call=call, start=start, args=args, kwargs=kwargs, run=run)
         stats.lookups += batch
         self.batch_rows = max(self.batch_rows, batch)
         if not self.cut.recorded:  # the first call of a module cut: compute and store everything
             step.first = True
             return step
-        found = ready.found if ready is not None else self.store.lookup(sig, call.keys)
+        found = self.store.lookup(table_key, call.keys)
         hit = [i for i, r in enumerate(found) if r >= 0]
         miss = [i for i, r in enumerate(found) if r < 0]
         stats.found += len(hit)
-        servable = self.cut.kind == "module" or sig in self.metas
+        servable = self.cut.kind == "module" or table_key in self.metas
         try:
             if not miss and servable:
-                if ready is not None and ready.values is not None:
-                    values = self.store.place(sig, ready.values, batched[0].device)
-                    stats.read_ahead += 1
-                else:
-                    values = self.store.gather(sig, found, batched[0].device)
+                values = self.store.gather(table_key, found, batched[0].device)
                 stats.hits += batch
             elif hit and servable and len(miss) >= self.settings.min_rows and self.cut.prefix_ok:
                 values = self._with_misses(step, found, hit, miss)
@@ -251,7 +259,7 @@ class Server:
                 step.rows = torch.as_tensor(miss) if hit else None
                 if self.cut.kind == "graph":
                     step.context = self.context = _Context(Mode.CAPTURE, batch, rows=step.rows)
-                    step.context.metas = [] if sig not in self.metas else None
+                    step.context.metas = [] if table_key not in self.metas else None
                     if len(self.cut.slots) == 1 and self.settings.verify_left <= 0:
                         step.context.call = call
                 stats.overhead_seconds += time.perf_counter() - start
@@ -262,7 +270,7 @@ class Server:
         stats.overhead_seconds += time.perf_counter() - start
         if self.cut.kind == "module":
             return Step(result=_rebuild(self.cut.calls[0], values, {}, batch, set(), 0))
-        self.context = _Context(Mode.SERVE, batch, values=values, metas=self.metas[sig])
+        self.context = _Context(Mode.SERVE, batch, values=values, metas=self.metas[table_key])
         return Step(context=self.context)
 
     def leave(self, step: Step, out: Any) -> None:
@@ -286,7 +294,7 @@ class Server:
                 )
                 return
             if ctx.metas is not None:
-                self.metas[call.sig] = ctx.metas
+                self.metas[call.table_key] = ctx.metas
             if ctx.call is not None:  # stored already
                 self.stats.miss(call.batch if step.rows is None else len(step.rows), seconds)
                 return
@@ -323,7 +331,7 @@ class Server:
             for j, (path, what) in enumerate(c.leaves)
             if what == "tensor" and (i, path) in rec.glue_reads
         }
-        self.metas[call.sig] = [_metas(c.outputs) if c.cacheable else {} for c in rec.calls]
+        self.metas[call.table_key] = [_metas(c.outputs) if c.cacheable else {} for c in rec.calls]
         values = [rec.value(vid) for vid in sorted(rec.needed)]
         self._adopt(call, values)
         self._insert(call, values, None)
@@ -359,7 +367,9 @@ class Server:
         start, before = time.perf_counter(), old_store.entries
         rows = max(self.settings.min_rows, self.batch_rows or 64)
         device = fresh[0].device
-        store, what = carry_over(old_cut, old_store, self.cut, call.sig, rows, self.settings.min_rows, device)
+        store, what = carry_over(
+            old_cut, old_store, self.cut, call.table_key, rows, self.settings.min_rows, device
+        )
         if store is None:
             self.reporter.event("drop", entries=before, why=what)
             old_store.clear()
@@ -367,10 +377,10 @@ class Server:
         self.store = store
         if what == "extended":
             self.reporter.event("extend", entries=store.entries, seconds=time.perf_counter() - start)
-            found = store.lookup(call.sig, call.keys)
+            found = store.lookup(call.table_key, call.keys)
             hit = [i for i, r in enumerate(found) if r >= 0]
             if hit:  # free: this batch's fresh values are at hand
-                stored = store.gather(call.sig, [found[i] for i in hit], device)
+                stored = store.gather(call.table_key, [found[i] for i in hit], device)
                 pick = torch.as_tensor(hit, device=device)
                 self._verdict(stored, [v.index_select(0, pick) for v in fresh])
 
@@ -384,7 +394,7 @@ class Server:
         miss_idx = torch.as_tensor(miss)
         sub_args, sub_kwargs = select_rows(step.args, step.kwargs, call.batch, miss_idx)
         fresh = self._prefix_values(sub_args, sub_kwargs, step.run)
-        old = self.store.gather(call.sig, [found[i] for i in hit], fresh[0].device)
+        old = self.store.gather(call.table_key, [found[i] for i in hit], fresh[0].device)
         values = []
         for slot, sub in enumerate(fresh):
             out = torch.empty((call.batch, *sub.shape[1:]), dtype=sub.dtype, device=sub.device)
@@ -393,7 +403,7 @@ class Server:
             out[torch.as_tensor(hit, device=sub.device)] = old[slot]
             out[miss_idx.to(sub.device)] = sub
             values.append(out)
-        self._insert(CallKeys(call.sig, [call.keys[i] for i in miss], len(miss), []), fresh, None)
+        self._insert(CallKeys(call.table_key, [call.keys[i] for i in miss], len(miss), []), fresh, None)
         return values
 
     def _prefix_values(
@@ -451,7 +461,7 @@ class Server:
     def _insert(self, call: CallKeys, values: list[torch.Tensor], rows: torch.Tensor | None) -> None:
         keys = call.keys if rows is None else [call.keys[i] for i in rows.tolist()]
         start = time.perf_counter()
-        self.stats.stored += self.store.insert(call.sig, keys, values)
+        self.stats.stored += self.store.insert(call.table_key, keys, values)
         self.stats.overhead_seconds += time.perf_counter() - start
 
     def _check(

@@ -20,6 +20,7 @@ class EpochStats:
 
     entries_at_start: int = 0
     generation: int = 0
+    steps: int = 0  # training steps
     lookups: int = 0  # samples looked up
     found: int = 0  # samples found in the cache (served, or computed anyway in a batch of too few misses)
     hits: int = 0  # samples served from the cache
@@ -27,9 +28,8 @@ class EpochStats:
     stored: int = 0  # samples stored
     bypassed: int = 0  # calls computed without a lookup (tiny batch, a stale cut, inputs that need grad)
     verified: int = 0  # checks of stored rows against a fresh computation
-    read_ahead: int = 0  # batches whose rows a background thread had read before the step asked
     compute_seconds: float = 0.0  # time in the skipped blocks when they were computed
-    overhead_seconds: float = 0.0  # time in keys, lookups, gathering and storing
+    overhead_seconds: float = 0.0  # our work: keys, lookups, gathering and storing (not the blocks)
     record_seconds: float = 0.0  # time recording a new cut
     per_row: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent compute s/sample
 
@@ -52,6 +52,7 @@ class EpochStats:
     def summary(self, per_row: deque[float]) -> dict[str, Any]:
         seconds_per_row = statistics.median(per_row) if per_row else 0.0
         return {
+            "steps": self.steps,
             "lookups": self.lookups,
             "found": self.found,
             "hits": self.hits,
@@ -60,7 +61,6 @@ class EpochStats:
             "stored": self.stored,
             "bypassed": self.bypassed,
             "verified": self.verified,
-            "read_ahead": self.read_ahead,
             "time_saved_s": max(0.0, self.hits * seconds_per_row - self.overhead_seconds),
             "overhead_s": self.overhead_seconds,
             "record_s": self.record_seconds,

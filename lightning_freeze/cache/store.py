@@ -1,7 +1,7 @@
 """The cache's memory: per-sample rows in two tiers, RAM first, then memory-mapped files on disk.
 
 A sample's entry is one row in each *slot* (one slot per tensor the suffix needs from the frozen prefix),
-stored under its 128-bit input fingerprint, per input signature. Rows live in chunks of about 8 MB: in RAM
+stored under its 128-bit input fingerprint, per table key (the non-per-sample part of the call: shapes, dtypes, constants). Rows live in chunks of about 8 MB: in RAM
 (pinned when feeding a GPU) while ``ram_budget`` allows, then in files of the :class:`DiskTier` while its
 budget allows. Past both budgets the store takes nothing more: it never evicts, so a full store keeps
 serving the samples it has. Rows are kept in the dtype the prefix produced them in (under autocast
@@ -11,9 +11,9 @@ No Lightning here; the callback decides what goes in.
 
 >>> store = RowStore(ram_budget=1 << 20)
 >>> rows = torch.arange(12.0).reshape(3, 4)
->>> store.insert("sig", [b"a", b"b", b"c"], [rows])
+>>> store.insert("table_key", [b"a", b"b", b"c"], [rows])
 3
->>> store.gather("sig", store.lookup("sig", [b"c", b"a"]), torch.device("cpu"))[0]
+>>> store.gather("table_key", store.lookup("table_key", [b"c", b"a"]), torch.device("cpu"))[0]
 tensor([[ 8.,  9., 10., 11.],
         [ 0.,  1.,  2.,  3.]])
 """
@@ -24,6 +24,7 @@ import bisect
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ class Chunk:
 
 @dataclass(eq=False)
 class Table:
-    """The rows of one input signature: their slot layouts and the chunks holding them."""
+    """The rows of one table key: their slot layouts and the chunks holding them."""
 
     layouts: tuple[Layout, ...]
     chunks: list[Chunk] = field(default_factory=list)
@@ -97,14 +98,13 @@ class Table:
 
 
 class RowStore:
-    """Fingerprint -> row number per signature, and the rows of every slot, in RAM then on disk."""
+    """Fingerprint -> row number per table key, and the rows of every slot, in RAM then on disk."""
 
     def __init__(self, ram_budget: int, disk: DiskTier | None = None, pin: bool = False) -> None:
         self.ram_budget, self.disk, self.pin = int(ram_budget), disk, pin
         self.index: dict[Hashable, dict[bytes, int]] = {}
         self.tables: dict[Hashable, Table] = {}
         self.full = False
-        self.generation = 0  # moves whenever rows are dropped or rewritten (read-ahead results go stale)
         self.pending: object = None  # CUDA event of the last device-to-host copy
 
     # ------------------------------------------------------------------ sizes
@@ -130,27 +130,46 @@ class RowStore:
     def used_bytes(self) -> int:
         return sum(t.n * t.row_bytes for t in self.tables.values())
 
+    def sizes(self) -> dict[str, Any]:
+        """What the store holds, for the callback's history (the same keys as :meth:`empty_sizes`)."""
+        ram, disk = self.ram_bytes, self.disk_bytes
+        return {
+            "entries": self.entries,
+            "ram_bytes": ram,
+            "disk_bytes": disk,
+            "bytes": ram + disk,
+            "disk_entries": self.disk_entries,
+            "used_bytes": self.used_bytes,
+            "full": bool(self.full),
+            "rows": self.describe_rows(),
+        }
+
+    @staticmethod
+    def empty_sizes() -> dict[str, Any]:
+        return {"entries": 0, "ram_bytes": 0, "disk_bytes": 0, "bytes": 0, "disk_entries": 0, "used_bytes": 0,
+                "full": False, "rows": []}  # fmt: skip
+
     def describe_rows(self) -> list[str]:
-        """Each signature's slots as ``dtype[shape]``, e.g. ``['torch.bfloat16[16, 4, 4]']``."""
+        """Each table's slots as ``dtype[shape]``, e.g. ``['torch.bfloat16[16, 4, 4]']``."""
         return [
             f"{layout.dtype}{list(layout.row_shape)}" for t in self.tables.values() for layout in t.layouts
         ]
 
     # ------------------------------------------------------------------ reading
-    def lookup(self, sig: Hashable, keys: Sequence[bytes]) -> list[int]:
-        ix = self.index.get(sig)
+    def lookup(self, table_key: Hashable, keys: Sequence[bytes]) -> list[int]:
+        ix = self.index.get(table_key)
         if not ix:
             return [-1] * len(keys)
         return [ix.get(k, -1) for k in keys]
 
-    def gather(self, sig: Hashable, rows: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+    def gather(self, table_key: Hashable, rows: Sequence[int], device: torch.device) -> list[torch.Tensor]:
         """One tensor per slot holding ``rows`` in that order, on ``device``, in the stored memory format."""
-        return self.place(sig, self.read(sig, rows, pin=device.type == "cuda"), device)
+        return self.place(table_key, self.read(table_key, rows, pin=device.type == "cuda"), device)
 
-    def read(self, sig: Hashable, rows: Sequence[int], pin: bool = False) -> list[torch.Tensor]:
+    def read(self, table_key: Hashable, rows: Sequence[int], pin: bool = False) -> list[torch.Tensor]:
         """``rows`` of every slot in host memory (pinned if asked and the store pins)."""
         self.sync()
-        table = self.tables[sig]
+        table = self.tables[table_key]
         pin = pin and self.pin
         parts = table.locate(torch.as_tensor(rows, dtype=torch.int64))
         out = []
@@ -167,10 +186,12 @@ class RowStore:
             out.append(got)
         return out
 
-    def place(self, sig: Hashable, host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    def place(
+        self, table_key: Hashable, host: list[torch.Tensor], device: torch.device
+    ) -> list[torch.Tensor]:
         """Rows read by :meth:`read`, on ``device`` and in the memory format the prefix produced."""
         out = []
-        for got, layout in zip(host, self.tables[sig].layouts, strict=True):
+        for got, layout in zip(host, self.tables[table_key].layouts, strict=True):
             if device.type != "cpu":
                 got = got.to(device, non_blocking=got.is_pinned())
             if (
@@ -186,19 +207,19 @@ class RowStore:
             self.pending = None
 
     # ------------------------------------------------------------------ writing
-    def insert(self, sig: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
+    def insert(self, table_key: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
         """Store row ``i`` of every tensor in ``values`` under ``keys[i]`` for new keys, as far as the
         budgets allow; returns how many were stored."""
         layouts = tuple(Layout.of(v) for v in values)
-        table = self.tables.get(sig)
+        table = self.tables.get(table_key)
         if table is None:
-            table = self.tables[sig] = Table(layouts)
+            table = self.tables[table_key] = Table(layouts)
         elif [(a.row_shape, a.dtype) for a in table.layouts] != [(b.row_shape, b.dtype) for b in layouts]:
             raise Unsupported(
                 f"the prefix gave rows of {[(b.row_shape, b.dtype) for b in layouts]} for inputs that gave "
                 f"{[(a.row_shape, a.dtype) for a in table.layouts]} before"
             )
-        ix = self.index.setdefault(sig, {})
+        ix = self.index.setdefault(table_key, {})
         fresh, seen = [], set()
         for i, k in enumerate(keys):
             if k not in ix and k not in seen:
@@ -285,9 +306,8 @@ class RowStore:
         so the peak stays near the budgets."""
         self.sync()
         new = RowStore(self.ram_budget, self.disk, self.pin)
-        new.generation = self.generation + 1
-        for sig, table in list(self.tables.items()):
-            items = sorted(self.index.get(sig, {}).items(), key=lambda kv: kv[1])
+        for table_key, table in list(self.tables.items()):
+            items = sorted(self.index.get(table_key, {}).items(), key=lambda kv: kv[1])
             bounds = list(range(0, len(items), batch_rows)) + [len(items)]
             if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_rows:
                 del bounds[-2]  # merge a tiny tail into the previous batch
@@ -295,9 +315,9 @@ class RowStore:
                 part = items[lo:hi]
                 rows = self._range(table, lo, hi)  # rows are numbered 0..n-1 in insertion order
                 if rows is None:
-                    rows = self.read(sig, [row for _, row in part])
-                rows = self.place(sig, rows, device)
-                new.append(sig, [k for k, _ in part], fn(rows))
+                    rows = self.read(table_key, [row for _, row in part])
+                rows = self.place(table_key, rows, device)
+                new.append(table_key, [k for k, _ in part], fn(rows))
                 while table.chunks and table.chunks[0].start + table.chunks[0].rows <= hi:
                     self._free(table.chunks.pop(0))  # consumed: give the memory back before the next batch
                     table.starts.pop(0)
@@ -313,26 +333,26 @@ class RowStore:
             return None
         return [t[lo - chunk.start : hi - chunk.start] for t in chunk.tensors]
 
-    def append(self, sig: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
+    def append(self, table_key: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
         """Like :meth:`insert` for new, distinct keys, but takes ``values`` over as a chunk when they are
         contiguous host tensors that fit the RAM budget (no copy). For rebuilding a store."""
-        table = self.tables.get(sig)
+        table = self.tables.get(table_key)
         whole = table is None or table.n == table.capacity  # no room left in the last chunk: no gap
         fits = self.ram_bytes + sum(v.numel() * v.element_size() for v in values) <= self.ram_budget
         host = all(v.device.type == "cpu" and v.is_contiguous() and not self.pin for v in values)
-        ix = self.index.get(sig, {})
+        ix = self.index.get(table_key, {})
         if not (whole and fits and host) or len(set(keys)) != len(keys) or any(k in ix for k in keys):
-            return self.insert(sig, keys, values)
+            return self.insert(table_key, keys, values)
         layouts = tuple(Layout.of(v) for v in values)
         if table is None:
-            table = self.tables[sig] = Table(layouts)
+            table = self.tables[table_key] = Table(layouts)
         elif [(a.row_shape, a.dtype) for a in table.layouts] != [(b.row_shape, b.dtype) for b in layouts]:
-            return self.insert(sig, keys, values)  # raises the usual error
+            return self.insert(table_key, keys, values)  # raises the usual error
         n = len(keys)
         chunk = Chunk(table.n, n, False, [v.detach() for v in values], n * table.row_bytes)
         table.starts.append(chunk.start)
         table.chunks.append(chunk)
-        ix = self.index.setdefault(sig, {})
+        ix = self.index.setdefault(table_key, {})
         for i, k in enumerate(keys):
             ix[k] = table.n + i
         table.n += n
@@ -344,7 +364,6 @@ class RowStore:
             for chunk in table.chunks:
                 self._free(chunk)
         self.tables, self.index, self.full = {}, {}, False
-        self.generation += 1
 
     def _free(self, chunk: Chunk) -> None:
         if chunk.on_disk and self.disk is not None:
@@ -364,12 +383,3 @@ def memory_format(t: torch.Tensor) -> torch.memory_format | None:
         if t.dim() == dims and t.is_contiguous(memory_format=fmt):
             return fmt
     return None
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bits (NaNs with equal payloads are equal; ``-0.0`` differs from ``0.0``)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.dtype == torch.bool or a.numel() == 0:
-        return torch.equal(a, b)
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

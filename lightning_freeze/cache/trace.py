@@ -503,7 +503,7 @@ def record(
         (index[i], path) for i, path in rec.needed if index.get(i) is not None and calls[index[i]].cacheable
     }
     for c in calls:
-        c.args = pytree.tree_map(lambda ref: _renumbered(ref, index), c.args, is_leaf=_is_ref)
+        c.args = pytree.tree_map(lambda ref: _renumbered(ref, index), c.args, is_leaf=is_ref)
     live_before = state["live_before"]
     if live_before is not None:
         live_before = min(
@@ -564,7 +564,8 @@ def _renumbered(ref: Any, index: dict[int, int | None]) -> Any:
     return ref
 
 
-def _is_ref(x: Any) -> bool:
+def is_ref(x: Any) -> bool:
+    """A reference to a block argument: ("value", key), ("tensor", None) or ("const", x)."""
     return isinstance(x, tuple) and len(x) == 2 and x[0] in ("value", "tensor", "const")
 
 

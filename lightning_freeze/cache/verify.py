@@ -1,4 +1,5 @@
-"""Compare stored rows with the same samples computed afresh: equal bits, rounding, or a real difference.
+"""Compare stored rows with the same samples computed afresh: equal bits (:func:`bit_equal`), rounding, or a real
+difference.
 
 A stored row was computed in one batch and is served in another. The two agree bit for bit when the
 kernels compute each sample independently of the rest of the batch; tiny batches or unusual kernels
@@ -16,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from lightning_freeze.cache.store import bit_equal
 
 
 def compare(
@@ -45,3 +44,12 @@ def compare(
             "part is not a pure function of its input here"
         )
     return None
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (NaNs with equal payloads are equal; ``-0.0`` differs from ``0.0``)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == torch.bool or a.numel() == 0:
+        return torch.equal(a, b)
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
