@@ -24,6 +24,12 @@ T = TypeVar("T")
 AUTO_SPEC = re.compile(r"^auto(?:\[(-?\d*)(?::(-?\d*))?(?::(-?\d*))?\])?$")
 
 
+class FreezeWarning(UserWarning):
+    """A setting that runs but probably not as meant (a thaw after the fit ends, a tied tensor that keeps a
+    frozen layer's weights training). Silence it with ``warnings.filterwarnings("ignore", category=FreezeWarning)``.
+    """
+
+
 def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
 

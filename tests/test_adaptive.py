@@ -22,7 +22,7 @@ LAYERS = ["backbone.0", "backbone.1", "backbone.2", "head"]
 
 
 def make(**kw):
-    settings = dict(check_every_n_steps=2, percentile=90, min_steps=4, plot=False)
+    settings = dict(check_every_n_steps=2, percentile=90, min_steps=4)
     return AdaptiveFreeze(**{**settings, **kw})
 
 
@@ -104,7 +104,7 @@ def test_monitor_guard_stops_freezing_while_the_metric_gets_worse():
 
 
 def test_logs_each_layer_score_and_the_threshold_and_plots_the_signals(tmp_path):
-    adaptive = AdaptiveFreeze(check_every_n_steps=2, percentile=90, min_steps=4)
+    adaptive = AdaptiveFreeze(check_every_n_steps=2, percentile=90, min_steps=4, plot=True)
     logged = {}
 
     class Keep(pl.Callback):

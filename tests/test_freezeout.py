@@ -78,7 +78,7 @@ def test_lrs_and_freezes_follow_the_schedule(tmp_path):
                 assert torch.equal(value, rec.weights[later][name][key]), (name, key, later)
     assert probe.frozen("backbone.") and not probe.frozen("head.")
     # the head's LR reaches zero exactly at t = 1 (after the last step)
-    assert cb.history["lr"]["backbone.0"][0] == pytest.approx(0.1)  # step 0: base / t_0 = 0.05 / 0.5
+    assert cb.history.lr["backbone.0"][0] == pytest.approx(0.1)  # step 0: base / t_0 = 0.05 / 0.5
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_frozen_prefix_leaves_the_backward_pass():
 
 
 def test_logging_with_lr_monitor_csv_and_timeline(tmp_path):
-    cb = FreezeOut(layers="backbone.*", t0=0.5, schedule="linear")
+    cb = FreezeOut(layers="backbone.*", t0=0.5, schedule="linear", plot=True)
     # the monitor comes *before* FreezeOut: it still logs the LR each step really uses
     monitor = LearningRateMonitor(logging_interval="step")
     logger = CSVLogger(tmp_path, name="run", version=0)

@@ -1,9 +1,13 @@
 """LayerFreeze on a real Trainer: bit-identical frozen weights and statistics, modes, param groups, thaw."""
 
+import json
+import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from models import AtTrainEnd, Net, loaders, snapshot, trainer
 
 from lightning_freeze import LayerFreeze
@@ -173,11 +177,10 @@ def test_spec_that_matches_nothing_fails_at_setup(tmp_path):
 
 
 def test_timeline_and_trainable_fraction_are_written(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
     t = trainer(
-        callbacks=[LayerFreeze("backbone.*", until_step=4)],
+        callbacks=[LayerFreeze("backbone.*", until_step=4, plot=True)],
         logger=CSVLogger(tmp_path),
         max_epochs=1,
         log_every_n_steps=1,
@@ -193,3 +196,78 @@ def test_timeline_and_trainable_fraction_are_written(tmp_path):
     rows = list(csv.DictReader(open(os.path.join(t.log_dir, "metrics.csv"))))
     fractions = [float(r["freeze/trainable_fraction"]) for r in rows if r.get("freeze/trainable_fraction")]
     assert fractions[0] < 0.2 and fractions[-1] == 1.0
+
+
+def test_no_file_is_written_unless_plot_is_asked(tmp_path):
+
+    fit(Net(), LayerFreeze("backbone.*"), tmp_path, max_epochs=1, logger=CSVLogger(tmp_path))
+    assert not list(tmp_path.rglob("freeze_timeline.*"))
+
+
+class ImageLogger(CSVLogger):
+    """A CSV logger with the image API of WandbLogger (``log_image(key, images, step)``), as a user may write."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.images = []
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, images, step))
+
+
+def test_timeline_goes_to_every_logger_folder_and_every_logger_that_takes_images(tmp_path):
+
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    image_logger = ImageLogger(tmp_path, name="images")
+    t = fit(
+        Net(),
+        LayerFreeze("backbone.*", plot=True),
+        tmp_path,
+        max_epochs=1,
+        logger=[csv_logger, image_logger],
+    )
+    for folder in (csv_logger.log_dir, image_logger.log_dir):
+        assert os.path.getsize(os.path.join(folder, "freeze_timeline.png")) > 1000
+        assert json.load(open(os.path.join(folder, "freeze_timeline.json")))["callback"] == "LayerFreeze"
+    [(key, [image], step)] = image_logger.images
+    assert key == "freeze_timeline" and step == t.global_step
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+
+
+def test_whole_fit_timeline_plots_the_lr_of_what_trains(tmp_path):
+    callback = LayerFreeze("backbone.*", plot=True)
+    fit(Net(), callback, tmp_path, max_epochs=1)
+    # The frozen layers have no LR; the head's group (outside the managed layers) fills the LR panel.
+    assert all(
+        v is None for name in ("backbone.0", "backbone.1", "backbone.2") for v in callback.history.lr[name]
+    )
+    assert callback.history.lr["head"] and all(v == 0.05 for v in callback.history.lr["head"])
+    data = json.load(open(tmp_path / "freeze_timeline.json"))
+    assert data["history"]["lr"]["head"] == callback.history.lr["head"]
+
+
+def test_timeline_without_any_lr_has_no_empty_panel():
+    from lightning_freeze.callbacks.timeline import timeline_figure
+
+    data = {"layers": ["a", "b"], "initially_frozen": ["a", "b"], "end_step": 10, "events": []}
+    only_frozen = timeline_figure({**data, "history": {"step": [0, 10], "lr": {"a": [None, None]}}})
+    with_lr = timeline_figure(
+        {**data, "history": {"step": [0, 10], "lr": {"a": [None, None], "head": [0.1, 0.1]}}}
+    )
+    assert len(only_frozen.axes) == 1 and len(with_lr.axes) == 2
+
+
+def test_two_layer_freezes_in_one_trainer_get_our_message_naming_the_fix(tmp_path):
+    callbacks = [LayerFreeze("backbone.0"), LayerFreeze("backbone.1")]
+    with pytest.raises(ValueError) as err:
+        trainer(callbacks=callbacks, default_root_dir=tmp_path).fit(Net(), *loaders())
+    message = str(err.value)
+    assert "2 LayerFreeze callbacks in one Trainer" in message
+    assert "LayerFreeze(layers=['backbone.0', 'backbone.1']" in message
+
+
+def test_a_thaw_after_the_fit_warns_with_a_warning_category(tmp_path):
+    from lightning_freeze.validation import FreezeWarning
+
+    with pytest.warns(FreezeWarning, match="until_epoch|the layers thaw at epoch 5"):
+        fit(Net(), LayerFreeze("backbone.*", until_epoch=5), tmp_path, max_epochs=1)

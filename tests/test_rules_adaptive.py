@@ -4,9 +4,9 @@ import math
 
 import pytest
 
+from lightning_freeze import AdaptiveFreeze
 from lightning_freeze.rules.adaptive import (
     Signals,
-    check_settings,
     decide,
     metric_worsened,
     percentile_of,
@@ -16,6 +16,8 @@ from lightning_freeze.rules.adaptive import (
 )
 
 LAYERS = ["embed", "block0", "block1", "block2", "head"]
+CHANGE = dict(criterion="grad_norm_change", threshold=None)  # the rule takes every setting from its caller
+MEDIAN = dict(CHANGE, percentile=50)
 
 
 def signals(before, now, per_element=None):
@@ -34,7 +36,7 @@ def test_relative_change_and_percentile():
 def test_the_longest_front_run_of_settled_layers_freezes():
     # changes: 0.01, 0.02, 0.5, 0.01, 0.4 -> median 0.02: embed and block0 are settled; block2 is settled too,
     # but block1 in front of it is not, so only the front run freezes (the frozen part stays a prefix)
-    d = decide(LAYERS, 0, signals([1, 1, 1, 1, 1], [1.01, 1.02, 1.5, 1.01, 1.4]), max_frozen=4)
+    d = decide(LAYERS, 0, signals([1, 1, 1, 1, 1], [1.01, 1.02, 1.5, 1.01, 1.4]), **MEDIAN, max_frozen=4)
     assert d.freeze == ("embed", "block0")
     assert d.threshold == pytest.approx(0.02)
     assert "embed: gradient-norm change 0.01" in d.reason and "50th percentile" in d.reason
@@ -42,32 +44,37 @@ def test_the_longest_front_run_of_settled_layers_freezes():
 
 def test_only_the_layers_still_training_count_and_the_head_never_freezes():
     # embed and block0 frozen already: their signals are ignored; the percentile is over block1.. head
-    d = decide(LAYERS, 2, signals([1, 1, 1, 1, 1], [9, 9, 1.01, 1.01, 1.01]), max_frozen=4)
+    d = decide(LAYERS, 2, signals([1, 1, 1, 1, 1], [9, 9, 1.01, 1.01, 1.01]), **MEDIAN, max_frozen=4)
     assert d.freeze == ("block1", "block2")  # max_frozen=4 keeps the head training
     assert set(d.scores) == {"block1", "block2", "head"}
-    assert decide(LAYERS, 4, signals([1] * 5, [1] * 5), max_frozen=4).freeze == ()
+    assert decide(LAYERS, 4, signals([1] * 5, [1] * 5), **MEDIAN, max_frozen=4).freeze == ()
 
 
 def test_no_previous_interval_no_candidate():
-    d = decide(LAYERS, 0, Signals({}, {n: 1.0 for n in LAYERS}), max_frozen=4)
+    d = decide(LAYERS, 0, Signals({}, {n: 1.0 for n in LAYERS}), **MEDIAN, max_frozen=4)
     assert d.freeze == () and d.threshold is None and d.reason == ""
     # a layer without a previous value blocks the run behind it
     partial = Signals({"block0": 1.0, "block1": 1.0}, {n: 1.0 for n in LAYERS})
-    assert decide(LAYERS, 0, partial, max_frozen=4).freeze == ()
+    assert decide(LAYERS, 0, partial, **MEDIAN, max_frozen=4).freeze == ()
 
 
 def test_a_sharper_percentile_freezes_less():
     s = signals([1] * 5, [1.01, 1.02, 1.03, 1.04, 1.05])
-    assert decide(LAYERS, 0, s, percentile=90, max_frozen=4).freeze == ("embed", "block0", "block1", "block2")
-    assert decide(LAYERS, 0, s, percentile=30, max_frozen=4).freeze == ("embed", "block0")
-    assert decide(LAYERS, 0, s, percentile=10, max_frozen=4).freeze == ("embed",)
+    assert decide(LAYERS, 0, s, **CHANGE, percentile=90, max_frozen=4).freeze == (
+        "embed",
+        "block0",
+        "block1",
+        "block2",
+    )
+    assert decide(LAYERS, 0, s, **CHANGE, percentile=30, max_frozen=4).freeze == ("embed", "block0")
+    assert decide(LAYERS, 0, s, **CHANGE, percentile=10, max_frozen=4).freeze == ("embed",)
 
 
 def test_absolute_gradient_norm_criterion():
     per_element = {"embed": 1e-6, "block0": 5e-7, "block1": 1e-3, "block2": 1e-7, "head": 1e-2}
     s = Signals({}, {n: 1.0 for n in LAYERS}, per_element)
     assert scores(s, "grad_norm") == per_element
-    d = decide(LAYERS, 0, s, criterion="grad_norm", threshold=1e-5, max_frozen=4)
+    d = decide(LAYERS, 0, s, criterion="grad_norm", threshold=1e-5, percentile=50, max_frozen=4)
     assert d.freeze == ("embed", "block0") and d.threshold == 1e-5
     assert "gradient norm per element" in d.reason
 
@@ -96,15 +103,6 @@ def test_guards_as_pure_functions():
     ],
 )
 def test_bad_settings_name_the_option(kwargs, words):
-    settings = dict(
-        check_every_n_steps=10,
-        criterion="grad_norm_change",
-        percentile=50,
-        threshold=None,
-        min_steps=0.1,
-        max_frozen=None,
-        mode="min",
-    )
     with pytest.raises(ValueError) as err:
-        check_settings(**{**settings, **kwargs})
+        AdaptiveFreeze(**kwargs)  # each value is checked once, where it enters: the constructor
     assert words in str(err.value) and str(err.value).startswith("AdaptiveFreeze: ")

@@ -5,12 +5,14 @@ import math
 import pytest
 
 from lightning_freeze.rules.freezeout import (
-    check_args,
+    check_schedule,
+    check_t0,
     cosine_factor,
     freeze_step,
     freeze_times,
     freezeout_schedule,
     is_frozen,
+    lr_factors,
     progress,
 )
 
@@ -47,7 +49,7 @@ def test_scale_lr_off_keeps_base_lr():
 
 
 def test_t0_one_never_freezes():
-    sched = freezeout_schedule(3, 1.0, "cubic")
+    sched = freezeout_schedule(3, 1.0, "cubic", True)
     assert [s.t for s in sched] == [1.0, 1.0, 1.0]
     assert not any(s.frozen_at(0.9999) for s in sched)
 
@@ -59,14 +61,21 @@ def test_head_is_exactly_one():
 
 
 def test_per_step_cosine():
-    s = freezeout_schedule(3, 0.8, "cubic")[0]  # t = 0.512, lr_scale = 1 / 0.512
+    s = freezeout_schedule(3, 0.8, "cubic", True)[0]  # t = 0.512, lr_scale = 1 / 0.512
     assert s.factor(0.0) == approx(1 / 0.512)
     assert s.factor(0.256) == approx(0.5 / 0.512)  # half way to t_i: cos(pi/2) = 0
     t = 0.1
     assert s.factor(t) == approx(0.5 / 0.512 * (1 + math.cos(math.pi * t / 0.512)))
     assert s.factor(0.512) == 0.0 and s.factor(0.9) == 0.0
-    assert cosine_factor(0.5) == approx(0.5)
-    assert cosine_factor(0.0) == 1.0 and cosine_factor(1.0) == 0.0
+    assert cosine_factor(0.5, 1.0) == approx(0.5)
+    assert cosine_factor(0.0, 1.0) == 1.0 and cosine_factor(1.0, 1.0) == 0.0
+
+
+def test_lr_factors_are_every_groups_factor_in_one_pass():
+    schedules = freezeout_schedule(4, 0.5, "squared", True)
+    for t in (0.0, 0.2, 0.3, 0.6, 0.99, 1.0):
+        assert lr_factors(t, schedules) == [s.factor(t) for s in schedules]
+    assert lr_factors(0.6, schedules)[0] == 0.0 and lr_factors(0.6, schedules)[-1] > 0
 
 
 def test_frozen_from_t_i_on_and_head_never():
@@ -90,13 +99,13 @@ def test_freeze_step_agrees_with_the_comparison():
 @pytest.mark.parametrize("t0", [0, -0.1, 1.5, float("nan"), True, "0.5"])
 def test_bad_t0(t0):
     with pytest.raises(ValueError, match=r"FreezeOut: t0 must be a number in \(0, 1\]"):
-        check_args(t0, "cubic")
+        check_t0(t0)
 
 
-def test_bad_schedule_and_too_few_groups():
-    with pytest.raises(ValueError, match="schedule=.quartic. is not supported; use one of"):
-        freeze_times(3, 0.8, "quartic")
-    with pytest.raises(ValueError, match="n_groups must be an integer >= 2"):
-        freeze_times(1, 0.8, "cubic")
+def test_bad_schedule_and_a_lone_group():
+    with pytest.raises(ValueError, match="FreezeOut: schedule=.quartic. is not supported; use one of"):
+        check_schedule("quartic")
+    assert check_schedule("linear") == "linear" and check_t0(1) == 1.0
+    assert freeze_times(1, 0.8, "cubic") == [1.0]  # a lone group is the head
     with pytest.raises(ValueError, match="total_steps"):
         progress(1, float("inf"))

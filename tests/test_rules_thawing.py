@@ -12,6 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from lightning_freeze import ProgressiveUnfreezing
 from lightning_freeze.rules.thawing import (
     Phase,
     PhaseError,
@@ -25,6 +26,12 @@ from lightning_freeze.rules.thawing import (
 )
 
 NAMES = ["backbone.0", "backbone.1", "backbone.2", "head"]
+# The rules take every setting from their caller (the callback): here, no trigger unless a test names one.
+NO_TRIGGER = dict(every_n_epochs=None, every_n_steps=None, groups_per_step=1, phases=None, monitor=None)
+
+
+def plan(names, **triggers):
+    return build_thaw_schedule(names, **{**NO_TRIGGER, **triggers})
 
 
 def resolved(raw, names_per_phase, monitor=None):
@@ -36,7 +43,7 @@ def resolved(raw, names_per_phase, monitor=None):
 
 
 def test_every_n_epochs_thaws_one_group_at_a_time_from_the_top():
-    schedule = build_thaw_schedule(NAMES, every_n_epochs=2)
+    schedule = plan(NAMES, every_n_epochs=2)
     assert schedule.initial == ("head",)
     assert schedule.initially_frozen == ["backbone.0", "backbone.1", "backbone.2"]
     assert [(p.layers, p.at_epoch, p.at_step) for p in schedule.phases] == [
@@ -50,7 +57,7 @@ def test_every_n_epochs_thaws_one_group_at_a_time_from_the_top():
 
 
 def test_every_n_steps_with_groups_per_step():
-    schedule = build_thaw_schedule(NAMES, every_n_steps=5, groups_per_step=2)
+    schedule = plan(NAMES, every_n_steps=5, groups_per_step=2)
     assert [(p.layers, p.at_step) for p in schedule.phases] == [
         (("backbone.1", "backbone.2"), 5),
         (("backbone.0",), 10),
@@ -61,7 +68,7 @@ def test_every_n_steps_with_groups_per_step():
 
 
 def test_monitor_schedule_has_no_times_and_thaws_in_order():
-    schedule = build_thaw_schedule(NAMES, monitor="val_loss")
+    schedule = plan(NAMES, monitor="val_loss")
     assert all(p.trigger == "monitor" for p in schedule.phases)
     assert schedule.due(epoch=100, step=10**6, done=set()) == []
     assert schedule.next_monitor_phase(set()) == 0
@@ -79,7 +86,7 @@ def test_explicit_phases_from_hydra_yaml_keep_the_spec_and_take_the_resolved_lay
     )
     phases = resolved(cfg.phases, [["backbone.2"], ["backbone.1", "backbone.0"]])
     assert phases[1].spec == ("backbone.0", "re:backbone\\.1")
-    schedule = build_thaw_schedule(NAMES, phases=phases)
+    schedule = plan(NAMES, phases=phases)
     assert schedule.initial == ("head",)
     assert [(p.layers, p.at_epoch, p.at_step, p.lr, p.lr_ratio) for p in schedule.phases] == [
         (("backbone.2",), 1, None, 0.01, None),
@@ -92,7 +99,7 @@ def test_layers_no_phase_names_train_from_the_start_and_a_phase_at_zero_too():
         [{"layers": "head", "at_epoch": 0, "lr": 0.5}, {"layers": "backbone.*", "at_epoch": 1}],
         [["head"], ["backbone.0", "backbone.1", "backbone.2"]],
     )
-    schedule = build_thaw_schedule(NAMES + ["extra"], phases=phases)
+    schedule = plan(NAMES + ["extra"], phases=phases)
     assert schedule.initial == ("head", "extra")
     assert len(schedule.phases) == 1
     assert schedule.phase_of("head").lr == 0.5
@@ -132,9 +139,9 @@ def test_overlapping_resolved_phases_are_an_error():
     with pytest.raises(
         PhaseError, match="phases 0 and 1 both thaw layer 'backbone.1'; phases must be disjoint"
     ):
-        build_thaw_schedule(NAMES, phases=phases)
+        plan(NAMES, phases=phases)
     with pytest.raises(PhaseError, match="not resolved"):
-        build_thaw_schedule(NAMES, phases=parse_phases([{"layers": "head", "at_epoch": 1}]))
+        plan(NAMES, phases=parse_phases([{"layers": "head", "at_epoch": 1}]))
 
 
 def test_monitor_phases_must_not_have_times_and_triggers_do_not_mix():
@@ -142,19 +149,24 @@ def test_monitor_phases_must_not_have_times_and_triggers_do_not_mix():
         parse_phases([{"layers": "backbone.2", "at_epoch": 1}], monitor="val_loss")
     assert parse_phases([{"layers": "backbone.*"}], monitor="val_loss")[0].trigger == "monitor"
     with pytest.raises(PhaseError, match="not both"):
-        check_triggers(every_n_epochs=2, every_n_steps=3)
+        check_triggers(**{**NO_TRIGGER, "every_n_epochs": 2, "every_n_steps": 3})
     with pytest.raises(PhaseError, match="not both"):
-        check_triggers(every_n_steps=3, phases=parse_phases([{"layers": "head", "at_epoch": 1}]))
-    with pytest.raises(PhaseError, match="every_n_epochs must be a positive integer or None, got 0"):
-        check_triggers(every_n_epochs=0)
-    with pytest.raises(PhaseError, match="groups_per_step must be a positive integer, got -1"):
-        check_triggers(groups_per_step=-1)
+        check_triggers(
+            **{**NO_TRIGGER, "every_n_steps": 3, "phases": parse_phases([{"layers": "head", "at_epoch": 1}])}
+        )
     with pytest.raises(PhaseError, match="no thaw trigger"):
-        check_triggers(every_n_epochs=None)
+        check_triggers(**NO_TRIGGER)
+
+
+def test_single_values_are_checked_where_they_enter_the_constructor():
+    with pytest.raises(PhaseError, match="every_n_epochs must be a positive integer or None, got 0"):
+        ProgressiveUnfreezing(every_n_epochs=0)
+    with pytest.raises(PhaseError, match="groups_per_step must be a positive integer, got -1"):
+        ProgressiveUnfreezing(groups_per_step=-1)
 
 
 def test_discriminative_lrs_divide_by_lr_decay_per_level_below_the_head():
-    schedule = build_thaw_schedule(NAMES)
+    schedule = plan(NAMES, every_n_epochs=1)
     lrs = [target_lr(schedule, n, 0.026, 2.6) for n in NAMES]
     assert lrs[-1] == 0.026
     assert [lrs[i + 1] / lrs[i] for i in range(3)] == pytest.approx([2.6] * 3)
@@ -187,13 +199,13 @@ def test_plateau_tracker():
     assert (t2.best, t2.wait) == (0.5, 2)
     t.reset()
     assert t.update(0.9) == (True, False)
-    mx = PlateauTracker(mode="max", patience=1)
+    mx = PlateauTracker(mode="max", patience=1, min_delta=0.0)
     assert mx.update(0.5) == (True, False) and mx.update(0.4) == (False, True)
-    assert PlateauTracker().update(math.nan) == (False, True)
+    assert PlateauTracker("min", 1, 0.0).update(math.nan) == (False, True)
     with pytest.raises(PhaseError, match="mode='up' is not supported"):
-        PlateauTracker(mode="up")
+        PlateauTracker(mode="up", patience=1, min_delta=0.0)
     with pytest.raises(PhaseError, match="patience must be a positive integer"):
-        PlateauTracker(patience=0)
+        PlateauTracker(mode="min", patience=0, min_delta=0.0)
 
 
 def test_pure_rules_import_without_torch_lightning_or_hydra():

@@ -53,7 +53,7 @@ def test_head_first_then_top_down_with_discriminative_lrs_and_frozen_layers_unto
     model = Net()
     before = snapshot(model.backbone[0])
     rec = Recorder()
-    cb = ProgressiveUnfreezing(LAYERS, every_n_epochs=1)
+    cb = ProgressiveUnfreezing(LAYERS, every_n_epochs=1, plot=True)
     t = fit(model, [cb, rec], tmp_path, max_epochs=3, log_every_n_steps=1, logger=True)
     # epoch 0: only the head; epoch 1: + backbone.2; epoch 2: + backbone.1; backbone.0 never thawed
     by_epoch = {0: rec.rows[0], 1: rec.rows[8], 2: rec.rows[16]}
@@ -281,7 +281,7 @@ def test_timeline_png_shows_the_thaws(tmp_path):
     torch.manual_seed(0)
     fit(
         Net(scheduler="cosine", total_steps=32),
-        [ProgressiveUnfreezing(LAYERS, every_n_steps=8, warmup_steps=4)],
+        [ProgressiveUnfreezing(LAYERS, every_n_steps=8, warmup_steps=4, plot=True)],
         tmp_path,
         max_epochs=4,
         limit_val_batches=0,

@@ -52,7 +52,7 @@ class CosineFactor:
         self.total = total
 
     def __call__(self, step: int) -> float:
-        return cosine_factor(step / self.total)
+        return cosine_factor(step / self.total, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def _contenders(ctx: BenchContext, task: Task, seeds: list[int]) -> list[Contend
 
 def _frozen_share(n_groups: int, t0: float) -> float:
     """Mean over the managed layers and the head of (1 - t_i): the share of layer-steps spent frozen."""
-    return statistics.fmean(1 - s.t for s in freezeout_schedule(n_groups, t0, "cubic"))
+    return statistics.fmean(1 - s.t for s in freezeout_schedule(n_groups, t0, "cubic", True))
 
 
 def _paired(m, base, metric: str) -> list[float]:

@@ -6,7 +6,7 @@ and applies the decisions:
 - after every backward pass that ends in an optimizer step (``on_before_optimizer_step``: gradients are
   accumulated, all-reduced under DDP, unscaled under AMP, not yet clipped) it adds each training layer's
   gradient norm to the interval's sums, on the device, without a host sync;
-- every ``check_every_n_steps`` optimizer steps (from ``min_steps`` on, and not while ``monitor`` is getting
+- every ``check_every_n_steps`` optimizer steps (default: half an epoch; from ``min_steps`` on, and not while ``monitor`` is getting
   worse) rank 0 decides and broadcasts the decision, so every rank freezes the same layers at the same step;
   the shared engine then freezes them, and under DDP they leave the all-reduce;
 - the sums, the previous interval, the history and the guard's state live in the callback state, so a run
@@ -20,13 +20,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec, NormMode
+from lightning_freeze.callbacks.records import SignalHistory
 from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules import adaptive
-from lightning_freeze.validation import check_str
+from lightning_freeze.validation import check_choice, check_int, check_str
 
 
 class AdaptiveFreeze(FreezingCallback):
@@ -41,12 +43,36 @@ class AdaptiveFreeze(FreezingCallback):
     trainable parameters outside ``layers``, else the last layer),
     and with ``monitor`` nothing more freezes after a validation that was worse than the one before.
 
+    The defaults are the setting the benchmark measured (``benchmarks/comparisons/adaptive.py``): a check
+    every half epoch, the 30th percentile, nothing frozen in the first 20% of training.
+
+    Args:
+        layers: the layers in forward order, the head last: a glob on module names, ``"re:<regex>"``,
+            ``"auto"`` (the model's blocks), or a list of them. Only a front prefix ever freezes.
+        check_every_n_steps: optimizer steps per check; the gradient norms are summed over this interval
+            (None: half an epoch's optimizer steps, at least 1).
+        criterion: ``"grad_norm_change"`` (AutoFreeze: the relative change of a layer's gradient norm between
+            two intervals) or ``"grad_norm"`` (the gradient norm per parameter element).
+        percentile: with ``grad_norm_change``, the candidates are the layers at or below this percentile of
+            the changes of the layers still training, in (0, 100).
+        threshold: with ``grad_norm`` (and only then), the candidates are the layers at or below this norm.
+        min_steps: no freezing before this many optimizer steps (an int) or this fraction of training (a
+            float in [0, 1)).
+        max_frozen: at most this many layers freeze (None: every layer but the head).
+        monitor: an optional validation metric: no further freezing after a validation that was worse than
+            the one before (needs a validation loop).
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        norm: ``"eval"`` keeps the frozen layers' norm statistics and affine weights fixed; ``"train"`` lets
+            norm layers train.
+        plot: write the freeze timeline (JSON and PNG, with each layer's score and the threshold) to each
+            logger's folder at the end of fit and log it to loggers that take images.
+
     A run over the digits model (14 steps per epoch, a check every 4 steps from step 8 on); the layers
     freeze front to back, at check steps:
 
     >>> import torch
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
-    >>> adaptive = AdaptiveFreeze(check_every_n_steps=4, min_steps=8, plot=False)
+    >>> adaptive = AdaptiveFreeze(check_every_n_steps=4, min_steps=8)
     >>> _ = torch.manual_seed(0)
     >>> model = DigitsClassifier(pretrained=False)
     >>> example_trainer(max_epochs=2, callbacks=[adaptive]).fit(model, example_loader(n=896, batch_size=64))
@@ -60,39 +86,35 @@ class AdaptiveFreeze(FreezingCallback):
     """
 
     ordered_layers = True
+    monitor_purpose = "guards freezing with validation results"
 
     def __init__(
         self,
         layers: LayerSpec = "auto",
-        check_every_n_steps: int = 50,
-        criterion: str = "grad_norm_change",
+        check_every_n_steps: int | None = None,
+        criterion: adaptive.Criterion = "grad_norm_change",
         percentile: float = 30.0,
         threshold: float | None = None,
-        min_steps: int | float = 0.1,
+        min_steps: int | float = 0.2,
         max_frozen: int | None = None,
         monitor: str | None = None,
         mode: str = "min",
-        norm: str = "eval",
-        plot: bool = True,
+        norm: NormMode = "eval",
+        plot: bool = False,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
-        adaptive.check_settings(
-            check_every_n_steps=check_every_n_steps,
-            criterion=criterion,
-            percentile=percentile,
-            threshold=threshold,
-            min_steps=min_steps,
-            max_frozen=max_frozen,
-            mode=mode,
+        where = "AdaptiveFreeze"
+        self.check_every_n_steps = check_int(
+            check_every_n_steps, "check_every_n_steps", minimum=1, allow_none=True, where=where
         )
-        self.check_every_n_steps = check_every_n_steps
-        self.criterion = criterion
-        self.percentile = float(percentile)
-        self.threshold = None if threshold is None else float(threshold)
-        self.min_steps = min_steps
-        self.max_frozen = max_frozen
-        self.monitor = check_str(monitor, "monitor", allow_none=True, where="AdaptiveFreeze")
-        self.mode = mode
+        self.criterion = check_choice(criterion, "criterion", adaptive.CRITERIA, where=where)
+        self.percentile = adaptive.check_percentile(percentile)
+        self.threshold = adaptive.check_threshold(threshold, self.criterion)
+        self.min_steps = adaptive.check_min_steps(min_steps)
+        self.max_frozen = check_int(max_frozen, "max_frozen", minimum=1, allow_none=True, where=where)
+        self.monitor = check_str(monitor, "monitor", allow_none=True, where=where)
+        self.mode = check_choice(mode, "mode", ("min", "max"), where=where)
+        self._check_every = self.check_every_n_steps or 1  # the interval in use, known at train start
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -102,11 +124,12 @@ class AdaptiveFreeze(FreezingCallback):
         self._paused = False  # the monitor guard
         self._last_metric: float | None = None
         self._start_step = 0
-        self.signals: dict[str, Any] = {"step": [], "score": {}, "threshold": []}
+        self.signals = SignalHistory()
         self._tracked_for: frozenset[str] | None = None
         self._tracked_params: list[tuple[torch.nn.Parameter, int]] = []
 
     # ------------------------------------------------------------------ FreezingCallback interface
+    @override
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         # The head is what trains outside the managed layers (layers="backbone.*"), else the last managed layer.
         managed = {id(p) for layer in layers for p in layer.params}
@@ -131,6 +154,7 @@ class AdaptiveFreeze(FreezingCallback):
         self._elements = [max(1, sum(p.numel() for p in layer.params if p.requires_grad)) for layer in layers]
         self._position = {layer.name: i for i, layer in enumerate(layers)}
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {
             "adaptive": {
@@ -139,10 +163,11 @@ class AdaptiveFreeze(FreezingCallback):
                 "previous": dict(self._previous),
                 "paused": self._paused,
                 "last_metric": self._last_metric,
-                "signals": self.signals,
+                "signals": self.signals.to_state(),
             }
         }
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("adaptive")
         if saved is None:
@@ -152,22 +177,27 @@ class AdaptiveFreeze(FreezingCallback):
         self._previous = dict(saved["previous"])
         self._paused = bool(saved["paused"])
         self._last_metric = saved["last_metric"]
-        self.signals = saved["signals"]
+        self.signals = SignalHistory.from_state(saved["signals"])
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start_step = adaptive.warmup_steps(self.min_steps, trainer.estimated_stepping_batches)
-        if self.monitor is not None:
-            from lightning_freeze.callbacks.unfreezing import _has_validation
+        self._check_every = self.check_every_n_steps or self._half_epoch(trainer)
 
-            if not _has_validation(trainer, pl_module):
-                raise ValueError(
-                    f"AdaptiveFreeze: monitor={self.monitor!r} guards freezing with validation results, but this "
-                    "fit runs no validation (no val dataloader, no validation_step, or limit_val_batches=0). Give "
-                    "the fit a validation loop, or set monitor=None."
-                )
+    @staticmethod
+    def _half_epoch(trainer: pl.Trainer) -> int:
+        """Half an epoch's optimizer steps (at least 1): the default check interval."""
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "AdaptiveFreeze: check_every_n_steps=None checks every half epoch, but this fit's epochs have no "
+                "known length (an iterable dataset without __len__). Set check_every_n_steps."
+            )
+        return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)) // 2)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -203,22 +233,15 @@ class AdaptiveFreeze(FreezingCallback):
             self._tracked_for = key
         return self._tracked_params
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
         step = trainer.global_step
-        if self._steps_in_interval >= self.check_every_n_steps and step % self.check_every_n_steps == 0:
+        if self._steps_in_interval >= self._check_every and step % self._check_every == 0:
             self._check(trainer, pl_module, step)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise RuntimeError(
-                f"AdaptiveFreeze: monitor={self.monitor!r} was not logged during validation; logged metrics are "
-                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in validation_step"
-            )
-        value = float(trainer.strategy.broadcast(float(value), src=0))  # every rank guards alike
+    @override
+    def on_monitored_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> None:
         self._paused = adaptive.metric_worsened(self._last_metric, value, self.mode)
         self._last_metric = value
 
@@ -264,20 +287,20 @@ class AdaptiveFreeze(FreezingCallback):
         )
 
     def _remember(self, step: int, decision: adaptive.Decision) -> None:
-        self.signals["step"].append(step)
-        for layer in self.layers:
-            series = self.signals["score"].setdefault(layer.name, [])
-            series.extend([None] * (len(self.signals["step"]) - 1 - len(series)))
-            value = decision.scores.get(layer.name)
-            series.append(value if value is not None and math.isfinite(value) else None)
-        self.signals["threshold"].append(decision.threshold)
+        scores = {
+            layer.name: value if value is not None and math.isfinite(value) else None
+            for layer in self.layers
+            for value in [decision.scores.get(layer.name)]
+        }
+        self.signals.record(step, scores, decision.threshold)
 
+    @override
     def timeline(self, end_step: int) -> dict[str, Any]:
         data = super().timeline(end_step)
         data.update(
-            signals=self.signals["score"],
-            signal_steps=self.signals["step"],
-            threshold=self.signals["threshold"],
+            signals=self.signals.score,
+            signal_steps=self.signals.step,
+            threshold=self.signals.threshold,
             signal_name="gradient-norm change"
             if self.criterion == "grad_norm_change"
             else "gradient norm / element",

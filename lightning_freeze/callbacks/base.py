@@ -4,7 +4,7 @@ A subclass decides *when* layers freeze or thaw and calls :meth:`FreezingCallbac
 class does the rest in the same way for every callback:
 
 - ``setup``: resolve the layers (``auto`` runs the model once on the first samples of the training
-  data, see :func:`example_batch`) and freeze the ones the subclass starts frozen, before DDP wraps the
+  data, see :mod:`lightning_freeze.engine.example`) and freeze the ones the subclass starts frozen, before DDP wraps the
   model, so DDP never registers them and needs no ``find_unused_parameters``;
 - ``load_state_dict`` (resume): put every layer back in the state it had when the checkpoint was saved,
   also before DDP wraps the model;
@@ -14,8 +14,15 @@ class does the rest in the same way for every callback:
   left in eval mode);
 - on every transition under DDP: wrap the model in a fresh ``DistributedDataParallel``, so newly thawed
   parameters are all-reduced and frozen ones cost no communication;
+- ``on_validation_end``: with a ``monitor``, the monitored value (rank 0's, broadcast, so every rank decides
+  alike) goes to :meth:`FreezingCallback.on_monitored_value`;
+- ``on_train_end``: with ``plot=True``, the timeline goes to every logger's folder and every logger that
+  takes images;
 - ``teardown`` and ``on_exception``: hand the model back as it was given (``requires_grad``, modes), so
   a second fit with a new Trainer, or a retry after a failure, starts clean.
+
+A step where nothing changes costs a few counter checks here: the LR history is sampled (at most
+``_MAX_HISTORY_POINTS`` points per fit) and the trainable counts that are logged change only at a transition.
 """
 
 from __future__ import annotations
@@ -24,36 +31,57 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
+from lightning_freeze.callbacks.records import Action, Event, LrHistory
 from lightning_freeze.callbacks.resume import ensure_exact_resume
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.adapters import trainable_report
+from lightning_freeze.engine.example import example_input
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
-from lightning_freeze.engine.layers import Layer, check_forward_order, preserved_rng, select_layers
-from lightning_freeze.validation import check_bool, check_choice, check_layer_spec
+from lightning_freeze.engine.layers import Layer, check_forward_order, select_layers
+from lightning_freeze.validation import FreezeWarning, check_bool, check_choice, check_layer_spec
 
 LayerSpec = str | Sequence[str]
-_MAX_HISTORY_POINTS = 1000
-_EXAMPLE_SAMPLES = 2
+NormMode = Literal["eval", "train"]
+_MAX_HISTORY_POINTS = 200
 _STATE_KIND = "lightning_freeze.FreezingCallback"
 
 
 class FreezingCallback(Callback):
-    """Base class: owns the layers, the engine and everything shared by the freezing callbacks."""
+    """Base class of the freezing callbacks: owns the layers, the engine and everything they share.
+
+    A subclass decides *when* layers change and calls :meth:`transition`; it may override :meth:`prepare`,
+    :meth:`initially_frozen`, :meth:`on_optimizer_attached`, :meth:`extra_state` / :meth:`load_extra_state`
+    and, with a ``monitor``, :meth:`needs_monitored_value` / :meth:`on_monitored_value`.
+
+    Args:
+        layers: the layers to manage: a glob on module names (``"backbone.*"``), a regex written
+            ``"re:..."``, ``"auto"`` (the parameter-owning blocks in forward order, sliceable: ``"auto[:-1]"``),
+            or a list of them.
+        norm: ``"eval"`` keeps the norm layers of frozen layers fixed (statistics and affine weights);
+            ``"train"`` lets them train, like fastai's ``train_bn``.
+        plot: write ``freeze_timeline.json`` and ``freeze_timeline.png`` (frozen spans, LR per group) to every
+            logger's folder at the end of fit, and log the image to every logger that takes images.
+    """
 
     #: whether the order of the managed layers means something (the head last, freeze order): checked
     #: against the forward order when an example batch is at hand.
-    ordered_layers = False
+    ordered_layers: ClassVar[bool] = False
+    #: for the error when a ``monitor`` is set and the fit runs no validation: what the value is used for,
+    #: and what to do instead.
+    monitor_purpose: ClassVar[str] = "is read after each validation"
+    monitor_alternative: ClassVar[str] = "set monitor=None"
 
-    def __init__(self, layers: LayerSpec = "auto", norm: str = "eval", plot: bool = True) -> None:
+    def __init__(self, layers: LayerSpec = "auto", norm: NormMode = "eval", plot: bool = False) -> None:
         super().__init__()
         where = type(self).__name__
         self.layer_spec = check_layer_spec(layers, where=where)
@@ -65,12 +93,24 @@ class FreezingCallback(Callback):
             hint="'eval' keeps frozen norm layers fixed; 'train' lets them train, like fastai's train_bn",
         )
         self.plot = check_bool(plot, "plot", where=where)
+        self.monitor: str | None = None
         self.engine: FreezeEngine | None = None
         self.layers: list[Layer] = []
-        self.events: list[dict[str, Any]] = []
-        self.history: dict[str, Any] = {"step": [], "lr": {}}
+        self.events: list[Event] = []
+        self.history = LrHistory()
         self._frozen_at_start: list[str] = []
         self._record_every = 1
+        self._other_groups: list[
+            tuple[int, str]
+        ] = []  # param groups outside the managed layers: (index, name)
+        self._logged_stats: dict[str, float] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Keyed by the layer spec, so that two callbacks of one kind reach our own message in setup instead of
+        # Lightning's generic "more than one stateful callback" error.
+        return self._generate_state_key(layers=self.layer_spec)
 
     # ------------------------------------------------------------------ what subclasses decide
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
@@ -82,40 +122,44 @@ class FreezingCallback(Callback):
         return []
 
     def extra_state(self) -> dict[str, Any]:
+        """The subclass's own checkpoint state (plain containers and tensors)."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what :meth:`extra_state` saved (``state`` is the whole callback state)."""
 
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called at fit start once the optimizer is split into per-layer groups."""
 
+    def needs_monitored_value(self) -> bool:
+        """Whether the value of ``monitor`` is still needed after this validation (False: not even read)."""
+        return True
+
+    def on_monitored_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> None:
+        """Act on ``monitor``'s value after a validation of the fit (rank 0's value, the same on every rank)."""
+
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         name = type(self).__name__
-        others = [
-            type(cb).__name__
-            for cb in trainer.callbacks
-            if isinstance(cb, FreezingCallback) and cb is not self
-        ]
-        if others:
-            raise ValueError(
-                f"{name} and {others} would manage the same model; use one freezing callback per Trainer"
-            )
+        self._refuse_other_freezing_callbacks(trainer)
         self._release()  # a previous fit of this callback object that never reached teardown
         ensure_exact_resume(trainer)  # freeze state alone does not replay a run: RNG and loader position too
-        example = self._example(trainer, pl_module)
+        specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
+        wants_example = self.ordered_layers or any(s.strip().startswith("auto") for s in specs)
+        example = example_input(trainer, pl_module) if wants_example else None
         self.layers = select_layers(pl_module, self.layer_spec, example_input=example)
         if self.ordered_layers and example is not None:
             check_forward_order(pl_module, self.layers, example, self.layer_spec, name)
         self.prepare(trainer, self.layers)
         self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm, owner=name)
-        self.events, self.history = [], {"step": [], "lr": {}}
+        self.events, self.history = [], LrHistory()
         self.engine.freeze(self.initially_frozen(self.layers))
         self._frozen_at_start = sorted(self.engine.frozen, key=[layer.name for layer in self.layers].index)
-        if self.engine.frozen and trainable_counts(pl_module)[0] == 0:
+        self._update_stats()
+        if self.engine.frozen and self._logged_stats["freeze/trainable_fraction"] == 0:
             self._release()
             raise ValueError(
                 f"{name}: with layers={self.layer_spec!r} every parameter of the model is frozen at the start, so "
@@ -123,6 +167,7 @@ class FreezingCallback(Callback):
                 f"(e.g. layers='backbone.*'). At the start, {trainable_report(pl_module, self.layers)}."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._require_engine()
         name = type(self).__name__
@@ -136,31 +181,53 @@ class FreezingCallback(Callback):
                     else ""
                 )
             )
-        engine.attach(trainer.optimizers[0], self._schedulers(trainer))
+        layout = engine.attach(trainer.optimizers[0], self._schedulers(trainer))
+        managed = {index for indices in layout.layer_groups.values() for index in indices}
+        self._other_groups = [
+            (index, str(group.get("name", index)))
+            for index, group in enumerate(trainer.optimizers[0].param_groups)
+            if index not in managed
+        ]
         self.on_optimizer_attached(trainer, pl_module)
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Lightning hands us our state only from the entry under our own state key; a checkpoint of another
         # freezing setup would fail later, in torch, on param groups that do not line up. Say so now.
         saved = checkpoint.get("callbacks", {})
-        others = sorted(
-            v["callback"]
+        others = {
+            k: v
             for k, v in saved.items()
             if k != self.state_key and isinstance(v, dict) and v.get("kind") == _STATE_KIND
-        )
+        }
         if self.state_key in saved or not (others or checkpoint.get("optimizer_states")):
             return
         name = type(self).__name__
-        what = f"with {others}, not with {name}" if others else f"without {name} (no state of it)"
+        same_kind = [v for v in others.values() if v.get("callback") == name]
+        if same_kind:
+            raise ValueError(
+                f"{name}: the checkpoint was saved with layers={same_kind[0].get('layer_spec')!r} (layers "
+                f"{same_kind[0].get('layers')}), but this run has layers={self.layer_spec!r}. Resume with the same "
+                "`layers` setting and model."
+            )
+        kinds = sorted(str(v.get("callback")) for v in others.values())
+        what = f"with {kinds}, not with {name}" if kinds else f"without {name} (no state of it)"
         raise ValueError(
             f"{name}: the checkpoint was saved {what}, so its optimizer holds other param groups. Resume with the "
             "freezing callback it was saved with, or start a new fit from its weights: "
             "model.load_state_dict(torch.load(path)['state_dict'])"
         )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and not _has_validation(trainer, pl_module):
+            raise ValueError(
+                f"{type(self).__name__}: monitor={self.monitor!r} {self.monitor_purpose}, but this fit runs no "
+                "validation (no val dataloader, no validation_step, or limit_val_batches=0). Give the fit a "
+                f"validation loop, or {self.monitor_alternative}."
+            )
         # Not in on_fit_start: asking for the step count there loads the train dataloader before Lightning
         # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
         total = trainer.estimated_stepping_batches
@@ -168,24 +235,48 @@ class FreezingCallback(Callback):
         self._require_engine().activate_modes()
         self._record(trainer.global_step)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step % self._record_every == 0 and (not self.history["step"] or self.history["step"][-1] != step):
+        if step % self._record_every == 0:
             self._record(step)
         if step % max(1, trainer.log_every_n_steps) == 0:
-            pl_module.log_dict(self._stats(pl_module), on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log_dict(self._logged_stats, on_step=True, on_epoch=False, rank_zero_only=True)
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.monitor is None
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or self.engine is None
+        ):
+            return
+        if not self.needs_monitored_value():
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: monitor={self.monitor!r} was not logged during validation; logged "
+                f"metrics are {sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in "
+                "validation_step"
+            )
+        # Every rank takes rank 0's value, so every rank reaches the same decision.
+        value = float(trainer.strategy.broadcast(float(value), src=0))
+        self.on_monitored_value(trainer, pl_module, value)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer.global_step)
-        # ``log_dir`` is a collective under DDP: every rank asks, rank 0 writes.
-        out_dir = trainer.log_dir or trainer.default_root_dir
         if self.plot:
-            self._write_timeline(out_dir, trainer.global_step)
+            self._publish_timeline(trainer, trainer.global_step)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._release()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -196,6 +287,7 @@ class FreezingCallback(Callback):
         if self.engine is not None:
             self.engine.release()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         engine = self.engine
         if engine is None:  # a checkpoint saved outside fit (trainer.validate/test) has nothing of ours
@@ -203,14 +295,16 @@ class FreezingCallback(Callback):
         return {
             "kind": _STATE_KIND,
             "callback": type(self).__name__,
+            "layer_spec": self.layer_spec,
             "layers": [layer.name for layer in self.layers],
             "frozen": [layer.name for layer in self.layers if engine.is_frozen(layer.name)],
-            "events": list(self.events),
-            "history": self.history,
+            "events": [dict(event) for event in self.events],
+            "history": self.history.to_state(),
             "frozen_at_start": list(self._frozen_at_start),
             **self.extra_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -225,9 +319,10 @@ class FreezingCallback(Callback):
         frozen = set(state_dict["frozen"])
         engine.thaw([n for n in names if n not in frozen])
         engine.freeze([n for n in names if n in frozen])
-        self.events = list(state_dict.get("events", []))
+        self._update_stats()
+        self.events = [Event(**event) for event in state_dict.get("events", [])]
         self._frozen_at_start = list(state_dict.get("frozen_at_start", self._frozen_at_start))
-        self.history = state_dict.get("history", {"step": [], "lr": {}})
+        self.history = LrHistory.from_state(state_dict.get("history"))
         self.load_extra_state(state_dict)
 
     # ------------------------------------------------------------------ for subclasses
@@ -241,7 +336,15 @@ class FreezingCallback(Callback):
     ) -> list[str]:
         """Freeze and thaw layers now, on every rank alike; ``lr`` sets the thawed groups' base LR.
 
-        Returns the names whose state changed.
+        Args:
+            trainer: the running Trainer.
+            freeze: names of managed layers to freeze (already frozen ones are left alone).
+            thaw: names of managed layers to thaw.
+            lr: the base LR of the thawed layers' groups: one value, or one per layer name (None: unchanged).
+            reason: why, for the events, the log line and the timeline.
+
+        Returns:
+            The names whose state changed.
         """
         engine = self._require_engine()
         frozen_now = engine.freeze(freeze)
@@ -255,11 +358,12 @@ class FreezingCallback(Callback):
         changed = frozen_now + thawed_now
         if changed:
             _rewrap_ddp(trainer)
+            self._update_stats()
             step, epoch = trainer.global_step, trainer.current_epoch
-            for name, action in [(n, "freeze") for n in frozen_now] + [(n, "thaw") for n in thawed_now]:
-                self.events.append(
-                    {"step": step, "epoch": epoch, "layer": name, "action": action, "reason": reason}
-                )
+            actions: list[tuple[str, Action]] = [(n, "freeze") for n in frozen_now]
+            actions += [(n, "thaw") for n in thawed_now]
+            for name, action in actions:
+                self.events.append(Event(step=step, epoch=epoch, layer=name, action=action, reason=reason))
             self._record(step)
             parts = [
                 f"froze {frozen_now}" if frozen_now else "",
@@ -281,7 +385,37 @@ class FreezingCallback(Callback):
         assert engine.optimizer is not None
         return optim.current_lr(engine.optimizer, engine.group_indices(name)[0])
 
+    def timeline(self, end_step: int) -> dict[str, Any]:
+        """What the freeze-timeline plot shows: layers, frozen spans (as events), LR history."""
+        return {
+            "callback": type(self).__name__,
+            "layers": [layer.name for layer in self.layers],
+            "initially_frozen": list(self._frozen_at_start),
+            "end_step": end_step,
+            "history": self.history.to_state(),
+            "events": [dict(event) for event in self.events],
+        }
+
     # ------------------------------------------------------------------ internals
+    def _refuse_other_freezing_callbacks(self, trainer: pl.Trainer) -> None:
+        name = type(self).__name__
+        others = [cb for cb in trainer.callbacks if isinstance(cb, FreezingCallback) and cb is not self]
+        if not others:
+            return
+        same = [cb for cb in others if type(cb) is type(self)]
+        if same:
+            specs = [self.layer_spec, *(cb.layer_spec for cb in same)]
+            merged = [s for spec in specs for s in ([spec] if isinstance(spec, str) else spec)]
+            raise ValueError(
+                f"{len(same) + 1} {name} callbacks in one Trainer (layers={' and '.join(repr(s) for s in specs)}) "
+                f"would manage the same model. Merge them into one: {name}(layers={merged!r}, ...); to thaw "
+                "parts at different times, use ProgressiveUnfreezing(phases=[...])."
+            )
+        raise ValueError(
+            f"{name} and {[type(cb).__name__ for cb in others]} would manage the same model; use one freezing "
+            "callback per Trainer"
+        )
+
     def _warn_if_after_the_fit(
         self, trainer: pl.Trainer, epoch: int | None, step: int | None, what: str
     ) -> None:
@@ -296,19 +430,9 @@ class FreezingCallback(Callback):
         if late:
             rank_zero_warn(
                 f"{type(self).__name__}: {what} at {' and '.join(late)}, so it never happens in this fit. Lower it, "
-                "or train longer."
+                "or train longer.",
+                category=FreezeWarning,
             )
-
-    def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """What ``auto`` and the order check run the model on: ``example_input_array``, else a batch of the
-        first samples of the training data (None if neither is at hand)."""
-        specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
-        wanted = self.ordered_layers or any(s.strip().startswith("auto") for s in specs)
-        if not wanted:
-            return None
-        if getattr(pl_module, "example_input_array", None) is not None:
-            return pl_module.example_input_array
-        return example_batch(trainer)
 
     def _require_engine(self) -> FreezeEngine:
         if self.engine is None:
@@ -319,104 +443,71 @@ class FreezingCallback(Callback):
     def _schedulers(trainer: pl.Trainer) -> list[object]:
         return [config.scheduler for config in trainer.lr_scheduler_configs]
 
-    def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        trainable, total = trainable_counts(pl_module)
+    def _update_stats(self) -> None:
+        """The logged statistics; they change only at a transition, so they are computed there."""
         engine = self._require_engine()
-        return {
+        trainable, total = trainable_counts(engine.model)
+        self._logged_stats = {
             "freeze/trainable_fraction": trainable / max(total, 1),
             "freeze/frozen_layers": float(len(engine.frozen)),
+            **self._extra_stats(engine),
         }
+
+    def _extra_stats(self, engine: FreezeEngine) -> dict[str, float]:
+        return {}
 
     def _record(self, step: int) -> None:
-        engine = self._require_engine()
-        if engine.optimizer is None:
+        engine = self.engine
+        if engine is None or engine.optimizer is None:
             return
-        if self.history["step"] and self.history["step"][-1] == step:
-            for series in self.history["lr"].values():
-                series.pop()
-            self.history["step"].pop()
-        self.history["step"].append(step)
-        for layer in self.layers:
-            lr = None if engine.is_frozen(layer.name) else self.effective_lr(layer.name, step)
-            self.history["lr"].setdefault(layer.name, []).append(lr)
-
-    def timeline(self, end_step: int) -> dict[str, Any]:
-        """What the freeze-timeline plot shows: layers, frozen spans (as events), LR history."""
-        return {
-            "callback": type(self).__name__,
-            "layers": [layer.name for layer in self.layers],
-            "initially_frozen": list(self._frozen_at_start),
-            "end_step": end_step,
-            "history": self.history,
-            "events": self.events,
+        lrs: dict[str, float | None] = {
+            layer.name: None if engine.is_frozen(layer.name) else self.effective_lr(layer.name, step)
+            for layer in self.layers
         }
+        for index, name in self._other_groups:
+            lrs[name] = optim.current_lr(engine.optimizer, index)
+        self.history.record(step, lrs)
 
     @rank_zero_only
-    def _write_timeline(self, out_dir: str, end_step: int) -> None:
-        from lightning_freeze.callbacks.timeline import plot_timeline
+    def _publish_timeline(self, trainer: pl.Trainer, end_step: int) -> None:
+        """The timeline's JSON and PNG in every logger's folder (no logger: the root dir), and the image in every
+        logger that takes images."""
+        from lightning_freeze.callbacks.timeline import (
+            TIMELINE_NAME,
+            figure_image,
+            log_timeline_image,
+            save_figure,
+            timeline_figure,
+        )
 
-        os.makedirs(out_dir, exist_ok=True)
         data = self.timeline(end_step)
-        with open(os.path.join(out_dir, "freeze_timeline.json"), "w") as fh:
-            json.dump(data, fh)
-        path = plot_timeline(data, os.path.join(out_dir, "freeze_timeline.png"))
-        if path:
-            rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
+        figure = timeline_figure(data)
+        for out_dir in _log_dirs(trainer):
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, f"{TIMELINE_NAME}.json"), "w") as fh:
+                json.dump(data, fh)
+            if figure is not None:
+                path = os.path.join(out_dir, f"{TIMELINE_NAME}.png")
+                save_figure(figure, path)
+                rank_zero_info(f"{type(self).__name__}: freeze timeline written to {path}")
+        if figure is not None:
+            log_timeline_image(trainer.loggers, figure_image(figure), end_step)
 
 
-def example_batch(trainer: pl.Trainer) -> Any:
-    """A batch of the first samples of the training data, or None.
-
-    Built from the train loader's dataset and ``collate_fn`` by index, never by iterating the loader: no
-    sampler, generator or worker is touched, and the random generators are restored afterwards (a
-    dataset that augments draws from them), so the data order and an exact resume are as without it.
-    An ``IterableDataset`` has no first samples to read this way: None.
-    """
-    loader = _first_loader(_train_loaders(trainer))
-    dataset = getattr(loader, "dataset", None)
-    if loader is None or dataset is None or isinstance(dataset, IterableDataset):
-        return None
-    try:
-        size = min(len(dataset), _EXAMPLE_SAMPLES)
-    except TypeError:
-        return None
-    if size == 0:
-        return None
-    with preserved_rng():
-        if getattr(loader, "batch_size", None) is None and getattr(loader, "batch_sampler", None) is None:
-            return loader.collate_fn(dataset[0])  # automatic batching off: items are batches
-        return loader.collate_fn([dataset[i] for i in range(size)])
+def _log_dirs(trainer: pl.Trainer) -> list[str]:
+    """Each logger's folder, once each (Lightning's ``trainer.log_dir`` is the first logger's only)."""
+    dirs: list[str] = []
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or logger.save_dir
+        if folder and str(folder) not in dirs:
+            dirs.append(str(folder))
+    return dirs or [trainer.default_root_dir]
 
 
-def _train_loaders(trainer: pl.Trainer) -> Any:
-    # Where Lightning keeps what fit() was given: a loader, or the datamodule / model with a train_dataloader
-    # hook. Before the fit loop sets up its data (it has not at setup) this is the only handle on it.
-    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-    instance = getattr(source, "instance", None)
-    if instance is None:
-        instance = trainer.datamodule
-    if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
-        try:
-            return instance.train_dataloader()
-        except Exception:  # noqa: BLE001 - no loader yet (or not implemented): no example
-            return None
-    return instance
-
-
-def _first_loader(loaders: Any) -> Any:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    for attr in ("iterables", "flattened"):  # CombinedLoader
-        if hasattr(loaders, attr):
-            return _first_loader(getattr(loaders, attr))
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        for item in loaders:
-            found = _first_loader(item)
-            if found is not None:
-                return found
-    return None
+def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
+    return bool(trainer.val_dataloaders is not None and sum(trainer.num_val_batches) > 0)
 
 
 def _rewrap_ddp(trainer: pl.Trainer) -> None:

@@ -11,20 +11,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
-from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec, NormMode
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.rules.freezeout import (
     GroupSchedule,
-    check_args,
+    ScheduleName,
+    check_schedule,
+    check_t0,
     freeze_step,
     freezeout_schedule,
+    lr_factors,
     progress,
 )
-from lightning_freeze.validation import check_bool
+from lightning_freeze.validation import FreezeWarning, check_bool
 
 
 class FreezeOut(FreezingCallback):
@@ -49,11 +53,22 @@ class FreezeOut(FreezingCallback):
     ``configure_optimizers`` is rejected at fit start (two schedules would fight over ``group["lr"]``).
     Weight decay, momentum, betas and the base LR come from your optimizer.
 
+    Args:
+        layers: the layers to freeze one after the other, in forward order: a glob on module names,
+            ``"re:<regex>"``, ``"auto"`` (the model's blocks; the last one is the head), or a list of them.
+        t0: when the first layer freezes, as a fraction of training in (0, 1], before the schedule's power.
+        schedule: how the freeze times grow with depth: ``"linear"``, ``"squared"`` or ``"cubic"``.
+        scale_lr: start layer ``i`` at ``base_lr / t_i``, so the layers that freeze early take larger steps.
+        norm: ``"eval"`` keeps a frozen layer's norm statistics and affine weights fixed; ``"train"`` lets
+            norm layers keep training.
+        plot: write the freeze timeline (JSON and PNG: frozen spans and every group's LR) to each logger's
+            folder at the end of fit and log it to loggers that take images.
+
     Three backbone blocks and the head (outside ``layers``: the last group) over 8 steps, ``t0=0.5``
     linear: the blocks freeze at t = 1/2, 2/3 and 5/6, i.e. before optimizer steps 4, 6 and 7:
 
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
-    >>> freezeout = FreezeOut("backbone.*", t0=0.5, schedule="linear", plot=False)
+    >>> freezeout = FreezeOut("backbone.*", t0=0.5, schedule="linear")
     >>> example_trainer(max_epochs=2, callbacks=[freezeout]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> {name: round(t, 3) for name, t in freezeout.layer_times().items()}
     {'backbone.0': 0.5, 'backbone.1': 0.667, 'backbone.2': 0.833}
@@ -67,19 +82,22 @@ class FreezeOut(FreezingCallback):
         self,
         layers: LayerSpec = "auto",
         t0: float = 0.8,
-        schedule: str = "cubic",
+        schedule: ScheduleName = "cubic",
         scale_lr: bool = True,
-        norm: str = "eval",
-        plot: bool = True,
+        norm: NormMode = "eval",
+        plot: bool = False,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
-        self.t0 = check_args(t0, schedule)
-        self.schedule = schedule
+        self.t0 = check_t0(t0)
+        self.schedule = check_schedule(schedule)
         self.scale_lr = check_bool(scale_lr, "scale_lr", where="FreezeOut")
         self.total_steps: int | None = None
         self.layer_schedules: dict[str, GroupSchedule] = {}  # managed layer -> its schedule
         self._head_schedule: GroupSchedule | None = None  # the groups outside the managed layers
-        self._group_schedules: list[tuple[int, GroupSchedule]] = []  # param group index -> schedule
+        self._group_indices: list[int] = []  # every param group, and its schedule in the same position
+        self._group_schedules: list[GroupSchedule] = []
+        self._next_freeze_step: int | None = None  # the first step at which a layer still training is due
+        self._lrs_set_for: int | None = None  # the optimizer step the groups' LRs are set for
         self._checkpoint_settings: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -93,6 +111,7 @@ class FreezeOut(FreezingCallback):
         return {name: freeze_step(s.t, self.total_steps) for name, s in self.layer_schedules.items()}
 
     # ------------------------------------------------------------------ FreezingCallback hooks
+    @override
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         model = trainer.lightning_module
         managed = {id(p) for layer in layers for p in layer.params}
@@ -119,6 +138,7 @@ class FreezeOut(FreezingCallback):
         self.layer_schedules = {layer.name: s for layer, s in zip(scheduled, schedules, strict=False)}
         self._head_schedule = schedules[-1]
 
+    @override
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedulers = self._schedulers(trainer)
         if schedulers:
@@ -134,12 +154,16 @@ class FreezeOut(FreezingCallback):
         for name, schedule in self.layer_schedules.items():
             for index in engine.group_indices(name):
                 per_group[index] = schedule
-        self._group_schedules = list(enumerate(per_group))
+        self._group_indices = list(range(len(per_group)))
+        self._group_schedules = per_group
         self.total_steps = None  # known in on_train_start (asking earlier breaks mid-epoch resume)
+        self._lrs_set_for = self._next_freeze_step = None
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"freezeout": self._settings()}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._checkpoint_settings = state.get("freezeout")
 
@@ -156,10 +180,12 @@ class FreezeOut(FreezingCallback):
         if changed:
             rank_zero_warn(
                 f"FreezeOut: resuming with different settings than the checkpoint (checkpoint, now): {changed}. "
-                "The freeze times follow the new settings; layers already frozen stay frozen."
+                "The freeze times follow the new settings; layers already frozen stay frozen.",
+                category=FreezeWarning,
             )
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # The step count is read here, not at fit start: asking earlier sets the train dataloader up before
@@ -179,10 +205,13 @@ class FreezeOut(FreezingCallback):
         self._set_lrs(trainer.global_step)
         self._record(trainer.global_step)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._freeze_due(trainer)
-        self._set_lrs(trainer.global_step)
+        if self._next_freeze_step is not None and trainer.global_step >= self._next_freeze_step:
+            self._freeze_due(trainer)
+        self._set_lrs(trainer.global_step)  # set already at the previous batch's end, unless resumed or first
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Set the next step's LRs now as well, so a LearningRateMonitor placed before us in the callback
         # list (it reads group["lr"] in on_train_batch_start) logs the LR that step will really use.
@@ -190,27 +219,8 @@ class FreezeOut(FreezingCallback):
         super().on_train_batch_end(trainer, pl_module, *args)
 
     # ------------------------------------------------------------------ internals
-    def _record(self, step: int) -> None:
-        # The base records the managed layers; add the groups outside them (the head), so the timeline
-        # shows every schedule FreezeOut runs.
-        super()._record(step)
-        engine = self.engine
-        if (
-            engine is None
-            or engine.optimizer is None
-            or not self.history["step"]
-            or self.history["step"][-1] != step
-        ):
-            return
-        managed = {i for layer in self.layers for i in engine.group_indices(layer.name)}
-        for index, group in enumerate(engine.optimizer.param_groups):
-            if index not in managed:
-                series = self.history["lr"].setdefault(str(group.get("name", index)), [])
-                series.extend([None] * (len(self.history["step"]) - 1 - len(series)))
-                series.append(optim.current_lr(engine.optimizer, index))
-
     def _freeze_due(self, trainer: pl.Trainer) -> None:
-        """Freeze, in layer order, the layers whose freeze time has come."""
+        """Freeze, in layer order, the layers whose freeze time has come, and find the next freeze step."""
         engine = self._require_engine()
         if self.total_steps is None:
             return
@@ -223,12 +233,18 @@ class FreezeOut(FreezingCallback):
         if due:
             times = ", ".join(f"{n}: t_i={self.layer_schedules[n].t:.4g}" for n in due)
             self.transition(trainer, freeze=due, reason=f"t={t:.4g} >= {times}")
+        upcoming = [
+            step
+            for name, step in self.freeze_steps().items()
+            if step is not None and not engine.is_frozen(name)
+        ]
+        self._next_freeze_step = min(upcoming, default=None)
 
     def _set_lrs(self, step: int) -> None:
-        """Every group's LR for optimizer step ``step``: its base LR times its schedule's factor."""
+        """Every group's LR for optimizer step ``step``: one pass over the groups (its base LR times its factor)."""
         engine = self._require_engine()
-        if engine.optimizer is None or self.total_steps is None:
+        if engine.optimizer is None or self.total_steps is None or self._lrs_set_for == step:
             return
-        t = progress(step, self.total_steps)
-        for index, schedule in self._group_schedules:
-            optim.set_lr_factor(engine.optimizer, index, schedule.factor(t))
+        factors = lr_factors(progress(step, self.total_steps), self._group_schedules)
+        optim.set_lr_factors(engine.optimizer, self._group_indices, factors)
+        self._lrs_set_for = step

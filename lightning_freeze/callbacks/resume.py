@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from typing_extensions import override
 
 __all__ = ["ExactResume", "ensure_exact_resume"]
 
@@ -80,7 +81,7 @@ def _world() -> tuple[int, int]:
 class ExactResume(pl.Callback):
     """Apply the train loader state Lightning skipped, and save/restore every rank's random generators.
 
-    Add it once per Trainer (:func:`ensure_exact_resume` does that). Under DDP, ``state_dict`` gathers
+    It takes no arguments. Add it once per Trainer (:func:`ensure_exact_resume` does that). Under DDP, ``state_dict`` gathers
     the generator states of all ranks, so every rank must save checkpoints together, as Lightning's own
     ``ModelCheckpoint`` and ``Trainer.save_checkpoint`` do.
 
@@ -93,6 +94,7 @@ class ExactResume(pl.Callback):
     def __init__(self) -> None:
         self._pending_rng: list[dict[str, Any]] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         world, _ = _world()
         mine = _rng_state()
@@ -102,9 +104,11 @@ class ExactResume(pl.Callback):
         dist.all_gather_object(gathered, mine)
         return {"rng": gathered}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict.get("rng")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop
         # Lightning's private loop state (2.4-2.6), read defensively: another version only skips the repair

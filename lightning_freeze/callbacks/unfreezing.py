@@ -21,11 +21,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec
+from lightning_freeze.callbacks.base import FreezingCallback, LayerSpec, NormMode
 from lightning_freeze.engine import optim
 from lightning_freeze.engine.adapters import trainable_report
-from lightning_freeze.engine.freezing import untrainable_layers
+from lightning_freeze.engine.freezing import FreezeEngine, untrainable_layers
 from lightning_freeze.engine.layers import Layer, LayerSpecError, layers_within
 from lightning_freeze.rules import thawing
 from lightning_freeze.rules.thawing import Phase, PhaseError, PlateauTracker, ThawSchedule
@@ -49,15 +50,41 @@ class ProgressiveUnfreezing(FreezingCallback):
     the best validation of the finished phase are loaded before the next phase thaws (weights and
     buffers only: the optimizer state carries on).
 
+    Args:
+        layers: the managed layers in forward order, the head last: a glob on module names,
+            ``"re:<regex>"``, ``"auto"`` (the model's blocks), or a list of them.
+        every_n_epochs: thaw the next ``groups_per_step`` layers every this many epochs (the default trigger).
+        lr_decay: each layer below the head trains at ``1 / lr_decay`` of the LR of the layer above it.
+        every_n_steps: thaw every this many optimizer steps instead of by epoch.
+        groups_per_step: how many layers thaw at each automatic thaw.
+        phases: an explicit schedule instead of the automatic one: a list of mappings with ``layers`` (a
+            layer spec), ``at_epoch`` or ``at_step`` (neither with ``monitor``), and ``lr`` or ``lr_ratio``.
+        monitor: a validation metric; the next phase thaws when it has not improved for ``patience``
+            validations (needs a validation loop).
+        patience: validations without improvement of ``monitor`` before the next thaw.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is an improvement.
+        min_delta: the smallest change of ``monitor`` that counts as an improvement.
+        restore_best: before each metric-driven thaw, load the weights of the finished phase's best validation.
+        warmup_steps: a thawed layer's LR ramps linearly from ``1/warmup_steps`` of its target over this many
+            optimizer steps (0: none).
+        lr_growth: a thawed layer's LR is multiplied by this every epoch until it reaches its target (None:
+            none), as in ``BackboneFinetuning``.
+        head_lr: the head's base LR that the discriminative LRs are derived from (None: the head group's LR
+            in your optimizer).
+        norm: ``"eval"`` keeps the frozen layers' norm statistics and affine weights fixed; ``"train"`` lets
+            norm layers train.
+        plot: write the freeze timeline (JSON and PNG) to each logger's folder at the end of fit and log it
+            to loggers that take images.
+
     The head trains alone in epoch 0; one backbone block thaws per epoch from the top, each at 1/2.6
     of the LR of the block above it:
 
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
-    >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, plot=False)
+    >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1)
     >>> example_trainer(max_epochs=3, callbacks=[unfreeze]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> [(e["layer"], e["epoch"]) for e in unfreeze.events]
     [('backbone.2', 1), ('backbone.1', 2)]
-    >>> lr = {name: series[-1] for name, series in unfreeze.history["lr"].items()}
+    >>> lr = {name: series[-1] for name, series in unfreeze.history.lr.items()}
     >>> round(lr["backbone.2"] / lr["head"], 3), round(lr["backbone.1"] / lr["head"], 3), lr["backbone.0"]
     (0.385, 0.148, None)
 
@@ -67,6 +94,8 @@ class ProgressiveUnfreezing(FreezingCallback):
     """
 
     ordered_layers = True
+    monitor_purpose = "thaws at validation plateaus"
+    monitor_alternative = "thaw on a schedule: every_n_epochs / every_n_steps / phases"
 
     def __init__(
         self,
@@ -85,8 +114,8 @@ class ProgressiveUnfreezing(FreezingCallback):
         warmup_steps: int = 0,
         lr_growth: float | None = None,
         head_lr: float | None = None,
-        norm: str = "eval",
-        plot: bool = True,
+        norm: NormMode = "eval",
+        plot: bool = False,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
         where = type(self).__name__
@@ -100,23 +129,29 @@ class ProgressiveUnfreezing(FreezingCallback):
         self.head_lr = check_number(head_lr, "head_lr", low=0, low_open=True, allow_none=True, where=where)
         self.monitor = check_str(monitor, "monitor", allow_none=True, where=where)
         self.restore_best = check_bool(restore_best, "restore_best", where=where)
-        if restore_best and monitor is None:
+        if self.restore_best and self.monitor is None:
             raise ValueError(f"{where}: restore_best=True needs monitor=... (the metric that defines 'best')")
+        self.every_n_epochs = check_int(
+            every_n_epochs, "every_n_epochs", minimum=1, allow_none=True, where=where, error=PhaseError
+        )
+        self.every_n_steps = check_int(
+            every_n_steps, "every_n_steps", minimum=1, allow_none=True, where=where, error=PhaseError
+        )
+        self.groups_per_step = check_int(
+            groups_per_step, "groups_per_step", minimum=1, where=where, error=PhaseError
+        )
         try:
-            self.phases = None if phases is None else thawing.parse_phases(phases, monitor)
+            self.phases = None if phases is None else thawing.parse_phases(phases, self.monitor)
             thawing.check_triggers(
-                every_n_epochs=every_n_epochs,
-                every_n_steps=every_n_steps,
-                groups_per_step=groups_per_step,
+                every_n_epochs=self.every_n_epochs,
+                every_n_steps=self.every_n_steps,
+                groups_per_step=self.groups_per_step,
                 phases=self.phases,
-                monitor=monitor,
+                monitor=self.monitor,
             )
             self.tracker = PlateauTracker(mode=mode, patience=patience, min_delta=min_delta)
         except PhaseError as err:
             raise PhaseError(f"{where}: {err}") from None
-        self.every_n_epochs = every_n_epochs
-        self.every_n_steps = every_n_steps
-        self.groups_per_step = groups_per_step
         self.thaw_schedule: ThawSchedule | None = None
         self._step_scale: optim.StepScale | None = None
         self._reset_run_state()
@@ -130,9 +165,15 @@ class ProgressiveUnfreezing(FreezingCallback):
         self._cap_lr: dict[str, float] = {}
         self._head_lr_value: float | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._next_epoch: int | None = (
+            None  # the earliest epoch / step at which a time-triggered phase is due
+        )
+        self._next_step: int | None = None
+        self._warm_until = 0  # the step from which no thawed layer warms up any more
         self.tracker.reset()
 
     # ------------------------------------------------------------------ FreezingCallback interface
+    @override
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
         names = [layer.name for layer in layers]
         where = type(self).__name__
@@ -171,14 +212,16 @@ class ProgressiveUnfreezing(FreezingCallback):
         ) or any(p.requires_grad and id(p) not in managed for p in trainer.lightning_module.parameters())
         if not trains:
             raise PhaseError(
-                f"{where}: nothing would train before the first thaw ({self.thaw_schedule.signature()}); "
+                f"{where}: nothing would train before the first thaw ({self.thaw_schedule.describe()}); "
                 "leave at least one layer (usually the head) out of the phases, or give it at_epoch: 0. "
                 f"At the start, {trainable_report(trainer.lightning_module, layers)}."
             )
 
+    @override
     def initially_frozen(self, layers: list[Layer]) -> list[str]:
         return self._require_schedule().initially_frozen
 
+    @override
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._require_engine()
         schedule = self._require_schedule()
@@ -198,11 +241,12 @@ class ProgressiveUnfreezing(FreezingCallback):
         if self.warmup_steps > 0:
             self._step_scale = optim.StepScale(optimizer)
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         schedule = self._require_schedule()
         return {
             "unfreezing": {
-                "plan": schedule.signature(),
+                "plan": schedule.describe(),
                 "done": sorted(self._done),
                 "pending": list(self._pending),
                 "thawed_at": {k: list(v) for k, v in self._thawed_at.items()},
@@ -214,15 +258,16 @@ class ProgressiveUnfreezing(FreezingCallback):
             }
         }
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         schedule = self._require_schedule()
         saved = state.get("unfreezing")
         if saved is None:
             raise ValueError(f"{type(self).__name__}: the checkpoint holds no progressive-unfreezing state")
-        if saved["plan"] != schedule.signature():
+        if saved["plan"] != schedule.describe():
             raise PhaseError(
                 f"{type(self).__name__}: the checkpoint was saved with the thaw schedule {saved['plan']}, but this "
-                f"run plans {schedule.signature()}. Resume with the same settings."
+                f"run plans {schedule.describe()}. Resume with the same settings."
             )
         self._done = set(saved["done"])
         self._pending = list(saved["pending"])
@@ -234,46 +279,47 @@ class ProgressiveUnfreezing(FreezingCallback):
         self._best_weights = saved["best_weights"]
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         schedule = self._require_schedule()
-        if self.monitor is not None and not _has_validation(trainer, pl_module):
-            raise ValueError(
-                f"{type(self).__name__}: monitor={self.monitor!r} thaws at validation plateaus, but this fit runs no "
-                "validation (no val dataloader, no validation_step, or limit_val_batches=0). Give the fit a "
-                "validation loop, or thaw on a schedule: every_n_epochs / every_n_steps / phases."
-            )
+        self._find_next_due()
         for phase in schedule.phases:
             if phase.trigger != "monitor" and phase.is_due(trainer.current_epoch, trainer.global_step):
                 continue  # already thawed (a resumed run) or thawing now
             self._warn_if_after_the_fit(trainer, phase.at_epoch, phase.at_step, f"{list(phase.layers)} thaw")
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_due(trainer, pl_module)
         self._apply_growth(trainer)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._apply_due(trainer, pl_module)
-        self._set_warmup(trainer)
+        # Between thaws this is three comparisons: the next due epoch and step are known in advance.
+        if (
+            self._pending
+            or (self._next_step is not None and trainer.global_step >= self._next_step)
+            or (self._next_epoch is not None and trainer.current_epoch >= self._next_epoch)
+        ):
+            self._apply_due(trainer, pl_module)
+        if self._step_scale is not None and (
+            self._step_scale.factors or trainer.global_step < self._warm_until
+        ):
+            self._set_warmup(trainer)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def needs_monitored_value(self) -> bool:
+        # Every phase has thawed or is about to: nothing left to decide.
         schedule = self.thaw_schedule
-        if self.monitor is None or trainer.sanity_checking or schedule is None or self.engine is None:
-            return
-        if trainer.state.fn != "fit":
-            return
+        return (
+            schedule is not None and schedule.next_monitor_phase(self._done | set(self._pending)) is not None
+        )
+
+    @override
+    def on_monitored_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> None:
+        schedule = self._require_schedule()
         waiting = self._done | set(self._pending)
-        if schedule.next_monitor_phase(waiting) is None:
-            return  # every phase has thawed or is about to: nothing left to decide
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: monitor={self.monitor!r} was not logged during validation; logged "
-                f"metrics are {sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in "
-                "validation_step"
-            )
-        # Every rank takes rank 0's value, so every rank reaches the same decision.
-        value = float(trainer.strategy.broadcast(float(value), src=0))
         improved, plateaued = self.tracker.update(value)
         if improved and self.restore_best:
             self._best_weights = {
@@ -284,6 +330,7 @@ class ProgressiveUnfreezing(FreezingCallback):
             if nxt is not None:
                 self._pending.append(nxt)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._remove_step_scale()
@@ -296,6 +343,14 @@ class ProgressiveUnfreezing(FreezingCallback):
         for index in sorted(set(due)):
             self._thaw_phase(trainer, pl_module, index)
         self._pending = []
+        self._find_next_due()
+
+    def _find_next_due(self) -> None:
+        """The earliest epoch and step at which a time-triggered phase not applied yet is due."""
+        waiting = [p for i, p in enumerate(self._require_schedule().phases) if i not in self._done]
+        self._next_epoch = min((p.at_epoch for p in waiting if p.at_epoch is not None), default=None)
+        self._next_step = min((p.at_step for p in waiting if p.at_step is not None), default=None)
+        self._warm_until = max((step + self.warmup_steps for step, _ in self._thawed_at.values()), default=0)
 
     def _thaw_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         phase = self._require_schedule().phases[index]
@@ -353,6 +408,7 @@ class ProgressiveUnfreezing(FreezingCallback):
                 factors.update(dict.fromkeys(engine.group_indices(name), factor))
         self._step_scale.factors = factors
 
+    @override
     def effective_lr(self, name: str, step: int) -> float:
         return self.group_lr(name) * self.warmup_factor(name, step)
 
@@ -368,24 +424,14 @@ class ProgressiveUnfreezing(FreezingCallback):
             self._step_scale = None
 
     # ------------------------------------------------------------------ logging
-    def _stats(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        stats = super()._stats(pl_module)
-        engine = self._require_engine()
-        stats["freeze/thawed_groups"] = float(len(engine.layers) - len(engine.frozen))
-        return stats
+    @override
+    def _extra_stats(self, engine: FreezeEngine) -> dict[str, float]:
+        return {"freeze/thawed_groups": float(len(engine.layers) - len(engine.frozen))}
 
     def _require_schedule(self) -> ThawSchedule:
         if self.thaw_schedule is None:
             raise RuntimeError(f"{type(self).__name__} is used before Trainer.fit set it up")
         return self.thaw_schedule
-
-
-def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
-        return False
-    return bool(trainer.val_dataloaders is not None and sum(trainer.num_val_batches) > 0)
 
 
 __all__ = ["PhaseError", "ProgressiveUnfreezing"]

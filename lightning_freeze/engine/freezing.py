@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.engine.optim import GroupLayout, split_into_layer_groups
-from lightning_freeze.validation import check_choice
+from lightning_freeze.validation import FreezeWarning, check_choice
 
 NORM_MODES = ("eval", "train")
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -76,6 +76,7 @@ class FreezeEngine:
         # a cache can serve) and stays frozen: it is never thawed and never counts as a freeze of ours.
         self.untrainable = frozenset(untrainable_layers(self.layers))
         self.frozen: set[str] = set(self.untrainable)
+        self.transitions = 0  # freezes and thaws that changed something: a cheap "did anything change?" check
         self.optimizer: Optimizer | None = None
         self.layout: GroupLayout | None = None
         self.modes_active = False
@@ -130,6 +131,7 @@ class FreezeEngine:
         """Freeze the named layers; returns the names that changed."""
         changed = [n for n in names if n not in self.frozen]
         self.frozen.update(changed)
+        self.transitions += bool(changed)
         for name in changed:
             layer = self.by_name[name]
             for p in self._freezable(layer):
@@ -149,6 +151,7 @@ class FreezeEngine:
         """Thaw the named layers (a layer in :attr:`untrainable` stays frozen); returns the names that changed."""
         changed = [n for n in names if n in self.frozen and n not in self.untrainable]
         self.frozen.difference_update(changed)
+        self.transitions += bool(changed)
         for name in changed:
             layer = self.by_name[name]
             for p in self._freezable(layer):
@@ -180,6 +183,7 @@ class FreezeEngine:
             warnings.warn(
                 f"{self.owner}: requires_grad was changed outside the freezing callback in {fixed} (by an adapter "
                 "library's set_adapter, or by hand); put back to the callback's frozen set",
+                FreezeWarning,
                 stacklevel=3,
             )
         return fixed
@@ -224,6 +228,7 @@ class FreezeEngine:
         warnings.warn(
             f"{self.owner}: {layer.name!r} shares {pname!r} with {training} (tied weights); the shared tensor "
             "keeps training until every layer that uses it is frozen",
+            FreezeWarning,
             stacklevel=3,
         )
 

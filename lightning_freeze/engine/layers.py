@@ -28,21 +28,17 @@ Module names of a ``torch.compile``'d submodule are written without ``_orig_mod`
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import fnmatch
-import inspect
-import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
+from lightning_freeze.engine.example import ExampleCallError, call_with_example
 from lightning_freeze.validation import AUTO_SPEC, check_layer_spec
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -105,6 +101,7 @@ def select_layers(
     tuple of positional arguments, a dict of keyword arguments, or a batch as a loader yields it) or set
     ``model.example_input_array``. The freezing callbacks pass the first sample batch of the training data.
 
+    >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential()
     >>> model.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
@@ -243,6 +240,11 @@ def _first_calls(model: nn.Module, hooked: Sequence[tuple[str, nn.Module]], exam
         handles.append(module.register_forward_pre_hook(hook))
     try:
         call_with_example(model, example)
+    except ExampleCallError as err:
+        raise ForwardOrderError(
+            f"layers='auto' needs one forward pass to find the order of its blocks, but it {err}, or name the "
+            "layers explicitly (e.g. layers='backbone.*')"
+        ) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -331,134 +333,6 @@ def _named_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, child._orig_mod  # type: ignore[misc]
         else:
             yield name, child
-
-
-# ---------------------------------------------------------------------------------------------- one forward pass
-def call_with_example(model: nn.Module, example: Any) -> None:
-    """Run ``model`` once on ``example`` in eval mode, without gradients, leaving no trace.
-
-    The random generators (torch, numpy, Python) and every module's train/eval mode are restored
-    afterwards, and a ``torch.compile``'d submodule runs eagerly, so the training run that follows is
-    the run it would have been. ``example`` is tried the ways models are called: a dict as keyword
-    arguments (keys the forward does not take dropped), a tuple or list as ``(x, ...)`` with ``forward(x)``
-    or as positional arguments, anything else as the one argument. A model whose own ``forward`` is not
-    implemented (a LightningModule that calls ``self.model`` in ``training_step``) is tried through its one
-    parameter-owning child.
-    """
-    device = next(model.parameters()).device
-    example = _to_device(example, device)
-    targets = [model]
-    children = [c for c in model.children() if _owns_params(c)]
-    if len(children) == 1:
-        targets.append(children[0])
-    errors: list[str] = []
-    with _no_trace(model):
-        for target in targets:
-            for args, kwargs in _call_forms(target, example):
-                try:
-                    target(*args, **kwargs)
-                    return
-                except NotImplementedError as err:
-                    errors.append(f"{type(target).__name__}.forward: not implemented ({err})")
-                    break
-                except Exception as err:  # noqa: BLE001 - any failure means: try the next form
-                    errors.append(
-                        f"{type(target).__name__}({_describe(args, kwargs)}): {type(err).__name__}: {err}"
-                    )
-    raise ForwardOrderError(
-        "layers='auto' could not run the model once on an example batch to find the order of its blocks:\n  "
-        + "\n  ".join(errors[:6])
-        + "\nSet `example_input_array` on your LightningModule (what forward() takes), or name the layers "
-        "explicitly (e.g. layers='backbone.*')"
-    )
-
-
-def _call_forms(target: nn.Module, example: Any) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-    if isinstance(example, Mapping):
-        accepted = _keyword_names(target)
-        if accepted is None:  # forward(**kwargs): everything, then only the names it spells out
-            yield (), dict(example)
-            accepted = _keyword_names(target, named_only=True) or set()
-        kwargs = {k: v for k, v in example.items() if k in accepted}
-        if kwargs:
-            yield (), kwargs
-        yield (example,), {}
-    elif isinstance(example, (tuple, list)):
-        if example:
-            yield (example[0],), {}
-            if isinstance(example[0], Mapping):
-                yield from _call_forms(target, example[0])
-        yield tuple(example), {}
-        yield (example,), {}
-    else:
-        yield (example,), {}
-
-
-def _keyword_names(target: nn.Module, named_only: bool = False) -> set[str] | None:
-    """The keyword arguments ``target.forward`` takes, or None when it takes any (``**kwargs``), unless
-    ``named_only``."""
-    try:
-        params = inspect.signature(target.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if not named_only and any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    def one(v: Any) -> str:
-        if isinstance(v, torch.Tensor):
-            return f"tensor{tuple(v.shape)}"
-        if isinstance(v, Mapping):
-            return "{" + ", ".join(f"{k}: {one(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, (tuple, list)):
-            return "(" + ", ".join(one(x) for x in v) + ")"
-        return type(v).__name__
-
-    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
-
-
-@contextlib.contextmanager
-def preserved_rng(devices: Sequence[int] = ()) -> Iterator[None]:
-    """Torch's (CPU and the given CUDA devices), numpy's and Python's global random states, as they were."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=list(devices)):
-            yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
-@contextlib.contextmanager
-def _no_trace(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
-    eager = stance("force_eager") if stance is not None else contextlib.nullcontext()
-    try:
-        model.eval()
-        with torch.no_grad(), preserved_rng(_cuda_devices(model)), eager:
-            yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(_to_device(o, device) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -11,7 +11,8 @@ This module is the only code that reads or writes a param group's learning rate:
 
 - :func:`base_lr` is the one definition of a group's nominal LR (what a user would write for it);
 - :func:`set_base_lr` gives a group a new base LR, keeping the factor its scheduler applies now;
-- :func:`set_lr_factor` sets a group's LR to a factor of its base LR (FreezeOut's per-layer schedule);
+- :func:`set_lr_factors` sets groups' LRs to factors of their base LRs in one pass (FreezeOut's per-layer
+  schedule, every step);
 - :class:`StepScale` multiplies chosen groups' LRs only while ``optimizer.step()`` runs (warm-up), so
   schedulers that read ``group["lr"]`` never see the multiplier.
 """
@@ -196,7 +197,7 @@ def base_lr(optimizer: Optimizer, schedulers: Iterable[object], index: int) -> f
             base = getattr(scheduler, "base_lrs", None)
             if base is not None:
                 return float(base[index])
-    return float(group.get("initial_lr", group["lr"]))
+    return _own_base_lr(group)
 
 
 def current_lr(optimizer: Optimizer, index: int) -> float:
@@ -234,9 +235,22 @@ def set_base_lr(optimizer: Optimizer, schedulers: Sequence[object], index: int, 
     _rescale(optimizer, schedulers, index, lr / current)
 
 
-def set_lr_factor(optimizer: Optimizer, index: int, factor: float) -> None:
-    """Set group ``index``'s LR to ``factor`` times its base LR (for a callback that is the schedule)."""
-    optimizer.param_groups[index]["lr"] = base_lr(optimizer, (), index) * factor
+def set_lr_factors(optimizer: Optimizer, indices: Sequence[int], factors: Sequence[float]) -> None:
+    """Set each group in ``indices`` to the matching factor times its base LR, in one pass over the groups.
+
+    For a callback that is the LR schedule (no scheduler attached): a per-step update of every group.
+    """
+    groups = optimizer.param_groups
+    for index, factor in zip(indices, factors, strict=True):
+        group = groups[index]
+        group["lr"] = _own_base_lr(group) * factor
+
+
+def _own_base_lr(group: dict) -> float:
+    """A group's base LR from its own entries: OneCycleLR's peak, else the LR it started with, else its LR."""
+    if "max_lr" in group:
+        return float(group["max_lr"])
+    return float(group.get("initial_lr", group["lr"]))
 
 
 class StepScale:

@@ -13,12 +13,15 @@ A *criterion* turns the signals of the layers still training into candidates for
 :func:`decide` then freezes the longest run of candidates at the front of the layers still training (so the
 frozen part stays a prefix that ``FrozenPrefixCache`` can serve), never more than ``max_frozen`` layers in all.
 Guards that need no signal (``min_steps``, a worsening validation metric) are the caller's: it simply does not
-ask.
+ask. The settings are checked where they enter, in :class:`~lightning_freeze.AdaptiveFreeze`'s constructor
+(with :func:`check_percentile`, :func:`check_threshold` and :func:`check_min_steps`); the functions here take
+every value from the caller, checked, and have no defaults.
 
 >>> layers = ["embed", "block0", "block1", "head"]
 >>> before = {"embed": 1.0, "block0": 2.0, "block1": 4.0, "head": 8.0}
 >>> now = {"embed": 1.01, "block0": 2.02, "block1": 3.0, "head": 5.0}
->>> decision = decide(layers, 0, Signals(before, now, {}), criterion="grad_norm_change", percentile=50, max_frozen=3)
+>>> decision = decide(layers, 0, Signals(before, now, {}), criterion="grad_norm_change", percentile=50,
+...                   threshold=None, max_frozen=3)
 >>> decision.freeze, round(decision.threshold, 4)
 (('embed', 'block0'), 0.13)
 """
@@ -27,10 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from lightning_freeze.validation import check_choice, check_int, check_number
+from lightning_freeze.validation import check_int, check_number
 
-CRITERIA = ("grad_norm_change", "grad_norm")
+Criterion = Literal["grad_norm_change", "grad_norm"]
+CRITERIA: tuple[Criterion, ...] = ("grad_norm_change", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,8 @@ def relative_change(before: float, now: float) -> float:
     return abs(now - before) / before
 
 
-def scores(signals: Signals, criterion: str) -> dict[str, float]:
+def scores(signals: Signals, criterion: Criterion) -> dict[str, float]:
     """Each layer's score under ``criterion`` (lower: more settled); layers with no score yet are left out."""
-    check_choice(criterion, "criterion", CRITERIA, where="AdaptiveFreeze")
     if criterion == "grad_norm":
         return dict(signals.per_element)
     return {
@@ -84,9 +88,9 @@ def decide(
     n_frozen: int,
     signals: Signals,
     *,
-    criterion: str = "grad_norm_change",
-    percentile: float = 50.0,
-    threshold: float | None = None,
+    criterion: Criterion,
+    percentile: float,
+    threshold: float | None,
     max_frozen: int,
 ) -> Decision:
     """Which layers to freeze now. ``layers`` are in forward order, the first ``n_frozen`` already frozen.
@@ -96,12 +100,11 @@ def decide(
     The decision freezes the longest run of candidates that starts at the first layer still training, up to
     ``max_frozen`` frozen layers in all. A layer with no score (no previous interval yet) is no candidate.
     """
-    check_int(n_frozen, "n_frozen", minimum=0, maximum=len(layers), where="AdaptiveFreeze")
-    check_int(max_frozen, "max_frozen", minimum=0, maximum=len(layers), where="AdaptiveFreeze")
     active = list(layers[n_frozen:])
     by_layer = {name: value for name, value in scores(signals, criterion).items() if name in active}
     if criterion == "grad_norm":
-        cut = check_number(threshold, "threshold", low=0, where="AdaptiveFreeze")
+        assert threshold is not None, "criterion='grad_norm' needs a threshold (check_threshold)"
+        cut = threshold
         rule = f"<= threshold {cut:.4g}"
     else:
         values = list(by_layer.values())
@@ -123,41 +126,57 @@ def decide(
     return Decision(tuple(chosen), by_layer, cut, f"{reason} {rule}".strip() if chosen else "")
 
 
-def check_settings(
-    *,
-    check_every_n_steps: int,
-    criterion: str,
-    percentile: float,
-    threshold: float | None,
-    min_steps: int | float,
-    max_frozen: int | None,
-    mode: str,
-) -> None:
-    """Raise ``ValueError`` naming the option for AdaptiveFreeze settings that cannot work."""
-    where = "AdaptiveFreeze"
-    check_int(check_every_n_steps, "check_every_n_steps", minimum=1, where=where)
-    check_choice(criterion, "criterion", CRITERIA, where=where)
-    check_number(
-        percentile, "percentile", low=0, high=100, low_open=True, high_open=True, where=where, hint="e.g. 50"
+def check_percentile(percentile: object) -> float:
+    """``percentile`` as a float in (0, 100)."""
+    return check_number(
+        percentile,
+        "percentile",
+        low=0,
+        high=100,
+        low_open=True,
+        high_open=True,
+        where="AdaptiveFreeze",
+        hint="e.g. 30",
     )
+
+
+def check_threshold(threshold: object, criterion: Criterion) -> float | None:
+    """``threshold`` as a positive float with ``criterion='grad_norm'`` (which needs it), else None."""
     if criterion == "grad_norm":
-        check_number(
-            threshold, "threshold", low=0, low_open=True, where=where, hint="criterion='grad_norm' needs it"
+        return check_number(
+            threshold,
+            "threshold",
+            low=0,
+            low_open=True,
+            where="AdaptiveFreeze",
+            hint="criterion='grad_norm' needs it",
         )
-    elif threshold is not None:
+    if threshold is not None:
         raise ValueError(
-            f"{where}: threshold is used with criterion='grad_norm' only; leave it None or change criterion"
+            "AdaptiveFreeze: threshold is used with criterion='grad_norm' only; leave it None or change criterion"
         )
+    return None
+
+
+def check_min_steps(min_steps: object) -> int | float:
+    """``min_steps`` as optimizer steps (an int >= 0) or a fraction of training (a float in [0, 1))."""
     if isinstance(min_steps, float):
-        check_number(
-            min_steps, "min_steps", low=0, high=1, high_open=True, where=where, hint="a fraction of training"
+        return check_number(
+            min_steps,
+            "min_steps",
+            low=0,
+            high=1,
+            high_open=True,
+            where="AdaptiveFreeze",
+            hint="a fraction of training",
         )
-    else:
-        check_int(
-            min_steps, "min_steps", minimum=0, where=where, hint="optimizer steps, or a float in [0, 1)"
-        )
-    check_int(max_frozen, "max_frozen", minimum=1, allow_none=True, where=where)
-    check_choice(mode, "mode", ("min", "max"), where=where)
+    return check_int(
+        min_steps,
+        "min_steps",
+        minimum=0,
+        where="AdaptiveFreeze",
+        hint="optimizer steps, or a float in [0, 1)",
+    )
 
 
 def warmup_steps(min_steps: int | float, total_steps: float) -> int:

@@ -12,6 +12,9 @@ reaches zero at its own freeze time ``t_i`` and is frozen from then on::
 ``t = step / total_steps`` with ``step`` the number of optimizer steps already taken. ``t0`` is given
 before the power: ``t0=0.8`` with ``cubic`` gives ``t_0 = 0.512``.
 
+The arguments are checked where they enter, in :class:`~lightning_freeze.FreezeOut`'s constructor
+(:func:`check_t0`, :func:`check_schedule`); the functions here take them as checked and have no defaults.
+
 >>> [round(t, 4) for t in freeze_times(3, t0=0.8, schedule="cubic")]
 [0.512, 0.729, 1.0]
 """
@@ -19,11 +22,14 @@ before the power: ``t0=0.8`` with ``cubic`` gives ``t_0 = 0.512``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from lightning_freeze.validation import check_choice, check_int, check_number
+from lightning_freeze.validation import check_choice, check_number
 
-SCHEDULES = {"linear": 1, "squared": 2, "cubic": 3}
+ScheduleName = Literal["linear", "squared", "cubic"]
+SCHEDULES: dict[ScheduleName, int] = {"linear": 1, "squared": 2, "cubic": 3}
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,8 @@ class GroupSchedule:
         return is_frozen(progress, self.t)
 
 
-def check_args(t0: float, schedule: str) -> float:
-    """``t0`` as a float; ``ValueError`` naming the option for a ``t0`` or ``schedule`` FreezeOut cannot use."""
-    check_choice(schedule, "schedule", SCHEDULES, where="FreezeOut")
+def check_t0(t0: object) -> float:
+    """``t0`` as a float in (0, 1]; ``ValueError`` naming the option otherwise."""
     return check_number(
         t0,
         "t0",
@@ -55,11 +60,14 @@ def check_args(t0: float, schedule: str) -> float:
     )
 
 
-def freeze_times(n_groups: int, t0: float = 0.8, schedule: str = "cubic") -> list[float]:
-    """``t_i`` for ``n_groups = L + 1`` groups; the last one (the head) is always 1.0."""
-    t0 = check_args(t0, schedule)
-    check_int(n_groups, "n_groups", minimum=2, where="FreezeOut", hint="one layer to freeze plus the head")
-    last = n_groups - 1
+def check_schedule(schedule: object) -> ScheduleName:
+    """``schedule`` if it is one of :data:`SCHEDULES`; ``ValueError`` naming the option otherwise."""
+    return check_choice(schedule, "schedule", SCHEDULES, where="FreezeOut")
+
+
+def freeze_times(n_groups: int, t0: float, schedule: ScheduleName) -> list[float]:
+    """``t_i`` for ``n_groups = L + 1`` groups; the last one (the head) is always 1.0 (a lone group is the head)."""
+    last = max(n_groups - 1, 1)
     power = SCHEDULES[schedule]
     times = [(t0 + (1 - t0) * i / last) ** power for i in range(n_groups)]
     times[-1] = 1.0  # exact, whatever the rounding of t0 + (1 - t0)
@@ -67,13 +75,18 @@ def freeze_times(n_groups: int, t0: float = 0.8, schedule: str = "cubic") -> lis
 
 
 def freezeout_schedule(
-    n_groups: int, t0: float = 0.8, schedule: str = "cubic", scale_lr: bool = True
+    n_groups: int, t0: float, schedule: ScheduleName, scale_lr: bool
 ) -> list[GroupSchedule]:
     """Each group's ``(t_i, lr0_i / base_lr)``: the pure FreezeOut schedule for ``n_groups = L + 1`` groups."""
     return [GroupSchedule(t, 1.0 / t if scale_lr else 1.0) for t in freeze_times(n_groups, t0, schedule)]
 
 
-def cosine_factor(progress: float, end: float = 1.0) -> float:
+def lr_factors(progress: float, schedules: Sequence[GroupSchedule]) -> list[float]:
+    """Every group's LR multiplier at training progress ``progress``, in one pass (the per-step update)."""
+    return [s.factor(progress) for s in schedules]
+
+
+def cosine_factor(progress: float, end: float) -> float:
     """``0.5 * (1 + cos(pi * progress / end))``, clamped to 0 from ``progress >= end`` on.
 
     With ``end=1`` this is the plain per-step cosine annealing (no restarts) used as the baseline.

@@ -1,7 +1,8 @@
 """The thaw schedule of progressive unfreezing, as pure logic (no torch, no Lightning).
 
 - :func:`parse_phases` checks explicit ``phases=[...]`` settings (keys, triggers, LRs) and
-  :func:`check_triggers` the automatic ones; both run in the callback's constructor.
+  :func:`check_triggers` the combination of triggers; both run in the callback's constructor, which checks
+  each single value where it enters. The functions here take every value from the caller (no defaults).
 - :func:`build_thaw_schedule` turns the settings into a :class:`ThawSchedule`: which layers train from
   the start and which :class:`Phase` thaws which layers when (an epoch, a step, or the next metric
   plateau). The phases' layer specs are resolved into managed layer names by the caller (through
@@ -12,7 +13,9 @@
   freshly thawed layer.
 - :class:`PlateauTracker` decides "no improvement for ``patience`` validations".
 
->>> schedule = build_thaw_schedule(["backbone.0", "backbone.1", "head"], every_n_epochs=2)
+>>> schedule = build_thaw_schedule(
+...     ["backbone.0", "backbone.1", "head"], every_n_epochs=2, every_n_steps=None, groups_per_step=1,
+...     phases=None, monitor=None)
 >>> schedule.initial
 ('head',)
 >>> [(p.layers, p.at_epoch) for p in schedule.phases]
@@ -24,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from lightning_freeze.validation import check_choice, check_int, check_layer_spec, check_number
 
 PHASE_KEYS = ("layers", "at_epoch", "at_step", "lr", "lr_ratio")
 MODES = ("min", "max")
+Trigger = Literal["epoch", "step", "monitor"]
 
 
 class PhaseError(ValueError):
@@ -53,7 +57,7 @@ class Phase:
     layers: tuple[str, ...] = ()
 
     @property
-    def trigger(self) -> str:
+    def trigger(self) -> Trigger:
         if self.at_epoch is not None:
             return "epoch"
         if self.at_step is not None:
@@ -93,8 +97,8 @@ class ThawSchedule:
                 return phase
         return None
 
-    def signature(self) -> list[str]:
-        """A comparable description (a resumed run must follow the same schedule)."""
+    def describe(self) -> list[str]:
+        """The schedule in words, one line per phase; comparable (a resumed run must follow the same one)."""
         return [f"initial {list(self.initial)}"] + [p.describe() for p in self.phases]
 
     @property
@@ -126,16 +130,14 @@ class ThawSchedule:
 # ---------------------------------------------------------------------------------------------- settings
 def check_triggers(
     *,
-    every_n_epochs: int | None = 1,
-    every_n_steps: int | None = None,
-    groups_per_step: int = 1,
-    phases: Sequence[Phase] | None = None,
-    monitor: str | None = None,
+    every_n_epochs: int | None,
+    every_n_steps: int | None,
+    groups_per_step: int,
+    phases: Sequence[Phase] | None,
+    monitor: str | None,
 ) -> None:
-    """Raise :class:`PhaseError` for a combination of thaw triggers that cannot work."""
-    check_int(groups_per_step, "groups_per_step", minimum=1, error=PhaseError)
-    check_int(every_n_steps, "every_n_steps", minimum=1, allow_none=True, error=PhaseError)
-    check_int(every_n_epochs, "every_n_epochs", minimum=1, allow_none=True, error=PhaseError)
+    """Raise :class:`PhaseError` for a combination of thaw triggers that cannot work (each value is checked
+    on its own where it enters, in the callback's constructor)."""
     if phases is not None:
         if every_n_steps is not None or groups_per_step != 1 or every_n_epochs not in (None, 1):
             raise PhaseError(
@@ -206,32 +208,25 @@ def _parse_phase(i: int, raw: Any, monitor: str | None) -> Phase:
 def build_thaw_schedule(
     layers: Sequence[str],
     *,
-    every_n_epochs: int | None = 1,
-    every_n_steps: int | None = None,
-    groups_per_step: int = 1,
-    phases: Sequence[Phase] | None = None,
-    monitor: str | None = None,
+    every_n_epochs: int | None,
+    every_n_steps: int | None,
+    groups_per_step: int,
+    phases: Sequence[Phase] | None,
+    monitor: str | None,
 ) -> ThawSchedule:
     """The thaw schedule for the managed ``layers`` (in model order, the head last).
 
     Exactly one trigger is used: explicit ``phases`` (already resolved: each phase's ``layers`` are
     managed layer names); else the metric (``monitor``: the next ``groups_per_step`` layers thaw at each
-    plateau); else ``every_n_steps``; else ``every_n_epochs`` (the default). In the automatic schedules
+    plateau); else ``every_n_steps``; else ``every_n_epochs``. In the automatic schedules
     the last layer (the head) trains from the start and the others thaw from the top down,
-    ``groups_per_step`` at a time.
+    ``groups_per_step`` at a time. The settings are those :func:`check_triggers` accepted.
     """
     names = tuple(layers)
     if not names:
         raise PhaseError("progressive unfreezing needs at least one layer")
     if len(set(names)) != len(names):
         raise PhaseError(f"layer names must be unique, got {list(names)}")
-    check_triggers(
-        every_n_epochs=every_n_epochs,
-        every_n_steps=every_n_steps,
-        groups_per_step=groups_per_step,
-        phases=phases,
-        monitor=monitor,
-    )
     if phases is not None:
         return _explicit_schedule(names, phases)
     if monitor is not None:
@@ -309,7 +304,7 @@ class PlateauTracker:
     becomes the phase's first best.
     """
 
-    def __init__(self, mode: str = "min", patience: int = 1, min_delta: float = 0.0) -> None:
+    def __init__(self, mode: str, patience: int, min_delta: float) -> None:
         self.mode = check_choice(mode, "mode", MODES, error=PhaseError)
         self.patience = check_int(patience, "patience", minimum=1, error=PhaseError)
         self.min_delta = check_number(min_delta, "min_delta", low=0, error=PhaseError)
