@@ -133,6 +133,7 @@ def test_exactly_the_sampled_layers_and_the_always_layers_change_each_interval()
         assert changed == {"backbone.0", "head"} | chosen, (step, changed, chosen)
     # One choice per interval, recorded with its step; the events say which layers left and entered.
     assert [c["step"] for c in sampling.choices] == [0, 3, 6, 9, 12, 15]
+    assert sampling.timeline(16)["choices"] == sampling.choices  # written to freeze_timeline.json
     for event in sampling.events:
         k = event["step"] // 3
         inside = event["layer"] in sampling.plan.chosen(k)

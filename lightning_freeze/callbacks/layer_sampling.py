@@ -167,6 +167,10 @@ class LayerSampling(FreezingCallback):
             self._give_back(entering)
         pl_module.log("layer_sampling/interval", float(k), on_step=True, on_epoch=False, rank_zero_only=True)
 
+    @override
+    def timeline(self, end_step: int) -> dict[str, Any]:
+        return {**super().timeline(end_step), "choices": list(self.choices)}
+
     # ------------------------------------------------------------------ optimizer state of waiting layers
     def _names(self) -> dict[int, str]:
         engine = self._require_engine()
