@@ -28,6 +28,7 @@ import torch
 import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
 
 __all__ = [
     "DigitsClassifier",
@@ -62,6 +63,12 @@ class DigitsDataset(Dataset):
 
     Labels are remapped to ``0..len(classes)-1`` in the order given. ``labels`` is a numpy array
     of the remapped labels (what stratified splitters need). Items are ``(image[1, 8, 8], label)``.
+
+    Args:
+        classes: the distinct digits (0-9) to keep, in the order their labels get.
+
+    Raises:
+        ValueError: ``classes`` is empty, repeats a digit or holds one outside 0-9.
     """
 
     def __init__(self, classes: Sequence[int] = (5, 6, 7, 8, 9)) -> None:
@@ -88,12 +95,21 @@ class DigitsDataset(Dataset):
 
 
 def example_loader(n: int = 32, batch_size: int = 8) -> DataLoader:
-    """The first ``n`` images of digits 5-9, in order: a small real loader for examples and doctests."""
+    """The first images of digits 5-9, in order: a small real loader for examples and doctests.
+
+    Args:
+        n: how many images.
+        batch_size: the loader's batch size.
+    """
     return DataLoader(Subset(DigitsDataset(), range(n)), batch_size=batch_size)
 
 
 def example_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer that prints and writes nothing (no logger, checkpoints, progress bar or model summary)."""
+    """A CPU Trainer that prints and writes nothing (no logger, checkpoints, progress bar or model summary).
+
+    Args:
+        **kwargs: further ``Trainer`` arguments (they win over the quiet ones).
+    """
     quiet = dict(
         accelerator="cpu",
         devices=1,
@@ -118,6 +134,10 @@ def build_backbone(channels: Sequence[int] = (32, 64, 64), dropout: float = 0.1)
     """Three (or ``len(channels)``) conv blocks: conv -> BatchNorm -> ReLU [-> maxpool] -> dropout.
 
     The first two blocks after the stem halve the resolution: 8x8 -> 4x4 -> 2x2.
+
+    Args:
+        channels: the output channels of each block.
+        dropout: the dropout after each block.
     """
     blocks: list[nn.Module] = []
     in_ch = 1
@@ -142,7 +162,13 @@ def _feature_size(channels: Sequence[int]) -> int:
 
 
 def build_head(channels: Sequence[int], num_classes: int, dropout: float = 0.25) -> nn.Sequential:
-    """Flatten -> dropout -> linear classifier on the backbone's features."""
+    """Flatten -> dropout -> linear classifier on the backbone's features.
+
+    Args:
+        channels: the backbone's channels (they fix its feature size).
+        num_classes: the classifier's outputs.
+        dropout: the dropout before the linear layer.
+    """
     return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(_feature_size(channels), num_classes))
 
 
@@ -205,6 +231,13 @@ def pretrained_backbone_state(
     The cache file name carries a hash of everything that determines the weights. It is written
     to a temporary file and atomically renamed, so concurrent jobs racing on it are safe (each
     writes identical bytes; the last rename wins).
+
+    Args:
+        channels: the backbone's channels.
+        dropout: the backbone's dropout.
+        pretrain: pretraining settings over the defaults: ``classes`` ([0, 1, 2, 3, 4]), ``epochs`` (15),
+            ``lr`` (3e-3), ``batch_size`` (64), ``seed`` (0).
+        cache_dir: where the cache file goes (default: :func:`default_cache_dir`).
     """
     settings = {"classes": [0, 1, 2, 3, 4], "epochs": 15, "lr": 3e-3, "batch_size": 64, "seed": 0}
     settings.update(dict(pretrain or {}))
@@ -240,10 +273,20 @@ def pretrained_backbone_state(
 class DigitsClassifier(pl.LightningModule):
     """CNN for the digits task: ``backbone`` (conv blocks) + ``head`` (linear classifier).
 
-    ``optimizer`` is a callable ``params -> Optimizer`` (e.g. a Hydra ``_partial_`` of
-    ``torch.optim.AdamW``); ``scheduler`` is optional: a callable ``optimizer -> LRScheduler``
-    or a Lightning scheduler dict whose ``"scheduler"`` entry is such a callable. All parameters
-    go to the optimizer unfiltered; freezing callbacks regroup them.
+    All parameters go to the optimizer unfiltered; freezing callbacks regroup them.
+
+    Args:
+        num_classes: the head's outputs.
+        channels: the backbone's conv channels, one block each.
+        dropout: the dropout after each backbone block.
+        head_dropout: the dropout before the classifier.
+        optimizer: a callable ``params -> Optimizer`` (e.g. a Hydra ``_partial_`` of ``torch.optim.AdamW``);
+            default: ``AdamW(lr=3e-3, weight_decay=1e-4)``.
+        scheduler: a callable ``optimizer -> LRScheduler``, or a Lightning scheduler dict whose
+            ``"scheduler"`` entry is such a callable; default: none.
+        pretrained: load the backbone pretrained on digits 0-4 (pretrained once, then cached).
+        pretrain: pretraining settings over the defaults (see :func:`pretrained_backbone_state`).
+        cache_dir: where the pretrained backbone is cached (default: :func:`default_cache_dir`).
 
     Example::
 
@@ -285,6 +328,7 @@ class DigitsClassifier(pl.LightningModule):
         self.val_acc = metric(num_classes=num_classes)
         self.test_acc = metric(num_classes=num_classes)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
@@ -308,15 +352,19 @@ class DigitsClassifier(pl.LightningModule):
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    @override
     def training_step(self, batch, batch_idx):  # type: ignore[override]
         return self._step(batch, "train", self.train_acc)
 
+    @override
     def validation_step(self, batch, batch_idx):  # type: ignore[override]
         self._step(batch, "val", self.val_acc)
 
+    @override
     def test_step(self, batch, batch_idx):  # type: ignore[override]
         self._step(batch, "test", self.test_acc)
 
+    @override
     def configure_optimizers(self):  # type: ignore[override]
         if self._optimizer_factory is None:
             optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=1e-4)
