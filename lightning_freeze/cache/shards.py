@@ -21,17 +21,26 @@ from torch.utils.data import DistributedSampler
 _ORDER_STREAM = 0x5EED
 
 
-class _FixedShards:
-    """Mixed in before a ``DistributedSampler`` class: the shard of epoch 0, reordered every epoch."""
+def reshuffles_across_ranks(sampler: Any) -> bool:
+    """Whether ``sampler`` deals each rank a different subset every epoch."""
+    return (
+        isinstance(sampler, DistributedSampler)
+        and sampler.shuffle
+        and not getattr(sampler, "_fixed_shards", False)
+    )
 
-    epoch: int
-    seed: int
-    shuffle: bool
 
-    def __iter__(self) -> Iterator[Any]:
+def fix_shards(sampler: DistributedSampler) -> None:
+    """Make ``sampler`` keep each rank's samples fixed across epochs while shuffling their order: its class
+    becomes a subclass of its own class (same object layout, so the object can change class in place)."""
+    if getattr(sampler, "_fixed_shards", False):
+        return
+    cls = type(sampler)
+
+    def __iter__(self: DistributedSampler) -> Iterator[Any]:  # noqa: N807 - the method it overrides
         epoch, self.epoch = self.epoch, 0
         try:
-            shard = list(super().__iter__())  # type: ignore[misc]
+            shard = list(cls.__iter__(self))  # the subset epoch 0 deals this rank, in that epoch's order
         finally:
             self.epoch = epoch
         if not self.shuffle:
@@ -39,20 +48,8 @@ class _FixedShards:
         g = torch.Generator().manual_seed(self.seed + _ORDER_STREAM + epoch)
         return iter([shard[i] for i in torch.randperm(len(shard), generator=g).tolist()])
 
-
-def reshuffles_across_ranks(sampler: Any) -> bool:
-    """Whether ``sampler`` deals each rank a different subset every epoch."""
-    return (
-        isinstance(sampler, DistributedSampler) and sampler.shuffle and not isinstance(sampler, _FixedShards)
-    )
-
-
-def fix_shards(sampler: DistributedSampler) -> None:
-    """Make ``sampler`` keep each rank's samples fixed across epochs while shuffling their order."""
-    if isinstance(sampler, _FixedShards):
-        return
-    cls = type(sampler)
-    sampler.__class__ = type(f"FixedShard{cls.__name__}", (_FixedShards, cls), {"__module__": __name__})
+    namespace = {"__iter__": __iter__, "_fixed_shards": True, "__module__": cls.__module__}
+    sampler.__class__ = type(f"FixedShard{cls.__name__}", (cls,), namespace)
 
 
 def train_samplers(loaders: Any) -> list[Any]:

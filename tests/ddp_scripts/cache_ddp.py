@@ -1,13 +1,16 @@
 """2-process DDP on CPU (gloo): the same fit without and with FrozenPrefixCache; report per rank.
 
 Run as ``python cache_ddp.py OUT_DIR``; Lightning's launcher starts rank 1 by re-running this script,
-which then runs both fits too. The train loader shuffles within fixed per-rank shards
-(``TrainShardSampler(fixed_shards=True)``; Lightning's default sampler would reshuffle the whole data set
-across ranks every epoch), so every rank should cache only its own half. Each rank writes ``rank<r>.json``.
+which then runs all fits too. The first two train loaders shuffle within fixed per-rank shards
+(``TrainShardSampler(fixed_shards=True)``), so every rank should cache only its own half. The last two use a
+plain ``DataLoader(shuffle=True)``, into which Lightning puts a DistributedSampler that deals each rank other
+samples every epoch: once as it is (the cache says so, once) and once with ``FrozenPrefixCache(fixed_shards=True)``.
+Each rank writes ``rank<r>.json``.
 """
 
 import os
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -52,6 +55,24 @@ if __name__ == "__main__":
         # FreezeOut re-wraps DDP at every freeze: the broadcast from rank 0 must not invalidate the cache
         "freezeout": lambda: FreezeOut(layers="backbone.*", t0=0.3, plot=False),
     }
+    for fixed in (False, True):
+        pl.seed_everything(0, verbose=False)
+        cache = FrozenPrefixCache(fixed_shards=fixed)
+        t = trainer(
+            callbacks=[LayerFreeze("backbone.*", plot=False), cache],
+            max_epochs=3,
+            strategy="ddp",
+            devices=2,
+            default_root_dir=out_dir,
+            deterministic=False,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.fit(Net("adam", dropout=0.2), DataLoader(make_data(64, 0), batch_size=8, shuffle=True))
+        result["plain_loader_fixed" if fixed else "plain_loader"] = {
+            "history": cache.history,
+            "warnings": [str(w.message) for w in caught if "FrozenPrefixCache" in str(w.message)],
+        }
     for name, make_freezer in freezers.items():
         _, ref, ref_weights, ref_equal = run(out_dir, None, make_freezer)
         cache = FrozenPrefixCache()
