@@ -173,3 +173,79 @@ def test_nested_sweep_selects_on_inner_folds_and_names_the_known_winner(tmp_path
         ]
         assert fold["outer_score"] == pytest.approx(sum(scores) / len(scores))
     assert "Nested estimate (test/acc)" in (sweep / "summary.md").read_text()
+
+
+def _validate(module, dm, root, **recorder):
+    import lightning.pytorch as pl
+
+    from lightning_freeze.splitrun import PredictionRecorder
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=[PredictionRecorder(stages=("val",), **recorder)],
+    )
+    trainer.validate(module, datamodule=dm, verbose=False)
+    return read_predictions(root / "predictions.val.npz")
+
+
+def test_recorder_takes_a_transformers_model_output_from_dict_batches(tmp_path):
+    """BERT behind forward(**batch) returning a ModelOutput: its logits, the batch's labels, dataset order."""
+    from hf_models import TextData, TextModule
+
+    from lightning_freeze.splitrun import SplitRunDataModule
+
+    torch.manual_seed(0)
+    data = TextData(40)
+    dm = SplitRunDataModule(data, split=KFold(k=4, fold=2), batch_size=6)
+    module = TextModule("bert").eval()
+    rows = _validate(module, dm, tmp_path)
+    val = dm.part("val")
+    with torch.no_grad():
+        expected = module.model(input_ids=data.ids[val], attention_mask=data.mask[val]).logits.numpy()
+    assert np.array_equal(rows["index"], val) and np.array_equal(rows["target"], data.labels[val].numpy())
+    np.testing.assert_allclose(rows["output"], expected, rtol=0, atol=1e-5)
+    assert rows["kind"] == "logits"
+
+
+def test_recorder_takes_the_wrapped_model_output_and_refuses_outputs_that_are_not_per_sample(tmp_path):
+    import lightning.pytorch as pl
+    import torchmetrics
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lightning_freeze.splitrun import SplitRunDataModule
+
+    class Wrapped(pl.LightningModule):
+        """Calls its wrapped model directly (never self(x)), then a metric (a parameter-free child)."""
+
+        def __init__(self, pooled: bool = False) -> None:
+            super().__init__()
+            self.model = nn.Linear(3, 4)
+            self.acc = torchmetrics.Accuracy("multiclass", num_classes=4)
+            self.pooled = pooled
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.model(x)
+            self.acc(logits, y)
+            return logits.mean(0, keepdim=True) if self.pooled else None
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(30, 3), torch.arange(30) % 4)
+    dm = SplitRunDataModule(data, split=KFold(k=3, fold=1), batch_size=4, labels=None)
+    module = Wrapped()
+    rows = _validate(module, dm, tmp_path, kind="logits")
+    val = torch.as_tensor(dm.part("val"))
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            rows["output"], module.model(data.tensors[0][val]).numpy(), rtol=0, atol=1e-6
+        )
+    pooled = Wrapped(pooled=True)
+    with pytest.raises(RuntimeError, match="output has 1 rows but the batch holds 4 samples"):
+        _validate(pooled, dm, tmp_path / "pooled")
+    assert not any(m._forward_hooks for m in [*module.modules(), *pooled.modules()])  # no hook of ours stays

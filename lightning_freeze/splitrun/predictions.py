@@ -14,8 +14,9 @@ Each pass overwrites the file, so after a run it holds the last pass: in the app
 ``test`` of the trained model. Where the output comes from, in order: what ``validation_step``/``test_step``
 returns (a tensor with one row per sample, or a mapping with ``output``, ``preds``, ``probs`` or ``logits``),
 else the LightningModule's own ``forward`` output in that step (``self(x)``; a ``logits`` field of a model
-output is used). Dataset indices come from the batch with ``SplitRunDataModule(return_indices=True)``, else from
-the evaluation sampler's order (SplitRun's samplers, or any sequential sampler). Ranks' rows are gathered with
+output is used), else the output of the last parameter-owning child it called (a wrapped
+``self.model(**batch)``). Dataset indices come from the batch with ``SplitRunDataModule(return_indices=True)``,
+else from the evaluation sampler's order (SplitRun's samplers, or any sequential sampler). Ranks' rows are gathered with
 ``all_gather_object``; SplitRun's evaluation shards hold every sample once, and a duplicate index is an error.
 
     trainer = Trainer(callbacks=[PredictionRecorder()])   # then: lightning_freeze.splitrun.oof_predictions(sweep)
@@ -86,7 +87,8 @@ def _output_tensor(value: Any) -> torch.Tensor | None:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
-def _targets(batch: Any, rows: int) -> torch.Tensor | None:
+def _targets(batch: Any) -> torch.Tensor | None:
+    """The batch's targets: its second field, or a ``labels``/``label``/``targets``/``target``/``y`` entry."""
     if isinstance(batch, Mapping):
         candidates = [batch.get(key) for key in _TARGET_KEYS]
     elif isinstance(batch, Sequence) and len(batch) >= 2:
@@ -94,7 +96,7 @@ def _targets(batch: Any, rows: int) -> torch.Tensor | None:
     else:
         candidates = []
     for value in candidates:
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
             return value
     return None
 
@@ -138,8 +140,9 @@ class PredictionRecorder(Callback):
         self._rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
         self._order: list[int] | None = None  # this rank's dataset indices in evaluation order
         self._taken = 0
-        self._forward_output: Any = None
-        self._hook: Any = None
+        self._forward_output: Any = None  # the LightningModule's own forward output in this step
+        self._child_output: Any = None  # else: the last per-sample output of a parameter-owning child
+        self._hooks: list[Any] = []
         self._active = False
 
     # ------------------------------------------------------------------------------------------- Lightning hooks
@@ -206,22 +209,34 @@ class PredictionRecorder(Callback):
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Any) -> None:
         self._stop()
-        self._rows, self._taken, self._forward_output = [], 0, None
+        self._rows, self._taken, self._forward_output, self._child_output = [], 0, None, None
         loader = loaders[0] if isinstance(loaders, Sequence) else loaders
         sampler = getattr(loader, "sampler", None)
         # The evaluation order of this rank's samples; a random sampler has none (indices must then come from
         # the batch, via return_indices).
         self._order = None if sampler is None or isinstance(sampler, RandomSampler) else list(iter(sampler))
-        self._hook = pl_module.register_forward_hook(self._keep_forward_output)
+        self._hooks = [pl_module.register_forward_hook(self._keep_forward_output)]
+        # A module that calls its wrapped model (self.model(**batch)) instead of self(x): that child's output.
+        # Children without parameters (metrics, losses) are not models.
+        self._hooks += [
+            child.register_forward_hook(self._keep_child_output)
+            for child in pl_module.children()
+            if next(child.parameters(), None) is not None
+        ]
         self._active = True
 
     def _keep_forward_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._forward_output = output
 
+    def _keep_child_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if _output_tensor(output) is not None:
+            self._child_output = output
+
     def _stop(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the forward hooks: nothing of ours stays on the model outside a recorded pass."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._active = False
 
     def _record(self, outputs: Any, batch: Any, dataloader_idx: int) -> None:
@@ -230,7 +245,9 @@ class PredictionRecorder(Callback):
         output = _output_tensor(outputs)
         if output is None:
             output = _output_tensor(self._forward_output)
-        self._forward_output = None
+        if output is None:
+            output = _output_tensor(self._child_output)
+        self._forward_output = self._child_output = None
         if output is None:
             self._stop()
             raise RuntimeError(
@@ -239,8 +256,14 @@ class PredictionRecorder(Callback):
                 "compute them with self(x) in the step"
             )
         rows = int(output.shape[0])
+        target = _targets(batch)
+        if target is not None and target.shape[0] != rows:
+            self._stop()
+            raise RuntimeError(
+                f"PredictionRecorder: the step's output has {rows} rows but the batch holds {target.shape[0]} "
+                "samples; return one output row per sample from validation_step/test_step"
+            )
         indices = self._indices(batch, rows)
-        target = _targets(batch, rows)
         self._rows.append((indices, None if target is None else _as_numpy(target), _as_numpy(output)))
 
     def _indices(self, batch: Any, rows: int) -> np.ndarray:
