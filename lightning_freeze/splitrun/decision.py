@@ -21,19 +21,30 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_freeze.splitrun.oof import is_higher_better
 from lightning_freeze.splitrun.stats import describe, paired
 
 __all__ = [
     "SIGNIFICANCE",
     "best_condition",
     "default_metric",
+    "is_higher_better",
     "nested_selection",
     "optuna_best",
     "score_metric_of",
 ]
 
 SIGNIFICANCE = 0.05  # the two-sided paired test's level for "significantly better than the runner-up"
+
+
+def is_higher_better(metric: str) -> bool:
+    """Whether larger is better for a metric name (losses, errors and times are minimised).
+
+    Args:
+        metric: a metric name such as ``val/acc`` or ``oof/log_loss``.
+    """
+    name = metric.rsplit("/", 1)[-1].lower()
+    lower = ("loss", "err", "mse", "mae", "rmse", "brier", "time", "perplexity", "nll")
+    return not any(word in name for word in lower)
 
 
 def _better(higher: bool) -> Callable[[float, float], bool]:

@@ -32,7 +32,6 @@ __all__ = [
     "oof_predictions",
     "oof_sets",
     "prediction_metrics",
-    "is_higher_better",
     "merge_oof",
     "probabilities",
 ]
@@ -338,14 +337,3 @@ def prediction_metrics(target: np.ndarray | None, output: np.ndarray, kind: str)
         "log_loss": float(-np.mean(np.log(picked))),
         "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=1))),
     }
-
-
-def is_higher_better(metric: str) -> bool:
-    """Whether larger is better for a metric name (losses, errors and times are minimised).
-
-    Args:
-        metric: a metric name such as ``val/acc`` or ``oof/log_loss``.
-    """
-    name = metric.rsplit("/", 1)[-1].lower()
-    lower = ("loss", "err", "mse", "mae", "rmse", "brier", "time", "perplexity", "nll")
-    return not any(word in name for word in lower)

@@ -35,8 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from lightning_freeze.splitrun.decision import best_condition, default_metric, nested_selection, optuna_best
-from lightning_freeze.splitrun.oof import is_higher_better
+from lightning_freeze.splitrun.decision import (
+    best_condition,
+    default_metric,
+    is_higher_better,
+    nested_selection,
+    optuna_best,
+)
 from lightning_freeze.splitrun.stats import describe, paired
 
 __all__ = [
