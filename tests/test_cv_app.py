@@ -249,3 +249,31 @@ def test_recorder_takes_the_wrapped_model_output_and_refuses_outputs_that_are_no
     with pytest.raises(RuntimeError, match="output has 1 rows but the batch holds 4 samples"):
         _validate(pooled, dm, tmp_path / "pooled")
     assert not any(m._forward_hooks for m in [*module.modules(), *pooled.modules()])  # no hook of ours stays
+
+
+@pytest.mark.slow
+def test_optuna_sweep_summary_names_the_best_trial_and_its_run_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0",
+        "task.model.optimizer.lr=interval(0.0001, 0.01)",
+        "optimized_metric=val/acc",
+        *FAST,
+        "trainer.enable_checkpointing=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    _check(proc)
+    summary = json.loads((sweep / "summary.json").read_text())
+    optuna = summary["optuna"]
+    best_job = Path(optuna["run_dir"])
+    result = json.loads((best_job / "metrics.json").read_text())
+    assert result["metrics"]["val/acc"] == pytest.approx(optuna["best_value"])
+    assert f"task.model.optimizer.lr={optuna['overrides']['task.model.optimizer.lr']}" in result["overrides"]
+    assert summary["decision"]["metric"] == "val/acc"  # the sweep's optimized_metric
+    assert summary["decision"]["mean"] == pytest.approx(optuna["best_value"])  # one job per trial

@@ -3,6 +3,8 @@ datamodule reading a time field. Pure numpy except the datamodule case."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,32 @@ def test_datamodule_orders_a_time_series_by_a_dataset_field_and_records_it(tmp_p
     assert manifest["spec"]["kind"] == "TimeSeriesSplit" and manifest["spec"]["time"] == "timestamp"
     assert manifest["units"]["val"] == [45, 60] and manifest["units"]["train"] == [0, 44]
     assert (tmp_path / "split_manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: TimeSeriesSplit(gap=-1), "gap must be a non-negative integer"),
+        (lambda: TimeSeriesSplit(max_train_size=0), "max_train_size must be a positive integer or None"),
+        (lambda: TimeSeriesSplit(k=3, fold=3), "fold numbers run from 0 to k-1 = 2"),
+        (lambda: TimeSeriesSplit(k=5, test_size=10).split(40, seed=0), "lower `k`, `gap` or `test_size`"),
+        (
+            lambda: TimeSeriesSplit(time="stamp").split(40, seed=0),
+            "a direct call passes the values as `time=`",
+        ),
+        (lambda: TimeSeriesSplit(grouped=True).split(40, seed=0), "TimeSeriesSplit needs groups"),
+        (lambda: NestedKFold(outer_k=1), "outer_k must be an integer >= 2"),
+        (lambda: NestedKFold(outer_k=3, outer_fold=3), "outer folds run from 0 to outer_k-1 = 2"),
+        (lambda: NestedKFold(stratify="yes"), "stratify must be true or false"),
+        (lambda: NestedKFold(outer_k=3, inner_k=5).split(6, seed=0), "lower `inner_k`"),
+    ],
+)
+def test_bad_time_series_and_nested_parameters_name_the_option(make, words):
+    with pytest.raises(SplitSpecError, match=re.escape(words)):
+        make()
+
+
+def test_datamodule_names_a_missing_time_field():
+    data = TensorDataset(torch.randn(30, 2), torch.arange(30) % 2)
+    with pytest.raises(SplitSpecError, match="time='stamp' names no attribute of TensorDataset"):
+        SplitRunDataModule(data, split=TimeSeriesSplit(k=2, time="stamp"), labels=None)

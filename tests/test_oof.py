@@ -226,3 +226,18 @@ def test_report_cli_ensemble_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli([str(plain), "--ensemble"])
     assert "no fold ensemble can be made" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"stages": ("train",)}, "stages='train' is not supported"),
+        ({"kind": "prob"}, "kind='prob' is not supported"),
+        ({"during_fit": "no"}, "during_fit must be true or false"),
+    ],
+)
+def test_prediction_recorder_refuses_bad_arguments(kwargs, words):
+    from lightning_freeze.splitrun import PredictionRecorder
+
+    with pytest.raises(ValueError, match=words):
+        PredictionRecorder(**kwargs)
