@@ -195,3 +195,23 @@ def test_cache_serves_the_prefix_without_adapters_bit_exactly():
     plain, _ = run(False)
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
     assert cache.history[0]["hits"] == 0 and cache.history[1]["hits"] == cache.history[1]["lookups"] == 32
+
+
+def test_a_block_peft_froze_is_kept_in_eval_mode_so_the_cache_serves_it():
+    # The case: the embeddings carry no adapter (peft froze them) and have dropout. A module frozen by
+    # someone else used to stay in training mode, so its dropout made every row different and the cache served
+    # nothing; the engine now keeps it in eval mode like any frozen layer, and it is served bit-exactly.
+    def run(with_cache: bool):
+        torch.manual_seed(0)
+        model = AdaptedText("bert", "lora", dropout=0.1)
+        cache = FrozenPrefixCache(module="model.base_model.model.bert.embeddings")
+        callbacks = [FreezeOut(plot=False), cache] if with_cache else [FreezeOut(plot=False)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(model, callbacks, epochs=3)
+        return model, cache
+
+    cached, cache = run(True)
+    plain, _ = run(False)
+    assert [(h["lookups"], h["hits"]) for h in cache.history] == [(32, 0), (32, 32), (32, 32)]
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
