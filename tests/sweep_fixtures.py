@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lightning_freeze.splitrun.assign import part_hash
+from lightning_freeze.splitrun.prediction_files import predictions_path, write_predictions
 from lightning_freeze.splitrun.splitters import Splitter
 
 
@@ -49,16 +49,13 @@ def write_job(
     if outputs is None or status != "ok":
         return
     for stage in ("val", "test"):
-        if not parts.has(stage):
-            continue
-        index = parts.role(stage)
-        arrays = {
-            "index": index,
-            "output": outputs(index),
-            "kind": np.str_("logits"),
-            "part_sha256": np.str_(part_hash(index)),
-            "stage": np.str_(stage),
-        }
-        if labels is not None:
-            arrays["target"] = labels[index]
-        np.savez(job_dir / f"predictions.{stage}.npz", **arrays)
+        if parts.has(stage):
+            index = parts.role(stage)
+            write_predictions(
+                predictions_path(job_dir, stage),
+                index=index,
+                output=outputs(index),
+                kind="logits",
+                stage=stage,
+                target=None if labels is None else labels[index],
+            )

@@ -17,7 +17,7 @@ from conftest import run_app
 
 from lightning_freeze.splitrun import KFold, NestedKFold, fold_ensemble, oof_predictions
 from lightning_freeze.splitrun.assign import part_hash
-from lightning_freeze.splitrun.predictions import read_predictions
+from lightning_freeze.splitrun.prediction_files import read_predictions
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
 FAST = [

@@ -18,6 +18,8 @@ PURE = [
     "import lightning_freeze.splitrun.stats",
     "import lightning_freeze.splitrun.report",
     "from lightning_freeze.splitrun import KFold, Holdout, Arms, RepeatedKFold, SplitSpecError",
+    "from lightning_freeze.splitrun import NestedKFold, TimeSeriesSplit, oof_predictions, fold_ensemble",
+    "import lightning_freeze.splitrun.prediction_files, lightning_freeze.splitrun.decision",
 ]
 
 

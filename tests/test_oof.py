@@ -241,3 +241,23 @@ def test_prediction_recorder_refuses_bad_arguments(kwargs, words):
 
     with pytest.raises(ValueError, match=words):
         PredictionRecorder(**kwargs)
+
+
+def test_reading_a_sweeps_predictions_needs_no_torch(tmp_path):
+    """The OOF merge, the ensemble and the report read .npz files with numpy alone, in a fresh process."""
+    import subprocess
+    import sys
+
+    sweep = _kfold_sweep(tmp_path)
+    code = (
+        "import sys\n"
+        "from lightning_freeze.splitrun import fold_ensemble, oof_predictions\n"
+        "from lightning_freeze.splitrun.report import write_summary\n"
+        f"oof = oof_predictions({str(sweep)!r}); fold_ensemble({str(sweep)!r})\n"
+        f"write_summary({str(sweep)!r}, with_plot=False)\n"
+        "print(oof.index.size, 'torch' in sys.modules, 'lightning' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["90", "False", "False"]

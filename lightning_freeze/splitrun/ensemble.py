@@ -21,6 +21,7 @@ import numpy as np
 
 from lightning_freeze.splitrun.assign import part_hash
 from lightning_freeze.splitrun.oof import OOFSet, oof_sets, prediction_metrics, probabilities
+from lightning_freeze.splitrun.prediction_files import predictions_path, read_predictions
 from lightning_freeze.splitrun.stats import describe
 
 __all__ = ["ENSEMBLE_SPLITTERS", "EnsembleError", "FoldEnsemble", "fold_ensemble", "fold_ensembles"]
@@ -28,7 +29,6 @@ __all__ = ["ENSEMBLE_SPLITTERS", "EnsembleError", "FoldEnsemble", "fold_ensemble
 Average = Literal["probs", "logits"]
 # Splitters whose folds share one fixed test part (with test_ratio > 0).
 ENSEMBLE_SPLITTERS = ("KFold", "GroupKFold", "StratifiedGroupKFold", "RepeatedKFold", "TimeSeriesSplit")
-_TEST_FILE = "predictions.test.npz"
 
 
 class EnsembleError(ValueError):
@@ -73,8 +73,6 @@ class FoldEnsemble:
 
 
 def _ensemble(found: OOFSet, average: Average) -> FoldEnsemble:
-    from lightning_freeze.splitrun.predictions import read_predictions
-
     if not found.complete:
         raise EnsembleError(f"fold ensemble {found.name!r} is incomplete: " + "; ".join(found.missing))
     hashes = {}
@@ -99,10 +97,10 @@ def _ensemble(found: OOFSet, average: Average) -> FoldEnsemble:
     index = target = None
     kind = "values"
     for fold, job_dir in sorted(found.folds.items()):
-        rows = read_predictions(job_dir / _TEST_FILE)
+        rows = read_predictions(predictions_path(job_dir, "test"))
         if part_hash(rows["index"]) != hashes[fold]:
             raise EnsembleError(
-                f"fold ensemble {found.name!r}: {job_dir / _TEST_FILE} is not the test part of its split manifest "
+                f"fold ensemble {found.name!r}: {predictions_path(job_dir, 'test')} is not the test part of its split manifest "
                 "(written by another run or a partial pass)"
             )
         if index is None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lightning_freeze.splitrun.assign import part_hash
+from lightning_freeze.splitrun.prediction_files import PREDICTIONS_FILE, predictions_path, read_predictions
 
 __all__ = [
     "OOF_FILE",
@@ -40,7 +41,6 @@ OOF_FILE = "oof_predictions.npz"
 # The splitters whose validation parts tile the data (outside a fixed test part) across `fold`.
 OOF_SPLITTERS = ("KFold", "GroupKFold", "StratifiedGroupKFold", "RepeatedKFold")
 _FOLD_KEY = "split.fold"
-_VAL_FILE = "predictions.val.npz"
 
 
 class IncompleteOOFError(ValueError):
@@ -114,7 +114,7 @@ def oof_sets(
         stage: whose recorded predictions a fold needs: ``"val"`` (OOF) or ``"test"`` (fold ensembles).
         splitters: the splitter kinds whose jobs are grouped.
     """
-    predictions_file = f"predictions.{stage}.npz"
+    predictions_file = PREDICTIONS_FILE.format(stage=stage)
     kinds = {id(j): (j.manifest.get("spec") or {}).get("kind") for j in jobs if j.manifest is not None}
     if not any(kind in splitters for kind in kinds.values()):
         return []
@@ -179,8 +179,6 @@ def merge_oof(oof_set: OOFSet) -> OOFPredictions:
     Raises:
         IncompleteOOFError: the set lacks a fold (named), or its rows do not tile the data outside the test part.
     """
-    from lightning_freeze.splitrun.predictions import read_predictions
-
     if not oof_set.complete:
         raise IncompleteOOFError(
             f"OOF set {oof_set.name!r} is incomplete, so no OOF predictions or score are made from it: "
@@ -193,14 +191,14 @@ def merge_oof(oof_set: OOFSet) -> OOFPredictions:
     kind = "values"
     expected = None
     for fold, job_dir in sorted(oof_set.folds.items()):
-        rows = read_predictions(job_dir / _VAL_FILE)
+        rows = read_predictions(predictions_path(job_dir, "val"))
         manifest = oof_set.manifests[fold]
         parts = manifest.get("parts") or {}
         roles = manifest.get("roles") or {"val": "val"}
         val_hash = (parts.get(roles.get("val", "val")) or {}).get("sha256")
         if val_hash is not None and part_hash(rows["index"]) != val_hash:
             raise IncompleteOOFError(
-                f"OOF set {oof_set.name!r}: {job_dir / _VAL_FILE} does not hold exactly the job's validation part "
+                f"OOF set {oof_set.name!r}: {predictions_path(job_dir, 'val')} does not hold exactly the job's validation part "
                 "(its index hash differs from split_manifest.json): it was written by another run or a partial pass"
             )
         if int(manifest.get("n", n)) != n:

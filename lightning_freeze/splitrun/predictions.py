@@ -38,33 +38,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
-from lightning_freeze.splitrun.assign import part_hash
+from lightning_freeze.splitrun.prediction_files import predictions_path, write_predictions
 from lightning_freeze.validation import check_bool, check_choice
 
-__all__ = ["PREDICTIONS_FILE", "OutputKind", "PredictionRecorder", "read_predictions"]
+__all__ = ["OutputKind", "PredictionRecorder"]
 
-PREDICTIONS_FILE = "predictions.{stage}.npz"
 OutputKind = Literal["auto", "logits", "probs", "values"]
 _STAGES = ("val", "test")
 _OUTPUT_KEYS = ("output", "preds", "probs", "logits")
 _TARGET_KEYS = ("labels", "label", "targets", "target", "y")
-
-
-def read_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """One ``predictions.<stage>.npz`` as a dict of arrays and plain metadata values.
-
-    Args:
-        path: the file.
-    """
-    with np.load(path, allow_pickle=False) as data:
-        out = {name: data[name] for name in data.files}
-    for name in ("kind", "part_sha256", "stage"):
-        if name in out:
-            out[name] = str(out[name])
-    for name in ("epoch", "global_step"):
-        if name in out:
-            out[name] = int(out[name])
-    return out
 
 
 def _as_numpy(value: torch.Tensor) -> np.ndarray:
@@ -307,23 +289,16 @@ class PredictionRecorder(Callback):
         target: np.ndarray | None,
         output: np.ndarray,
     ) -> None:
-        directory = self.dirpath or Path(trainer.default_root_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, Any] = {
-            "index": index,
-            "output": output,
-            "kind": np.str_(self.kind if self.kind != "auto" else _infer_kind(output)),
-            "part_sha256": np.str_(part_hash(index)),
-            "stage": np.str_(stage),
-            "epoch": np.int64(trainer.current_epoch),
-            "global_step": np.int64(trainer.global_step),
-        }
-        if target is not None:
-            arrays["target"] = target
-        path = directory / PREDICTIONS_FILE.format(stage=stage)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        write_predictions(
+            predictions_path(self.dirpath or trainer.default_root_dir, stage),
+            index=index,
+            output=output,
+            kind=self.kind if self.kind != "auto" else _infer_kind(output),
+            stage=stage,
+            target=target,
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+        )
 
 
 def _stack(

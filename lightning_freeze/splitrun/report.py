@@ -42,6 +42,7 @@ from lightning_freeze.splitrun.decision import (
     nested_selection,
     optuna_best,
 )
+from lightning_freeze.splitrun.prediction_files import predictions_path
 from lightning_freeze.splitrun.stats import describe, paired
 
 __all__ = [
@@ -792,7 +793,7 @@ def write_summary(
     summary["sweep_dir"] = str(root)
     summary["optuna"] = optuna_best(root, jobs)
     if ensemble is None:
-        ensemble = any((j.path / "predictions.test.npz").is_file() for j in jobs)
+        ensemble = any(predictions_path(j.path, "test").is_file() for j in jobs)
     summary["oof"], summary["ensembles"], oof_arrays = _oof_and_ensembles(root, jobs, ensemble, average)
     _write_atomic(root / "summary.json", json.dumps(json_ready(summary), indent=2, allow_nan=False) + "\n")
     _write_atomic(root / "summary.md", to_markdown(summary, f"Sweep summary: {root}") + "\n")
