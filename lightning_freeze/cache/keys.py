@@ -57,8 +57,11 @@ class CallKeys:
 
     @staticmethod
     def split(args: tuple, kwargs: dict) -> tuple[int, list[tuple[Any, Any]]]:
-        """The batch size and the (path, leaf) pairs of all arguments (0 when no tensor has a batch dim)."""
-        flat, _ = pytree.tree_flatten_with_path((args, kwargs))
+        """The batch size and the (position, leaf) pairs of all arguments (0 when no tensor has a batch dim)."""
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            flat: list[tuple[Any, Any]] = list(enumerate(args))  # the common call f(x): no tree to walk
+        else:
+            flat = [(pytree.keystr(p), x) for p, x in pytree.tree_flatten_with_path((args, kwargs))[0]]
         batch = next((int(x.shape[0]) for _, x in flat if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
         return batch, flat
 
@@ -71,19 +74,18 @@ class CallKeys:
         parts: list[Any] = []
         batched: list[torch.Tensor] = []
         device = None
-        for path, x in flat:
-            where = pytree.keystr(path)
+        for where, x in flat:
             if isinstance(x, torch.Tensor):
                 device = device or x.device
                 if batch and x.dim() > 0 and x.shape[0] == batch:
                     batched.append(x)
-                    parts.append((where, str(x.dtype), tuple(x.shape[1:])))
+                    parts.append((where, x.dtype, x.shape[1:]))
                 else:
                     parts.append((where, "whole", fp.tensor(x)))
             else:
                 parts.append((where, _constant(x)))
         state = _autocast_state(device) if device is not None else ()
-        return (tuple(parts), str(device), state), batch, batched
+        return (tuple(parts), device, state), batch, batched
 
     @staticmethod
     def of(fp: Fingerprinter, args: tuple, kwargs: dict) -> CallKeys:

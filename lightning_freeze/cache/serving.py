@@ -11,7 +11,7 @@ calls reach here):
 - **some found**: the missing samples' rows are computed as a sub-batch by running the forward only up
   to the last needed block (*prefix* run, random state restored afterwards), then the whole batch is
   served. Where that is not possible (a module that trains runs before the last needed block), or
-  too few samples are missing (``min_rows``), the batch is computed as usual and the missing rows stored.
+  too few samples are missing (:data:`MIN_ROWS`), the batch is computed as usual and the missing rows stored.
 
 :meth:`Server.enter` decides before the forward runs and :meth:`Server.leave` stores what it computed, so
 the forward itself runs between them as the user's code (compiled, if the model is). The first call after
@@ -119,7 +119,7 @@ class Settings:
 
     min_rows: int
     verify_left: int
-    strict: bool
+    off_on_rounding: bool  # on_mismatch='off'
 
 
 class Server:
@@ -209,8 +209,11 @@ class Server:
         if not plan.cacheable:
             return run(*args, **kwargs)
         if ctx.mode is Mode.SERVE:
+            start = time.perf_counter()
             metas = ctx.metas[index] if ctx.metas is not None else {}
-            return _rebuild(plan, ctx.values, metas, ctx.batch, self.full_placeholders, index)
+            out = _rebuild(plan, ctx.values, metas, ctx.batch, self.full_placeholders, index)
+            self.stats.overhead_seconds += time.perf_counter() - start
+            return out
         start = time.perf_counter()
         out = run(*args, **kwargs)
         ctx.seconds += time.perf_counter() - start
@@ -267,10 +270,12 @@ class Server:
         except Unsupported as err:
             self.reporter.switch_off(str(err))
             return Step()
-        stats.overhead_seconds += time.perf_counter() - start
         if self.cut.kind == "module":
-            return Step(result=_rebuild(self.cut.calls[0], values, {}, batch, set(), 0))
+            result = _rebuild(self.cut.calls[0], values, {}, batch, set(), 0)
+            stats.overhead_seconds += time.perf_counter() - start
+            return Step(result=result)
         self.context = _Context(Mode.SERVE, batch, values=values, metas=self.metas[table_key])
+        stats.overhead_seconds += time.perf_counter() - start
         return Step(context=self.context)
 
     def leave(self, step: Step, out: Any) -> None:
@@ -467,7 +472,7 @@ class Server:
     def _check(
         self, args: tuple, kwargs: dict, run: Callable[..., Any], call: CallKeys, values: list[torch.Tensor]
     ) -> None:
-        """While ``verify`` allows: compute the first half of a batch just stored again, in reverse order (another
+        """While checks are left (:data:`VERIFY_PER_FIT`): compute the first half of a batch just stored again, in reverse order (another
         batch composition), and compare it with what was stored."""
         if self.settings.verify_left <= 0 or (self.cut.kind == "graph" and not self.cut.prefix_ok):
             return
@@ -480,7 +485,7 @@ class Server:
 
     def _verdict(self, stored: list[torch.Tensor], fresh: list[torch.Tensor]) -> None:
         self.stats.verified += 1
-        found = compare(stored, fresh, self.settings.strict)
+        found = compare(stored, fresh, rounding_differs=self.settings.off_on_rounding)
         if found is None:
             return
         kind, message = found
@@ -488,7 +493,7 @@ class Server:
             self.reporter.warn_once(
                 "rounding",
                 f"FrozenPrefixCache: {message}. Training is as correct as with nondeterministic kernels, but not "
-                "bit-identical to an uncached run. Pass strict=True to switch the cache off in this case.",
+                "bit-identical to an uncached run. Pass on_mismatch='off' to switch the cache off in this case.",
             )
         else:
             self.reporter.switch_off(message)

@@ -89,7 +89,7 @@ class Table:
         if len(self.chunks) == 1:
             chunk = self.chunks[0]
             return [(chunk, torch.arange(rows.shape[0]), rows - chunk.start if chunk.start else rows)]
-        which = torch.as_tensor([bisect.bisect_right(self.starts, int(r)) - 1 for r in rows.tolist()])
+        which = torch.searchsorted(torch.as_tensor(self.starts), rows, right=True) - 1
         out = []
         for c in torch.unique(which).tolist():
             where = (which == c).nonzero().squeeze(1)
@@ -258,6 +258,8 @@ class RowStore:
         """Grow ``table`` until ``rows`` more rows fit or both budgets are spent; returns how many fit."""
         per_chunk = max(1, CHUNK_BYTES // table.row_bytes)
         while table.capacity - table.n < rows and not self.full:
+            if self._grow_ram(table, rows - (table.capacity - table.n)):
+                continue
             chunk = self._new_chunk(table, per_chunk)
             if chunk is None:
                 self.full = True
@@ -265,6 +267,27 @@ class RowStore:
             table.starts.append(chunk.start)
             table.chunks.append(chunk)
         return min(rows, table.capacity - table.n)
+
+    def _grow_ram(self, table: Table, rows: int) -> bool:
+        """Grow the table's one RAM chunk (at least doubling it, within the budget) by ``rows`` or more, so the
+        RAM tier stays one tensor per slot and a lookup gathers its rows with one indexed copy. The rows are
+        copied once per growth: amortised, one more copy per row."""
+        if len(table.chunks) != 1 or table.chunks[0].on_disk:
+            return False
+        chunk = table.chunks[0]
+        extra = min(max(chunk.rows, rows), (self.ram_budget - self.ram_bytes) // table.row_bytes)
+        if extra <= 0:
+            return False
+        grown = chunk.rows + extra
+        with torch.inference_mode(False), torch.no_grad():
+            tensors = [
+                torch.empty((grown, *layout.row_shape), dtype=layout.dtype, pin_memory=self.pin)
+                for layout in table.layouts
+            ]
+            for new, old in zip(tensors, chunk.tensors, strict=True):
+                new[: table.n].copy_(old[: table.n])
+        chunk.tensors, chunk.rows, chunk.nbytes = tensors, grown, grown * table.row_bytes
+        return True
 
     def _new_chunk(self, table: Table, per_chunk: int) -> Chunk | None:
         start = table.capacity
@@ -334,10 +357,10 @@ class RowStore:
         return [t[lo - chunk.start : hi - chunk.start] for t in chunk.tensors]
 
     def append(self, table_key: Hashable, keys: Sequence[bytes], values: Sequence[torch.Tensor]) -> int:
-        """Like :meth:`insert` for new, distinct keys, but takes ``values`` over as a chunk when they are
-        contiguous host tensors that fit the RAM budget (no copy). For rebuilding a store."""
+        """Like :meth:`insert` for new, distinct keys, but takes the first batch's ``values`` over as the RAM chunk
+        when they are contiguous host tensors that fit the RAM budget (no copy). For rebuilding a store."""
         table = self.tables.get(table_key)
-        whole = table is None or table.n == table.capacity  # no room left in the last chunk: no gap
+        whole = table is None  # only the first batch: later ones grow the one RAM chunk (see _grow_ram)
         fits = self.ram_bytes + sum(v.numel() * v.element_size() for v in values) <= self.ram_budget
         host = all(v.device.type == "cpu" and v.is_contiguous() and not self.pin for v in values)
         ix = self.index.get(table_key, {})

@@ -6,9 +6,9 @@ kernels compute each sample independently of the rest of the batch; tiny batches
 can change the last bits, and a prefix that is not a pure function of its input changes more.
 
 >>> a = torch.tensor([[1.0, 2.0]])
->>> compare([a], [a.clone()], strict=False) is None
+>>> compare([a], [a.clone()], rounding_differs=False) is None
 True
->>> compare([a], [a + 1e-7], strict=False)[0], compare([a], [a + 1.0], strict=False)[0]
+>>> compare([a], [a + 1e-7], rounding_differs=False)[0], compare([a], [a + 1.0], rounding_differs=False)[0]
 ('rounding', 'different')
 """
 
@@ -20,10 +20,10 @@ import torch
 
 
 def compare(
-    stored: Sequence[torch.Tensor], fresh: Sequence[torch.Tensor], strict: bool
+    stored: Sequence[torch.Tensor], fresh: Sequence[torch.Tensor], rounding_differs: bool
 ) -> tuple[str, str] | None:
     """None when every pair is bit-identical; else ``("rounding", message)`` for differences at the rounding
-    level (``"different"`` instead when ``strict``), or ``("different", message)``."""
+    level (``"different"`` instead when ``rounding_differs``), or ``("different", message)``."""
     for a, b in zip(stored, fresh, strict=True):
         if bit_equal(a, b):
             continue
@@ -38,7 +38,7 @@ def compare(
                 f"stored rows differ from the same samples computed in another batch by up to {diff:.3g} (rounding: "
                 "the kernels here give the last bits differently for different batch compositions)"
             )
-            return ("different" if strict else "rounding"), message
+            return ("different" if rounding_differs else "rounding"), message
         return "different", (
             f"stored rows differ from the same samples computed in another batch by up to {diff:.3g}; the cached "
             "part is not a pure function of its input here"
