@@ -277,3 +277,28 @@ def test_optuna_sweep_summary_names_the_best_trial_and_its_run_dir(tmp_path):
     assert f"task.model.optimizer.lr={optuna['overrides']['task.model.optimizer.lr']}" in result["overrides"]
     assert summary["decision"]["metric"] == "val/acc"  # the sweep's optimized_metric
     assert summary["decision"]["mean"] == pytest.approx(optuna["best_value"])  # one job per trial
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_app_ddp_job_records_its_validation_part_once(tmp_path):
+    """The app under trainer=ddp_cpu (2 gloo ranks): one predictions file, every val sample once."""
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        "trainer=ddp_cpu",
+        "split=kfold",
+        "split.fold=1",
+        *FAST,
+        "trainer.limit_train_batches=3",
+        "trainer.enable_checkpointing=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    _check(proc)
+    rows = read_predictions(run_dir / "predictions.val.npz")
+    manifest = json.loads((run_dir / "split_manifest.json").read_text())
+    assert rows["index"].size == manifest["parts"]["val"]["size"] and np.all(np.diff(rows["index"]) > 0)
+    assert rows["part_sha256"] == manifest["parts"]["val"]["sha256"]
+    assert sorted(p.name for p in run_dir.glob("predictions.*")) == [
+        "predictions.val.npz"
+    ]  # holdout-free k-fold
