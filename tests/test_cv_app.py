@@ -299,6 +299,5 @@ def test_app_ddp_job_records_its_validation_part_once(tmp_path):
     manifest = json.loads((run_dir / "split_manifest.json").read_text())
     assert rows["index"].size == manifest["parts"]["val"]["size"] and np.all(np.diff(rows["index"]) > 0)
     assert rows["part_sha256"] == manifest["parts"]["val"]["sha256"]
-    assert sorted(p.name for p in run_dir.glob("predictions.*")) == [
-        "predictions.val.npz"
-    ]  # holdout-free k-fold
+    # k-fold without a test part: no test pass, so no test predictions
+    assert sorted(p.name for p in run_dir.glob("predictions.*")) == ["predictions.val.npz"]
