@@ -101,7 +101,9 @@ class SplitRunDataModule(pl.LightningDataModule):
 
     Args:
         dataset: a map-style dataset, or a zero-argument factory that returns one (called in ``setup``).
-        split: the splitter (:class:`~lightning_freeze.splitrun.Holdout` when ``None``).
+        split: the splitter (:class:`~lightning_freeze.splitrun.Holdout` when ``None``). Per-sample inputs it
+            names by field (``Arms(by="column", column=...)``, ``TimeSeriesSplit(time=...)``) are read from the
+            dataset here.
         seed: the split seed: the parts are a pure function of (data, splitter, seed).
         batch_size: the batch size of every loader (``eval_batch_size`` for val/test if given).
         num_workers: DataLoader worker processes of every loader.
