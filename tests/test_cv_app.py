@@ -301,3 +301,56 @@ def test_app_ddp_job_records_its_validation_part_once(tmp_path):
     assert rows["part_sha256"] == manifest["parts"]["val"]["sha256"]
     # k-fold without a test part: no test pass, so no test predictions
     assert sorted(p.name for p in run_dir.glob("predictions.*")) == ["predictions.val.npz"]
+
+
+def test_validate_after_fit_records_the_validate_call_own_loader(tmp_path):
+    """fit() on fold 0, then validate() on fold 1: the rows are fold 1's samples, in their own order."""
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lightning_freeze.splitrun import PredictionRecorder, SplitRunDataModule
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3), torch.arange(40) % 2)
+    folds = [
+        SplitRunDataModule(data, split=KFold(k=4, fold=f), batch_size=4, labels=None, check_manifest=False)
+        for f in (0, 1)
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[PredictionRecorder(stages=("val",))],
+    )
+    net = Net()
+    trainer.fit(net, datamodule=folds[0])
+    trainer.validate(net, datamodule=folds[1], verbose=False)
+    rows = read_predictions(tmp_path / "predictions.val.npz")
+    val = folds[1].part("val")
+    assert np.array_equal(rows["index"], val)
+    with torch.no_grad():
+        np.testing.assert_allclose(rows["output"], net(data.tensors[0][val]).numpy(), rtol=0, atol=1e-6)
