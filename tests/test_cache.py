@@ -494,3 +494,15 @@ def test_freezeout_auto_extends_the_cache_as_each_block_freezes():
     assert "(3 blocks)" in cache.history[-1]["cached"]
     assert [e["action"] for e in cache.events if e["action"] != "record"] == ["extend", "extend", "drop"]
     assert cache.history[-1]["hits"] == 64
+
+
+def test_a_step_where_the_frozen_prefix_did_not_change_does_not_plan_again():
+    # The freezing engine counts its freezes and thaws: the cache plans again only when that count moves
+    # (or when it dropped its rows), never on a step where nothing changed.
+    cache = FrozenPrefixCache()
+    plans = []
+    refresh = cache._refresh
+    cache._refresh = lambda pl_module: (plans.append(1), refresh(pl_module))[1]
+    make = lambda: LayerFreeze("backbone.*", until_step=12, plot=False)  # noqa: E731
+    fit([make()], cache=cache)  # 24 steps, a thaw at step 12
+    assert len(plans) == 2

@@ -127,6 +127,7 @@ class FrozenPrefixCache(Callback):
         self._warned: set[str] = set()
         self._cut_key: Any = None
         self._seen_transitions: int | None = None
+        self._freezer: Any = None  # the freezing engine, found once at train start
         self._stale = False
         self._generation = 0
         self._per_row: deque[float] = deque(maxlen=64)
@@ -167,7 +168,8 @@ class FrozenPrefixCache(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.module == "auto" and self._engine() is None:
+        self._freezer = self._engine()
+        if self.module == "auto" and self._freezer is None:
             self._warn_once(
                 "no-engine",
                 f"{_WHERE}(module='auto') found no freezing callback (LayerFreeze, FreezeOut, ProgressiveUnfreezing) "
@@ -312,20 +314,20 @@ class FrozenPrefixCache(Callback):
 
     def _changed(self) -> bool:
         """Whether the frozen prefix may have changed since the last plan: the engine counts its freezes and
-        thaws, so a step where nothing changed costs one comparison."""
-        if self._stale or self._cut_key is None or self.module != "auto":
+        thaws, so a step where nothing changed costs one comparison (without an engine, a named module's
+        parameters are checked)."""
+        if self._stale or self._cut_key is None:
             return True
-        engine = self._engine()
-        transitions = getattr(engine, "transitions", None)
+        transitions = getattr(self._freezer, "transitions", None)
         return transitions is None or transitions != self._seen_transitions
 
     def _refresh(self, pl_module: pl.LightningModule) -> None:
         """Plan the cut again when the frozen prefix changed (names, or a tie that trains or stopped training)."""
         layers: list[Any] = []
         reason = None
+        engine = self._freezer if self._freezer is not None else self._engine()
+        self._seen_transitions = getattr(engine, "transitions", None)
         if self.module == "auto":
-            engine = self._engine()
-            self._seen_transitions = getattr(engine, "transitions", None)
             prefix = engine.frozen_prefix() if engine is not None else []
             trains = tuple(p.requires_grad for layer in prefix for p in layer.params)
             key: Any = (tuple(layer.name for layer in prefix), trains, self._use_fallback)
