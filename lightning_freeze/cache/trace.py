@@ -283,7 +283,10 @@ def _random_op(name: str, func: Any, args: tuple, kwargs: dict) -> Live | None:
     if name == "scaled_dot_product_attention" and kwargs.get("dropout_p", args[4] if len(args) > 4 else 0):
         return Live("attention dropout (random)", "set the attention dropout to 0 to cache past it")
     if name in _RANDOM:
-        return Live(f"the random operation {name} (e.g. stochastic depth)", "")
+        return Live(
+            f"the random operation {name} (e.g. stochastic depth)",
+            "give it a rate of 0, or keep its module in eval mode, to cache past it",
+        )
     return None
 
 
