@@ -110,7 +110,11 @@ class SplitParts:
         return {name: info["sha256"] for name, info in self.manifest["parts"].items()}
 
     def has(self, role: str) -> bool:
-        """Whether this run has a ``role`` part (``train``, ``val`` or ``test``)."""
+        """Whether this run has a ``role`` part.
+
+        Args:
+            role: ``train``, ``val`` or ``test``.
+        """
         return role in self.roles
 
     def role(self, role: str) -> np.ndarray:
@@ -361,7 +365,14 @@ class Holdout(Splitter):
         )
 
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        """The parts of ``ratios`` (see :meth:`Splitter.split` for the arguments)."""
+        """The parts of ``ratios``.
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (needed with ``stratify``).
+            groups: one group id per sample (needed with ``grouped``).
+            seed: the split seed.
+        """
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
         ratios: dict[str, float] = self.ratios  # type: ignore[assignment]
         part = assign_parts(n, list(ratios.values()), codes, gcodes, _stream(seed))
@@ -493,7 +504,14 @@ class _Folds(Splitter):
         return True
 
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        """``train``/``val`` (+ ``test``) of fold ``fold`` (see :meth:`Splitter.split` for the arguments)."""
+        """``train``/``val`` (+ ``test``) of fold ``fold``.
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (needed when stratified).
+            groups: one group id per sample (needed by grouped splitters).
+            seed: the split seed.
+        """
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
         return _kfold_parts(self, n, seed, labels_arr, codes, gcodes)
 
@@ -688,7 +706,14 @@ class NestedKFold(Splitter):
         )
 
     def split(self, n: int, labels: Any = None, groups: Any = None, seed: int = 0) -> SplitParts:
-        """``test`` (outer fold), ``train`` and ``val`` (inner split); see :meth:`Splitter.split`."""
+        """``test`` (outer fold), ``train`` and ``val`` (inner split); see :meth:`Splitter.split`.
+
+        Args:
+            n: the dataset length.
+            labels: one label per sample (needed with ``stratify``).
+            groups: one group id per sample (needed with ``grouped``).
+            seed: the split seed.
+        """
         n, seed, labels_arr, codes, gcodes = self._inputs(n, labels, groups, seed)
         everything = np.arange(n, dtype=np.int64)
         outer = _fold_ids(
