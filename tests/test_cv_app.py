@@ -15,7 +15,14 @@ import pytest
 import torch
 from conftest import run_app
 
-from lightning_freeze.splitrun import KFold, NestedKFold, fold_ensemble, oof_predictions
+from lightning_freeze.splitrun import (
+    EnsembleError,
+    KFold,
+    NestedKFold,
+    checkpoint_ensemble,
+    fold_ensemble,
+    oof_predictions,
+)
 from lightning_freeze.splitrun.assign import part_hash
 from lightning_freeze.splitrun.prediction_files import read_predictions
 
@@ -111,6 +118,15 @@ def test_kfold_sweep_oof_predictions_and_fold_ensemble_match_each_fold_model(tmp
         )  # torchmetrics' default
         assert macro == pytest.approx(metrics["val/acc"], abs=1e-6)
     np.testing.assert_allclose(ensemble.output, np.mean(fold_probs, axis=0), rtol=0, atol=1e-5)
+    from_checkpoints = checkpoint_ensemble(
+        sweep, lambda path: DigitsClassifier.load_from_checkpoint(path, weights_only=True), data
+    )
+    assert np.array_equal(from_checkpoints.index, test)
+    np.testing.assert_allclose(from_checkpoints.output, ensemble.output, rtol=0, atol=1e-5)
+    with pytest.raises(EnsembleError, match="does not reproduce the sweep's test part"):
+        checkpoint_ensemble(
+            sweep, DigitsClassifier.load_from_checkpoint, DigitsDataset(classes=[0, 1, 2, 3, 4])
+        )
     summary = json.loads((sweep / "summary.json").read_text())
     (entry,) = summary["oof"]
     assert entry["complete"] and entry["metrics"]["oof/acc"] == pytest.approx(

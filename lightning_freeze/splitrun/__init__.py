@@ -34,6 +34,9 @@ if TYPE_CHECKING:
         FoldEnsemble as FoldEnsemble,
     )
     from lightning_freeze.splitrun.ensemble import (
+        checkpoint_ensemble as checkpoint_ensemble,
+    )
+    from lightning_freeze.splitrun.ensemble import (
         fold_ensemble as fold_ensemble,
     )
     from lightning_freeze.splitrun.oof import (

@@ -105,7 +105,10 @@ def _fold_of(job: Any) -> int | None:
 
 
 def oof_sets(
-    jobs: Sequence[Any], stage: str = "val", splitters: Sequence[str] = OOF_SPLITTERS
+    jobs: Sequence[Any],
+    stage: str = "val",
+    splitters: Sequence[str] = OOF_SPLITTERS,
+    requires: str | None = None,
 ) -> list[OOFSet]:
     """The sweep's OOF sets: k-fold jobs grouped by every varying override except ``split.fold``.
 
@@ -113,8 +116,10 @@ def oof_sets(
         jobs: the sweep's jobs (:func:`lightning_freeze.splitrun.report.collect_jobs`).
         stage: whose recorded predictions a fold needs: ``"val"`` (OOF) or ``"test"`` (fold ensembles).
         splitters: the splitter kinds whose jobs are grouped.
+        requires: the file (relative to the job dir) a fold's job needs instead of its predictions, e.g.
+            ``checkpoints/last.ckpt``.
     """
-    predictions_file = PREDICTIONS_FILE.format(stage=stage)
+    predictions_file = requires or PREDICTIONS_FILE.format(stage=stage)
     kinds = {id(j): (j.manifest.get("spec") or {}).get("kind") for j in jobs if j.manifest is not None}
     if not any(kind in splitters for kind in kinds.values()):
         return []
@@ -161,7 +166,7 @@ def oof_sets(
                     f"status {job.status}"
                     + (f": {str(job.error).splitlines()[0][:160]}" if job.error else "")
                     if job.status != "ok"
-                    else f"no {predictions_file} (run it with PredictionRecorder)"
+                    else f"no {predictions_file}" + ("" if requires else " (run it with PredictionRecorder)")
                 )
                 found.missing.append(f"fold {fold}: job {job.path} ({why})")
             else:

@@ -41,7 +41,7 @@ from typing_extensions import override
 from lightning_freeze.splitrun.prediction_files import predictions_path, write_predictions
 from lightning_freeze.validation import check_bool, check_choice
 
-__all__ = ["OutputKind", "PredictionRecorder"]
+__all__ = ["OutputKind", "PredictionRecorder", "batch_targets", "output_tensor"]
 
 OutputKind = Literal["auto", "logits", "probs", "values"]
 _STAGES = ("val", "test")
@@ -56,8 +56,13 @@ def _as_numpy(value: torch.Tensor) -> np.ndarray:
     return value.cpu().numpy()
 
 
-def _output_tensor(value: Any) -> torch.Tensor | None:
-    """A per-sample output tensor from a step's return value or a forward output, or None."""
+def output_tensor(value: Any) -> torch.Tensor | None:
+    """A per-sample output tensor from a step's return value or a forward output, or None.
+
+    Args:
+        value: a tensor, a mapping with ``output``/``preds``/``probs``/``logits``, or a model output with
+            ``.logits`` (transformers).
+    """
     if isinstance(value, torch.Tensor):
         return value if value.ndim >= 1 else None
     if isinstance(value, Mapping):
@@ -69,8 +74,12 @@ def _output_tensor(value: Any) -> torch.Tensor | None:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
-def _targets(batch: Any) -> torch.Tensor | None:
-    """The batch's targets: its second field, or a ``labels``/``label``/``targets``/``target``/``y`` entry."""
+def batch_targets(batch: Any) -> torch.Tensor | None:
+    """The batch's targets: its second field, or a ``labels``/``label``/``targets``/``target``/``y`` entry.
+
+    Args:
+        batch: a tuple/list batch or a dict batch.
+    """
     if isinstance(batch, Mapping):
         candidates = [batch.get(key) for key in _TARGET_KEYS]
     elif isinstance(batch, Sequence) and len(batch) >= 2:
@@ -211,7 +220,7 @@ class PredictionRecorder(Callback):
         self._forward_output = output
 
     def _keep_child_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if _output_tensor(output) is not None:
+        if output_tensor(output) is not None:
             self._child_output = output
 
     def _stop(self) -> None:
@@ -224,11 +233,11 @@ class PredictionRecorder(Callback):
     def _record(self, outputs: Any, batch: Any, dataloader_idx: int) -> None:
         if not self._active or dataloader_idx != 0:  # the first loader is the split's part
             return
-        output = _output_tensor(outputs)
+        output = output_tensor(outputs)
         if output is None:
-            output = _output_tensor(self._forward_output)
+            output = output_tensor(self._forward_output)
         if output is None:
-            output = _output_tensor(self._child_output)
+            output = output_tensor(self._child_output)
         self._forward_output = self._child_output = None
         if output is None:
             self._stop()
@@ -238,7 +247,7 @@ class PredictionRecorder(Callback):
                 "compute them with self(x) in the step"
             )
         rows = int(output.shape[0])
-        target = _targets(batch)
+        target = batch_targets(batch)
         if target is not None and target.shape[0] != rows:
             self._stop()
             raise RuntimeError(
