@@ -344,11 +344,13 @@ def summarize(
                         "no pairs: no job of the two conditions trained on the same split and seed"
                     )
                 comparisons.append(result)
-    metric = metric or _optimized_metric(ok) or default_metric(metric_names, EXTRA_METRICS)
     if direction not in (None, "maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
     if metric is not None and metric_names and metric not in metric_names:
         raise ValueError(f"metric {metric!r} is not a metric of this sweep; its metrics are {metric_names}")
+    if metric is None:  # the sweep's optimized_metric when its jobs produced it, else a validation metric
+        configured = _optimized_metric(ok)
+        metric = configured if configured in metric_names else default_metric(metric_names, EXTRA_METRICS)
     higher = (direction == "maximize") if direction else (metric is not None and is_higher_better(metric))
     decision = None if metric is None else best_condition(groups, metric, higher, pair_key)
     nested = None
