@@ -261,3 +261,13 @@ def test_reading_a_sweeps_predictions_needs_no_torch(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split() == ["90", "False", "False"]
+
+
+def test_an_unreadable_predictions_file_is_named_and_the_summary_still_written(tmp_path):
+    sweep = _kfold_sweep(tmp_path)
+    (sweep / "2" / "predictions.val.npz").write_bytes(b"not an npz")
+    (sweep / "2" / "predictions.test.npz").write_bytes(b"not an npz")
+    summary = write_summary(sweep, with_plot=False, ensemble=True)
+    assert not summary["oof"][0]["complete"] and "metrics" not in summary["oof"][0]
+    assert "error" in summary["ensembles"][0]
+    assert (sweep / "summary.md").is_file()

@@ -167,6 +167,8 @@ def fold_ensembles(jobs: Sequence[Any], average: Average = "probs") -> list[Fold
             out.append(_ensemble(found, average))
         except EnsembleError as err:
             out.append(err)
+        except (OSError, ValueError) as err:  # an unreadable predictions file
+            out.append(EnsembleError(f"fold ensemble {found.name!r}: {type(err).__name__}: {err}"))
     return out
 
 

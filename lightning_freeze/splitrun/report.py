@@ -716,8 +716,12 @@ def _oof_and_ensembles(
         if found.complete:
             try:
                 oof = merge_oof(found)
-            except IncompleteOOFError as err:
-                entry.update(complete=False, missing=[str(err)])
+            except (
+                IncompleteOOFError,
+                OSError,
+                ValueError,
+            ) as err:  # a set it cannot merge, or an unreadable file
+                entry.update(complete=False, missing=[f"{type(err).__name__}: {err}"])
             else:
                 slug = (
                     ""
