@@ -55,9 +55,7 @@ class Net(pl.LightningModule):
 
 
 def main(root: str, devices: int) -> None:
-    dm = SplitRunDataModule(
-        data(), split=KFold(k=5, fold=1, test_ratio=0.2), batch_size=8, labels=None
-    )
+    dm = SplitRunDataModule(data(), split=KFold(k=5, fold=1, test_ratio=0.2), batch_size=8, labels=None)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
