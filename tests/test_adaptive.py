@@ -13,6 +13,7 @@ from ddp import run_ddp_script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from models import AtTrainEnd, Net, loaders, snapshot, trainer
+from omegaconf import OmegaConf
 from resume import assert_same_weights, run_interrupted, run_uninterrupted
 
 from lightning_freeze import AdaptiveFreeze
@@ -158,3 +159,14 @@ def test_no_warning_flood():
         warnings.simplefilter("always")
         fit([make()])
     assert not [w for w in caught if "AdaptiveFreeze" in str(w.message)]
+
+
+def test_defaults_are_the_benchmarked_setting_a_check_every_half_epoch():
+    adaptive = AdaptiveFreeze()
+    assert (adaptive.check_every_n_steps, adaptive.percentile, adaptive.min_steps) == (None, 30.0, 0.2)
+    fit([adaptive])  # 8 batches per epoch, 3 epochs: a check every 4 optimizer steps
+    assert adaptive.signals.step == [4, 8, 12, 16, 20, 24]
+    assert all(e["step"] >= 0.2 * 24 and e["step"] % 4 == 0 for e in adaptive.events)
+    with open(CONF + "/freeze/adaptive.yaml") as fh:  # the app runs the same algorithm
+        cfg = instantiate(OmegaConf.load(fh))
+    assert (cfg.check_every_n_steps, cfg.percentile, cfg.min_steps, cfg.plot) == (None, 30.0, 0.2, True)

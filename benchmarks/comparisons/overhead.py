@@ -21,6 +21,7 @@ call in that callback's own benchmark module (``benchmarks/comparisons/<yours>.p
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,6 +66,49 @@ class OverheadCase:
 
 OVERHEAD_CASES: dict[str, OverheadCase] = {}
 
+# The per-batch and per-step Lightning hooks a callback may implement: where a no-op step's cost of ours lives.
+_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
+class HookClock:
+    """Time spent inside our callbacks' per-step hooks, measured with ``time.perf_counter_ns`` around each call.
+
+    ``instrument(callbacks)`` wraps the hooks of the given callback objects; :meth:`us_per_step` is the total
+    divided by the batches seen (one ``on_train_batch_start`` per batch). It is the profile of our own Python
+    work per step, free of the step-time noise of the whole fit.
+    """
+
+    def __init__(self) -> None:
+        self.ns = 0
+        self.batches = 0
+
+    def instrument(self, callbacks: list) -> list:
+        for callback in callbacks:
+            for name in _STEP_HOOKS:
+                setattr(callback, name, self._timed(getattr(callback, name), name == "on_train_batch_start"))
+        return callbacks
+
+    def _timed(self, hook: Callable, counts_batch: bool) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter_ns()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.ns += time.perf_counter_ns() - start
+                self.batches += counts_batch
+
+        return timed
+
+    def us_per_step(self) -> float:
+        return self.ns / max(self.batches, 1) / 1e3
+
 
 def register_overhead_case(case: OverheadCase) -> OverheadCase:
     if case.baseline not in BASELINE_NAMES:
@@ -78,7 +122,7 @@ register_overhead_case(
         name="LayerFreeze (ours), frozen throughout",
         make_callbacks=peers.layer_freeze,
         baseline="hand_frozen",
-        note='LayerFreeze(layers="backbone", plot=False), no until_*: every measured step is a no-op step',
+        note='LayerFreeze(layers="backbone"), no until_*: every measured step is a no-op step',
     )
 )
 
@@ -86,21 +130,19 @@ register_overhead_case(
 def _freezeout(module: BenchModule) -> list:
     from lightning_freeze import FreezeOut
 
-    return [FreezeOut(layers="backbone.*", t0=1.0, plot=False)]
+    return [FreezeOut(layers="backbone.*", t0=1.0)]
 
 
 def _unfreezing(module: BenchModule) -> list:
     from lightning_freeze import ProgressiveUnfreezing
 
-    return [
-        ProgressiveUnfreezing(["backbone"], phases=[{"layers": "backbone", "at_epoch": 10_000}], plot=False)
-    ]
+    return [ProgressiveUnfreezing(["backbone"], phases=[{"layers": "backbone", "at_epoch": 10_000}])]
 
 
 def _adaptive(module: BenchModule) -> list:
     from lightning_freeze import AdaptiveFreeze
 
-    return [AdaptiveFreeze(["backbone.*"], check_every_n_steps=10, min_steps=10**9, plot=False)]
+    return [AdaptiveFreeze(["backbone.*"], check_every_n_steps=10, min_steps=10**9)]
 
 
 register_overhead_case(
@@ -160,11 +202,19 @@ def run(ctx: BenchContext) -> Result:
         lightning(BASELINE_NAMES["nothing_frozen"], {}, lambda m: [], "plain Lightning"),
     ]
     contenders = [c for c, kind in zip(contenders, BASELINE_NAMES, strict=True) if kind in used]
+    clocks = {name: HookClock() for name in OVERHEAD_CASES}
     for case in OVERHEAD_CASES.values():
-        contenders.append(lightning(case.name, case.module_kw, case.make_callbacks, case.note))
+        clock = clocks[case.name]
+
+        def make_callbacks(module: BenchModule, case: OverheadCase = case, clock: HookClock = clock) -> list:
+            return clock.instrument(case.make_callbacks(module))
+
+        contenders.append(lightning(case.name, case.module_kw, make_callbacks, case.note))
     ctx.log(f"  {len(OVERHEAD_CASES)} case(s), {measured} measured steps per round, {rounds} rounds")
     ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
     by_name = {m.name: m for m in ms}
+    for name, clock in clocks.items():
+        by_name[name].extra["hook_us_per_step"] = clock.us_per_step()
 
     result = Result(
         "overhead",
@@ -211,6 +261,11 @@ def run(ctx: BenchContext) -> Result:
                         fmt_num(m.extra["overhead_us"]) if "overhead_us" in m.extra else "—"
                     ),
                     "≤ 2% goal": lambda m: m.extra.get("goal", "—" if m.error is None else "n/a"),
+                    "our hooks per step (µs, perf_counter_ns around each hook; goal ≤ 50 on no-op steps)": (
+                        lambda m: (
+                            fmt_num(m.extra["hook_us_per_step"]) if "hook_us_per_step" in m.extra else "—"
+                        )
+                    ),
                     "backbone bit-identical after fit": lambda m: m.extra.get(
                         "frozen_prefix_unchanged", "n/a"
                     ),

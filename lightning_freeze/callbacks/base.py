@@ -21,8 +21,9 @@ class does the rest in the same way for every callback:
 - ``teardown`` and ``on_exception``: hand the model back as it was given (``requires_grad``, modes), so
   a second fit with a new Trainer, or a retry after a failure, starts clean.
 
-A step where nothing changes costs a few counter checks here: the LR history is sampled (at most
-``_MAX_HISTORY_POINTS`` points per fit) and the trainable counts that are logged change only at a transition.
+A step where nothing changes costs a few counter checks here: the LR history is recorded at transitions, and
+sampled (at most ``_MAX_HISTORY_POINTS`` points per fit) only while something moves the LRs (a scheduler,
+FreezeOut); the logged trainable counts change only at a transition, so they are computed there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -48,6 +49,13 @@ from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.example import example_input
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
 from lightning_freeze.engine.layers import Layer, check_forward_order, select_layers
+from lightning_freeze.engine.sharding import (
+    before_checkpoint_load,
+    check_supported_strategy,
+    is_sharded,
+    saved_callback_state,
+    strategy_kind,
+)
 from lightning_freeze.validation import FreezeWarning, check_bool, check_choice, check_layer_spec
 
 LayerSpec = str | Sequence[str]
@@ -99,18 +107,25 @@ class FreezingCallback(Callback):
         self.events: list[Event] = []
         self.history = LrHistory()
         self._frozen_at_start: list[str] = []
-        self._record_every = 1
+        self._state_key: str | None = None
+        self._record_every = 0  # sample the LR history every this many steps (0: only at transitions)
+        self._log_every = 1
         self._other_groups: list[
             tuple[int, str]
         ] = []  # param groups outside the managed layers: (index, name)
         self._logged_stats: dict[str, float] = {}
+        self._resolve_at_fit_start = False
+        self._undo_load_hook: Callable[[], None] = lambda: None
 
     @property
     @override
     def state_key(self) -> str:
         # Keyed by the layer spec, so that two callbacks of one kind reach our own message in setup instead of
-        # Lightning's generic "more than one stateful callback" error.
-        return self._generate_state_key(layers=self.layer_spec)
+        # Lightning's generic "more than one stateful callback" error. Built once: Lightning reads it around
+        # every hook call.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(layers=self.layer_spec)
+        return self._state_key
 
     # ------------------------------------------------------------------ what subclasses decide
     def prepare(self, trainer: pl.Trainer, layers: list[Layer]) -> None:
@@ -131,6 +146,11 @@ class FreezingCallback(Callback):
     def on_optimizer_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called at fit start once the optimizer is split into per-layer groups."""
 
+    def lr_moves(self, trainer: pl.Trainer) -> bool:
+        """Whether a group's LR may change between transitions (then the LR history is sampled every few
+        steps; else it is recorded at the start, at each transition and at the end only)."""
+        return bool(self._schedulers(trainer))
+
     def needs_monitored_value(self) -> bool:
         """Whether the value of ``monitor`` is still needed after this validation (False: not even read)."""
         return True
@@ -147,6 +167,16 @@ class FreezingCallback(Callback):
         self._refuse_other_freezing_callbacks(trainer)
         self._release()  # a previous fit of this callback object that never reached teardown
         ensure_exact_resume(trainer)  # freeze state alone does not replay a run: RNG and loader position too
+        check_supported_strategy(trainer.strategy, name)
+        # FSDP2 replaces every parameter in configure_model (after this hook), and modules may only exist from
+        # there on: its layers are resolved at fit start, on the sharded model.
+        self._resolve_at_fit_start = strategy_kind(trainer.strategy) == "fsdp2"
+        if not self._resolve_at_fit_start:
+            self._resolve_layers(trainer, pl_module)
+
+    def _resolve_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the layers on the model as it is now, and freeze the ones the subclass starts frozen."""
+        name = type(self).__name__
         specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
         wants_example = self.ordered_layers or any(s.strip().startswith("auto") for s in specs)
         example = example_input(trainer, pl_module) if wants_example else None
@@ -154,7 +184,13 @@ class FreezingCallback(Callback):
         if self.ordered_layers and example is not None:
             check_forward_order(pl_module, self.layers, example, self.layer_spec, name)
         self.prepare(trainer, self.layers)
-        self.engine = FreezeEngine(pl_module, self.layers, norm=self.norm, owner=name)
+        self.engine = FreezeEngine(
+            pl_module,
+            self.layers,
+            norm=self.norm,
+            owner=name,
+            keep_frozen_in_groups=is_sharded(trainer.strategy),
+        )
         self.events, self.history = [], LrHistory()
         self.engine.freeze(self.initially_frozen(self.layers))
         self._frozen_at_start = sorted(self.engine.frozen, key=[layer.name for layer in self.layers].index)
@@ -169,6 +205,8 @@ class FreezingCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resolve_at_fit_start:
+            self._resolve_layers(trainer, pl_module)
         engine = self._require_engine()
         name = type(self).__name__
         if len(trainer.optimizers) != 1 or not trainer.optimizers[0].param_groups:
@@ -189,6 +227,13 @@ class FreezingCallback(Callback):
             if index not in managed
         ]
         self.on_optimizer_attached(trainer, pl_module)
+        if is_sharded(trainer.strategy) and trainer.strategy.restore_checkpoint_after_setup:
+            # The strategy loads the optimizer state inside load_checkpoint, before load_state_dict gives us our
+            # state back: the saved frozen set must be in place first, so the saved state lands on the params
+            # that trained when it was saved.
+            self._undo_load_hook = before_checkpoint_load(
+                trainer.strategy, lambda path: self._apply_saved_frozen_set(trainer.strategy, path)
+            )
 
     @override
     def on_load_checkpoint(
@@ -231,16 +276,19 @@ class FreezingCallback(Callback):
         # Not in on_fit_start: asking for the step count there loads the train dataloader before Lightning
         # restores its state from the checkpoint, and a resumable loader would then restart its epoch.
         total = trainer.estimated_stepping_batches
-        self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
+        self._record_every = 0
+        if self.lr_moves(trainer):  # else the LRs change only at transitions, which record themselves
+            self._record_every = max(1, math.ceil(total / _MAX_HISTORY_POINTS)) if math.isfinite(total) else 1
+        self._log_every = max(1, trainer.log_every_n_steps)
         self._require_engine().activate_modes()
         self._record(trainer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step % self._record_every == 0:
+        if self._record_every and step % self._record_every == 0:
             self._record(step)
-        if step % max(1, trainer.log_every_n_steps) == 0:
+        if step % self._log_every == 0:
             pl_module.log_dict(self._logged_stats, on_step=True, on_epoch=False, rank_zero_only=True)
 
     @override
@@ -284,6 +332,7 @@ class FreezingCallback(Callback):
 
     def _release(self) -> None:
         """Hand the model back as it was given; the layers, events and history stay readable."""
+        self._undo_load_hook()
         if self.engine is not None:
             self.engine.release()
 
@@ -308,7 +357,7 @@ class FreezingCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        engine = self._require_engine()
+        self._require_engine()
         saved = list(state_dict["layers"])
         names = [layer.name for layer in self.layers]
         if saved != names:
@@ -316,14 +365,28 @@ class FreezingCallback(Callback):
                 f"{type(self).__name__}: the checkpoint was saved with layers {saved}, but this run selects "
                 f"{names}. Resume with the same `layers` setting and model."
             )
-        frozen = set(state_dict["frozen"])
-        engine.thaw([n for n in names if n not in frozen])
-        engine.freeze([n for n in names if n in frozen])
-        self._update_stats()
+        self._apply_frozen_set(state_dict)
         self.events = [Event(**event) for event in state_dict.get("events", [])]
         self._frozen_at_start = list(state_dict.get("frozen_at_start", self._frozen_at_start))
         self.history = LrHistory.from_state(state_dict.get("history"))
         self.load_extra_state(state_dict)
+
+    def _apply_saved_frozen_set(self, strategy: object, path: str) -> None:
+        saved = saved_callback_state(strategy, path, self.state_key)
+        if (
+            saved is not None
+            and saved.get("kind") == _STATE_KIND
+            and saved["layers"] == [layer.name for layer in self.layers]
+        ):
+            self._apply_frozen_set(saved)
+
+    def _apply_frozen_set(self, state_dict: dict[str, Any]) -> None:
+        engine = self._require_engine()
+        frozen = set(state_dict["frozen"])
+        names = [layer.name for layer in self.layers]
+        engine.thaw([n for n in names if n not in frozen])
+        engine.freeze([n for n in names if n in frozen])
+        self._update_stats()
 
     # ------------------------------------------------------------------ for subclasses
     def transition(

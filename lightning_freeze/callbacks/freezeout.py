@@ -160,6 +160,10 @@ class FreezeOut(FreezingCallback):
         self._lrs_set_for = self._next_freeze_step = None
 
     @override
+    def lr_moves(self, trainer: pl.Trainer) -> bool:
+        return True  # the cosine changes every group's LR every step
+
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"freezeout": self._settings()}
 

@@ -242,6 +242,11 @@ class ProgressiveUnfreezing(FreezingCallback):
             self._step_scale = optim.StepScale(optimizer)
 
     @override
+    def lr_moves(self, trainer: pl.Trainer) -> bool:
+        # A warm-up moves the effective LR every step, a growth every epoch.
+        return super().lr_moves(trainer) or self.warmup_steps > 0 or self.lr_growth is not None
+
+    @override
     def extra_state(self) -> dict[str, Any]:
         schedule = self._require_schedule()
         return {
