@@ -43,6 +43,7 @@ from lightning_freeze.cache.shards import fix_shards, reshuffles_across_ranks, t
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore
 from lightning_freeze.engine.layers import named_modules
+from lightning_freeze.engine.sharding import check_supported_strategy
 from lightning_freeze.validation import check_bool, check_choice, check_number
 
 __all__ = ["FrozenPrefixCache"]
@@ -147,6 +148,7 @@ class FrozenPrefixCache(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_supported_strategy(trainer.strategy, _WHERE)
         self._reset()
         self.history, self.events = [], []
         self._trainer = trainer

@@ -27,6 +27,7 @@ from lightning_freeze.callbacks.records import SignalHistory
 from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.freezing import untrainable_layers
 from lightning_freeze.engine.layers import Layer
+from lightning_freeze.engine.sharding import is_sharded, layer_norms
 from lightning_freeze.rules import adaptive
 from lightning_freeze.validation import check_choice, check_int, check_str
 
@@ -202,17 +203,17 @@ class AdaptiveFreeze(FreezingCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # One fused norm over every gradient, then a segment sum per layer: a few ops per step, not a few per layer.
+        # Under sharding each rank holds slices of the gradients: the squares are summed over ranks, and every
+        # rank takes part in that at every step, gradients or not.
         grads, owners = [], []
         for p, index in self._tracked():
             if p.grad is not None:
                 grads.append(p.grad)
                 owners.append(index)
-        if not grads:
+        sharded = is_sharded(trainer.strategy)
+        if not grads and not sharded:
             return
-        squares = torch.stack(torch._foreach_norm(grads)).float().square()
-        per_layer = torch.zeros(len(self.layers), device=squares.device, dtype=squares.dtype)
-        per_layer.index_add_(0, torch.as_tensor(owners, device=squares.device), squares)
-        step = per_layer.sqrt()
+        step = layer_norms(grads, owners, len(self.layers), pl_module.device, sharded=sharded)
         self._sums = step if self._sums is None else self._sums.to(step.device) + step
         self._steps_in_interval += 1
 

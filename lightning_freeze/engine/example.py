@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_freeze.engine.sharding import reshard_fsdp2
+
 _EXAMPLE_SAMPLES = 2
 
 
@@ -201,6 +203,9 @@ def _no_trace(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes.items():
             module.training = mode
+        # FSDP2 keeps the root's parameters gathered after a forward without backward: shard them again, so the
+        # model holds its sharded parameters (the ones the optimizer has) when the layers are read from it.
+        reshard_fsdp2(model)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_freeze.engine.layers import Layer
 from lightning_freeze.engine.optim import GroupLayout, split_into_layer_groups
+from lightning_freeze.engine.sharding import clean_name
 from lightning_freeze.validation import FreezeWarning, check_choice
 
 NORM_MODES = ("eval", "train")
@@ -63,10 +64,19 @@ class FreezeEngine:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[Layer], norm: str = "eval", owner: str = ""
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        norm: str = "eval",
+        owner: str = "",
+        keep_frozen_in_groups: bool = False,
     ) -> None:
         self.norm = check_choice(norm, "norm", NORM_MODES, where=owner or "FreezeEngine")
         self.model = model
+        # Under a sharded strategy a frozen layer's group keeps its parameters as inert members (no grad, no
+        # state): torch's distributed optimizer state dict maps groups by their parameters' names and cannot map
+        # several empty groups (see engine/sharding.py).
+        self.keep_frozen_in_groups = keep_frozen_in_groups
         self.layers = list(layers)
         self.by_name = {layer.name: layer for layer in self.layers}
         self.owner = owner or "FreezeEngine"
@@ -114,8 +124,9 @@ class FreezeEngine:
     def attach(self, optimizer: Optimizer, schedulers: Sequence[object] = ()) -> GroupLayout:
         """Split ``optimizer`` into per-layer named groups that hold only what trains now."""
         self.optimizer = optimizer
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self.layout = split_into_layer_groups(optimizer, self.layers, self.trainable(), schedulers, names)
+        names = {id(p): clean_name(n) for n, p in self.model.named_parameters()}
+        members = self._group_members()
+        self.layout = split_into_layer_groups(optimizer, self.layers, members, schedulers, names)
         return self.layout
 
     def detach(self) -> None:
@@ -206,6 +217,13 @@ class FreezeEngine:
         self.detach()
 
     # ------------------------------------------------------------------ internals
+    def _group_members(self) -> list[nn.Parameter]:
+        """The managed parameters the per-layer groups hold: what trains now, or every one of them when frozen
+        parameters stay in their groups as inert members."""
+        if self.keep_frozen_in_groups:
+            return [p for layer in self.layers for p in layer.params]
+        return self.trainable()
+
     def _freezable(self, layer: Layer) -> list[nn.Parameter]:
         return [p for p in layer.params if id(p) not in self.user_frozen and id(p) not in self._norm_params]
 
@@ -224,7 +242,7 @@ class FreezeEngine:
         if key in self._told:
             return
         self._told.add(key)
-        pname = next((n for n, q in self.model.named_parameters() if q is p), "a parameter")
+        pname = next((clean_name(n) for n, q in self.model.named_parameters() if q is p), "a parameter")
         warnings.warn(
             f"{self.owner}: {layer.name!r} shares {pname!r} with {training} (tied weights); the shared tensor "
             "keeps training until every layer that uses it is frozen",
@@ -265,7 +283,10 @@ class FreezeEngine:
                 continue
             for index in self.layout.layer_groups[layer.name]:
                 self.optimizer.param_groups[index]["params"] = [
-                    p for p in layer.params if p.requires_grad and self.layout.param_group[id(p)] == index
+                    p
+                    for p in layer.params
+                    if (p.requires_grad or self.keep_frozen_in_groups)
+                    and self.layout.param_group[id(p)] == index
                 ]
 
     def _mode_managed(self, layer: Layer) -> list[nn.Module]:

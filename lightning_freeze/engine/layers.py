@@ -39,6 +39,7 @@ from typing import Any
 from torch import nn
 
 from lightning_freeze.engine.example import ExampleCallError, call_with_example
+from lightning_freeze.engine.sharding import clean_name, is_wrapper
 from lightning_freeze.validation import AUTO_SPEC, check_layer_spec
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -78,13 +79,13 @@ class ForwardOrderError(LayerSpecError):
 
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified module names as a user writes them: a ``torch.compile`` wrapper's ``_orig_mod`` left out."""
+    """Qualified module names as a user writes them: the parts wrappers insert (``torch.compile``'s ``_orig_mod``,
+    FSDP1's ``_fsdp_wrapped_module``, activation checkpointing's) left out, and the wrappers themselves."""
     named: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if _is_compiled_wrapper(module):
+        if is_wrapper(module):
             continue
-        clean = ".".join(part for part in name.split(".") if part != "_orig_mod")
-        named.setdefault(clean, module)
+        named.setdefault(clean_name(name), module)
     return named
 
 
