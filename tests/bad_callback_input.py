@@ -44,9 +44,9 @@ def _checkpoint_of(callback, tmp_path):
 
 
 def _resume_with_another(tmp_path):
-    ckpt = _checkpoint_of(LayerFreeze("backbone.*", plot=False), tmp_path)
+    ckpt = _checkpoint_of(LayerFreeze("backbone.*"), tmp_path)
     t = trainer(
-        callbacks=[FreezeOut("backbone.*", plot=False), StepCounter()],
+        callbacks=[FreezeOut("backbone.*"), StepCounter()],
         default_root_dir=tmp_path,
         max_epochs=2,
     )
@@ -58,7 +58,7 @@ def _resume_without(tmp_path):
     path = tmp_path / "plain.ckpt"
     t.save_checkpoint(path)
     t2 = trainer(
-        callbacks=[LayerFreeze("backbone.*", plot=False), StepCounter()],
+        callbacks=[LayerFreeze("backbone.*"), StepCounter()],
         default_root_dir=tmp_path,
         max_epochs=2,
     )
@@ -70,21 +70,21 @@ def cases(Case):  # noqa: N803 - the table's own case type
         Case(
             "freeze-every-parameter",
             "fit",
-            lambda p: _refused([LayerFreeze(["backbone", "head"], plot=False)], p),
+            lambda p: _refused([LayerFreeze(["backbone", "head"])], p),
             ("every parameter of the model is frozen", "layers"),
             ValueError,
         ),
         Case(
             "freeze-all-until-epoch",
             "fit",
-            lambda p: _refused([LayerFreeze("*", until_epoch=1, plot=False)], p),
+            lambda p: _refused([LayerFreeze("*", until_epoch=1)], p),
             ("nothing would train", "layers"),
             ValueError,
         ),
         Case(
             "configure-optimizers-returns-none",
             "fit",
-            lambda p: _refused([LayerFreeze("backbone.*", plot=False)], p, model=NoOptimizer()),
+            lambda p: _refused([LayerFreeze("backbone.*")], p, model=NoOptimizer()),
             ("configure_optimizers", "exactly one optimizer"),
             ValueError,
         ),
@@ -105,13 +105,13 @@ def cases(Case):  # noqa: N803 - the table's own case type
         Case(
             "until-epoch-beyond-the-fit",
             "warning",
-            lambda p: _fit([LayerFreeze("backbone.*", until_epoch=5, plot=False)], p, max_epochs=2),
+            lambda p: _fit([LayerFreeze("backbone.*", until_epoch=5)], p, max_epochs=2),
             ("LayerFreeze", "epoch 5", "max_epochs=2", "never happens"),
         ),
         Case(
             "until-step-beyond-the-fit",
             "warning",
-            lambda p: _fit([LayerFreeze("backbone.*", until_step=100, plot=False)], p, max_epochs=1),
+            lambda p: _fit([LayerFreeze("backbone.*", until_step=100)], p, max_epochs=1),
             ("LayerFreeze", "step 100", "never happens"),
         ),
         Case(
@@ -149,14 +149,14 @@ def cases(Case):  # noqa: N803 - the table's own case type
         Case(
             "head-not-listed-last",
             "fit",
-            lambda p: _refused([ProgressiveUnfreezing(["head", "backbone.*"], plot=False)], p),
+            lambda p: _refused([ProgressiveUnfreezing(["head", "backbone.*"])], p),
             ("layers=['head', 'backbone.*']", "the last layer is the head"),
             LayerSpecError,
         ),
         Case(
             "freezeout-layers-out-of-order",
             "fit",
-            lambda p: _refused([FreezeOut(["backbone.2", "backbone.0"], plot=False)], p),
+            lambda p: _refused([FreezeOut(["backbone.2", "backbone.0"])], p),
             ("forward pass runs them in the order ['backbone.0', 'backbone.2']",),
             LayerSpecError,
         ),
@@ -177,23 +177,28 @@ def cases(Case):  # noqa: N803 - the table's own case type
         Case(
             "layer-spec-matches-nothing",
             "fit",
-            lambda p: _refused([LayerFreeze("encoder.*", plot=False)], p),
+            lambda p: _refused([LayerFreeze("encoder.*")], p),
             ("layers", "'encoder.*' matches no parameter-owning module", "Closest module names"),
             LayerSpecError,
         ),
         Case(
             "two-freezing-callbacks",
             "fit",
-            lambda p: _refused(
-                [LayerFreeze("backbone.0", plot=False), FreezeOut("backbone.*", plot=False)], p
-            ),
+            lambda p: _refused([LayerFreeze("backbone.0"), FreezeOut("backbone.*")], p),
             ("one freezing callback per Trainer",),
+            ValueError,
+        ),
+        Case(
+            "two-callbacks-of-one-kind",
+            "fit",
+            lambda p: _refused([LayerFreeze("backbone.0"), LayerFreeze("backbone.1")], p),
+            ("2 LayerFreeze callbacks in one Trainer", "Merge them into one", "backbone.1"),
             ValueError,
         ),
         Case(
             "freezeout-with-a-scheduler",
             "fit",
-            lambda p: _refused([FreezeOut("backbone.*", plot=False)], p, model=Net(scheduler="cosine")),
+            lambda p: _refused([FreezeOut("backbone.*")], p, model=Net(scheduler="cosine")),
             ("FreezeOut sets every param group's learning rate itself", "configure_optimizers"),
             ValueError,
         ),

@@ -79,14 +79,12 @@ def test_a_checkpoint_saved_after_fit_continues_with_the_layers_still_frozen(tmp
     checkpoint saved after fit keeps the backbone frozen."""
     torch.manual_seed(0)
     model = Net()
-    first = trainer(
-        callbacks=[LayerFreeze("backbone.*", plot=False)], default_root_dir=tmp_path, max_epochs=1
-    )
+    first = trainer(callbacks=[LayerFreeze("backbone.*")], default_root_dir=tmp_path, max_epochs=1)
     first.fit(model, *loaders())
     assert all(p.requires_grad for p in model.parameters())  # handed back
     first.save_checkpoint(tmp_path / "after.ckpt")
     before = snapshot(model.backbone)
-    more = trainer(callbacks=[LayerFreeze("backbone.*", plot=False)], default_root_dir=tmp_path, max_epochs=2)
+    more = trainer(callbacks=[LayerFreeze("backbone.*")], default_root_dir=tmp_path, max_epochs=2)
     more.fit(model, *loaders(), ckpt_path=str(tmp_path / "after.ckpt"))
     after = snapshot(model.backbone)
     assert more.global_step > first.global_step

@@ -16,7 +16,7 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
     model = Net("adam", dropout=0.1)
-    adaptive = AdaptiveFreeze(check_every_n_steps=2, percentile=90, min_steps=2, plot=False)
+    adaptive = AdaptiveFreeze(check_every_n_steps=2, percentile=90, min_steps=2)
     probe = WrapperProbe()
     t = trainer(
         callbacks=[adaptive, probe],

@@ -42,7 +42,7 @@ def fit(kind, out_dir, seed, extra=(), ckpt_path=None):
     fixture = FIXTURES[kind]
     torch.manual_seed(seed)
     model = fixture.model(dropout=0.1)
-    freezeout, probe = FreezeOut(t0=0.5, plot=False), WrapperProbe()
+    freezeout, probe = FreezeOut(t0=0.5), WrapperProbe()
     train = ResumableDataLoader(fixture.data(64, 0), batch_size=8, shuffle=True, seed=1)
     t = trainer(
         callbacks=[freezeout, ExactResume(), probe, *extra],
