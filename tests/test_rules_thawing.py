@@ -128,7 +128,7 @@ def test_layers_no_phase_names_train_from_the_start_and_a_phase_at_zero_too():
 )
 def test_bad_phases_are_clear_errors_without_a_model(phases, match):
     with pytest.raises(PhaseError, match=match):
-        parse_phases(phases)
+        parse_phases(phases, None)
 
 
 def test_overlapping_resolved_phases_are_an_error():
@@ -141,7 +141,7 @@ def test_overlapping_resolved_phases_are_an_error():
     ):
         plan(NAMES, phases=phases)
     with pytest.raises(PhaseError, match="not resolved"):
-        plan(NAMES, phases=parse_phases([{"layers": "head", "at_epoch": 1}]))
+        plan(NAMES, phases=parse_phases([{"layers": "head", "at_epoch": 1}], None))
 
 
 def test_monitor_phases_must_not_have_times_and_triggers_do_not_mix():
@@ -152,7 +152,11 @@ def test_monitor_phases_must_not_have_times_and_triggers_do_not_mix():
         check_triggers(**{**NO_TRIGGER, "every_n_epochs": 2, "every_n_steps": 3})
     with pytest.raises(PhaseError, match="not both"):
         check_triggers(
-            **{**NO_TRIGGER, "every_n_steps": 3, "phases": parse_phases([{"layers": "head", "at_epoch": 1}])}
+            **{
+                **NO_TRIGGER,
+                "every_n_steps": 3,
+                "phases": parse_phases([{"layers": "head", "at_epoch": 1}], None),
+            }
         )
     with pytest.raises(PhaseError, match="no thaw trigger"):
         check_triggers(**NO_TRIGGER)
@@ -167,7 +171,7 @@ def test_single_values_are_checked_where_they_enter_the_constructor():
 
 def test_discriminative_lrs_divide_by_lr_decay_per_level_below_the_head():
     schedule = plan(NAMES, every_n_epochs=1)
-    lrs = [target_lr(schedule, n, 0.026, 2.6) for n in NAMES]
+    lrs = [target_lr(schedule, n, 0.026, 2.6, None) for n in NAMES]
     assert lrs[-1] == 0.026
     assert [lrs[i + 1] / lrs[i] for i in range(3)] == pytest.approx([2.6] * 3)
     phase = Phase(("backbone.0",), at_epoch=1, lr=0.003, layers=("backbone.0",))

@@ -48,11 +48,12 @@ from lightning_freeze.engine import optim
 from lightning_freeze.engine.adapters import trainable_report
 from lightning_freeze.engine.example import example_input
 from lightning_freeze.engine.freezing import NORM_MODES, FreezeEngine, trainable_counts
-from lightning_freeze.engine.layers import Layer, check_forward_order, select_layers
+from lightning_freeze.engine.layers import Layer, check_forward_order, resolve_layers
 from lightning_freeze.engine.sharding import (
     before_checkpoint_load,
     check_supported_strategy,
     is_sharded,
+    layers_on_flat_params,
     saved_callback_state,
     strategy_kind,
 )
@@ -115,6 +116,7 @@ class FreezingCallback(Callback):
         ] = []  # param groups outside the managed layers: (index, name)
         self._logged_stats: dict[str, float] = {}
         self._resolve_at_fit_start = False
+        self._flat_params = False
         self._undo_load_hook: Callable[[], None] = lambda: None
 
     @property
@@ -170,20 +172,34 @@ class FreezingCallback(Callback):
         check_supported_strategy(trainer.strategy, name)
         # FSDP2 replaces every parameter in configure_model (after this hook), and modules may only exist from
         # there on: its layers are resolved at fit start, on the sharded model.
-        self._resolve_at_fit_start = strategy_kind(trainer.strategy) == "fsdp2"
+        kind = strategy_kind(trainer.strategy)
+        self._resolve_at_fit_start = kind == "fsdp2"
+        # FSDP1 with flat parameters (use_orig_params=False) flattens at its wrap, after this hook, and needs one
+        # requires_grad per flat parameter: the layers are read now, frozen once the units are known (fit start).
+        self._flat_params = kind == "fsdp1" and not getattr(trainer.strategy, "kwargs", {}).get(
+            "use_orig_params", True
+        )
         if not self._resolve_at_fit_start:
-            self._resolve_layers(trainer, pl_module)
+            self._resolve_layers(trainer, pl_module, start_engine=not self._flat_params)
 
-    def _resolve_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resolve the layers on the model as it is now, and freeze the ones the subclass starts frozen."""
+    def _resolve_layers(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, start_engine: bool = True
+    ) -> None:
+        """Resolve the layers on the model as it is now, and (``start_engine``) freeze the ones the subclass starts
+        frozen."""
         name = type(self).__name__
         specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
         wants_example = self.ordered_layers or any(s.strip().startswith("auto") for s in specs)
         example = example_input(trainer, pl_module) if wants_example else None
-        self.layers = select_layers(pl_module, self.layer_spec, example_input=example)
+        self.layers = resolve_layers(pl_module, self.layer_spec, example_input=example)
         if self.ordered_layers and example is not None:
             check_forward_order(pl_module, self.layers, example, self.layer_spec, name)
         self.prepare(trainer, self.layers)
+        if start_engine:
+            self._start_engine(trainer, pl_module)
+
+    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = type(self).__name__
         self.engine = FreezeEngine(
             pl_module,
             self.layers,
@@ -207,6 +223,9 @@ class FreezingCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resolve_at_fit_start:
             self._resolve_layers(trainer, pl_module)
+        elif self._flat_params:
+            self.layers = layers_on_flat_params(trainer.strategy.model, self.layers, type(self).__name__)
+            self._start_engine(trainer, pl_module)
         engine = self._require_engine()
         name = type(self).__name__
         if len(trainer.optimizers) != 1 or not trainer.optimizers[0].param_groups:

@@ -102,6 +102,20 @@ def select_layers(
     tuple of positional arguments, a dict of keyword arguments, or a batch as a loader yields it) or set
     ``model.example_input_array``. The freezing callbacks pass the first sample batch of the training data.
 
+    Args:
+        model: the module whose layers are named (a LightningModule or any ``nn.Module``).
+        spec: a glob on qualified module names (``"backbone.*"``), a regex written ``"re:..."``, ``"auto"``
+            (the parameter-owning blocks in forward order, sliceable like a list: ``"auto[:-1]"``), or a list
+            of them; the layers come in the order of the list, each string's matches in model order.
+        example_input: what ``model`` is run on once for ``auto`` (None: ``model.example_input_array``).
+
+    Returns:
+        The layers (name, modules, parameters), in order.
+
+    Raises:
+        LayerSpecError: a spec that matches nothing (the message lists the closest module names), selects a
+            module twice, or cannot be parsed; :class:`ForwardOrderError` when ``auto`` cannot run the model.
+
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential()
@@ -114,8 +128,13 @@ def select_layers(
     >>> [layer.name for layer in select_layers(model, "auto", example_input=torch.zeros(1, 4))]
     ['backbone.0', 'backbone.2', 'head']
     """
-    specs = check_layer_spec(spec, error=LayerSpecError)
-    specs = [specs] if isinstance(specs, str) else specs
+    return resolve_layers(model, check_layer_spec(spec, error=LayerSpecError), example_input)
+
+
+def resolve_layers(model: nn.Module, spec: str | Sequence[str], example_input: Any = None) -> list[Layer]:
+    """:func:`select_layers` for a spec whose syntax is already checked (a callback checks its ``layers`` in its
+    constructor, where the value enters)."""
+    specs = [spec] if isinstance(spec, str) else spec
     named = named_modules(model)
     layers = [layer for one in specs for layer in _resolve_one(model, named, one, example_input, "layers")]
     _check_disjoint(layers)

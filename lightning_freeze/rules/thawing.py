@@ -156,7 +156,7 @@ def check_triggers(
         raise PhaseError("no thaw trigger: set every_n_epochs, every_n_steps, monitor or phases")
 
 
-def parse_phases(raw: Any, monitor: str | None = None) -> tuple[Phase, ...]:
+def parse_phases(raw: Any, monitor: str | None) -> tuple[Phase, ...]:
     """Explicit ``phases=[{layers: ..., at_epoch: 2, lr: 1e-3}, ...]`` as checked, unresolved phases."""
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
         raise PhaseError(f"phases must be a list of mappings like {{layers: ..., at_epoch: 2}}, got {raw!r}")
@@ -272,7 +272,7 @@ def _explicit_schedule(names: tuple[str, ...], phases: Sequence[Phase]) -> ThawS
 
 # ---------------------------------------------------------------------------------------------- learning rates
 def target_lr(
-    schedule: ThawSchedule, name: str, head_lr: float, lr_decay: float, phase: Phase | None = None
+    schedule: ThawSchedule, name: str, head_lr: float, lr_decay: float, phase: Phase | None
 ) -> float:
     """The base LR a layer trains at: the phase's ``lr`` / ``lr_ratio`` if set, else ``head_lr / lr_decay**k``."""
     if phase is not None and phase.lr is not None:
