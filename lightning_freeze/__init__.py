@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from lightning_freeze.splitrun.datamodule import (
         SplitRunDataModule as SplitRunDataModule,
     )
+    from lightning_freeze.validation import (
+        FreezeWarning as FreezeWarning,
+    )
 
 
 __all__, __getattr__, __dir__ = lazy_exports(globals())
