@@ -126,7 +126,9 @@ class FreezeEngine:
         self.optimizer = optimizer
         names = {id(p): clean_name(n) for n, p in self.model.named_parameters()}
         members = self._group_members()
-        self.layout = split_into_layer_groups(optimizer, self.layers, members, schedulers, names)
+        self.layout = split_into_layer_groups(
+            optimizer, self.layers, members, schedulers, names, empty_groups_last=self.keep_frozen_in_groups
+        )
         return self.layout
 
     def detach(self) -> None:

@@ -67,6 +67,7 @@ def split_into_layer_groups(
     trainable: Iterable[torch.nn.Parameter],
     schedulers: Sequence[object] = (),
     param_names: dict[int, str] | None = None,
+    empty_groups_last: bool = False,
 ) -> GroupLayout:
     """Rebuild ``optimizer.param_groups`` as named groups per layer, then the user's remaining groups.
 
@@ -122,6 +123,16 @@ def split_into_layer_groups(
             new_groups.append(group)
             source.append(i)
 
+    if empty_groups_last:
+        # torch's distributed optimizer state dict maps a group without parameters to the *last* saved group
+        # (torch/distributed/checkpoint/state_dict.py, _split_optim_state_dict): it must be the last group.
+        empty = {i for indices in layer_groups.values() for i in indices} - set(param_group.values())
+        order = [i for i in range(len(new_groups)) if i not in empty] + sorted(empty)
+        position = {old: new for new, old in enumerate(order)}
+        new_groups = [new_groups[i] for i in order]
+        source = [source[i] for i in order]
+        layer_groups = {name: [position[i] for i in indices] for name, indices in layer_groups.items()}
+        param_group = {pid: position[i] for pid, i in param_group.items()}
     for p in [p for p in optimizer.state if id(p) in managed and id(p) not in live]:
         del optimizer.state[p]
     for group in new_groups:

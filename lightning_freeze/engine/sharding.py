@@ -8,7 +8,8 @@ imported to check for it. What changes under sharding, and why:
   on. The layers are therefore resolved at fit start, on the model as the strategy set it up, not in ``setup``.
 - **FSDP1** (``FSDPStrategy``): with ``use_orig_params=True`` the parameter objects survive the wrap, so the
   layers are resolved in ``setup`` as under DDP, on clean names. With ``use_orig_params=False`` a flat
-  parameter trains or not as a whole: :func:`check_flat_param_units` refuses a layer spec that splits one.
+  parameter trains or not as a whole: :func:`layers_on_flat_params` refuses a layer spec that splits one, and
+  binds a layer that is a whole unit to the unit's flat parameter.
 - **Optimizer state dicts.** Both strategies save the optimizer through torch's distributed state-dict
   code, which maps param groups by the names of their parameters and cannot map more than one empty
   group. Under sharding a frozen layer's group therefore keeps its parameters as *inert members*
@@ -25,10 +26,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_freeze.engine.layers import Layer
 
 StrategyKind = Literal["ddp", "fsdp1", "fsdp2", "deepspeed", "other"]
 
@@ -162,62 +167,49 @@ def saved_callback_state(strategy: Any, path: str, state_key: str) -> dict[str, 
     return state if isinstance(state, dict) and state else None
 
 
-def flat_param_units(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """FSDP1 units of ``model`` that use flat parameters (``use_orig_params=False``): (unit name, the clean
-    qualified names of the original parameters it flattens). Empty for any other model."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return []
-    units = []
-    for name, module in model.named_modules():
-        if not isinstance(module, FSDP) or getattr(module, "_use_orig_params", True):
-            continue
-        handle = getattr(module, "_handle", None)
-        flat = getattr(handle, "flat_param", None)
-        if flat is None:
-            continue
-        prefix = clean_name(name)
-        fqns = [clean_name(f"{prefix}.{fqn}" if prefix else fqn) for fqn in flat._fqns]
-        units.append((prefix or "<root>", fqns))
-    return units
-
-
-def check_flat_param_units(
-    units: Sequence[tuple[str, Sequence[str]]], layer_params: dict[str, Sequence[str]], owner: str
-) -> list[tuple[str, list[str]]]:
-    """Refuse layers that split an FSDP1 flat parameter; return, per unit, the layers it holds whole.
+def layers_on_flat_params(model: nn.Module, layers: Sequence[Layer], owner: str) -> list[Layer]:
+    """The managed layers as FSDP1 with flat parameters (``use_orig_params=False``) holds them: each layer whose
+    unit flattens it alone is rebound to that unit's flat parameter, which then freezes and thaws as the layer.
 
     Args:
-        units: (unit name, qualified names of the parameters it flattens), from :func:`flat_param_units`.
-        layer_params: layer name -> qualified names of the layer's parameters.
+        model: the wrapped model (``trainer.strategy.model``).
+        layers: the layers resolved before the wrap (their modules survive it, their parameters do not).
         owner: the callback's name, for the message.
 
     Raises:
-        ValueError: a unit holds part of a layer, or parts of the model outside the managed layers together
-            with a managed layer, naming the unit, the layers in it and what to change.
+        ValueError: a unit flattens part of a layer, several layers, or a layer together with parameters outside
+            the managed layers: naming the unit, the layers in it and what to change.
     """
-    layer_of = {pname: layer for layer, names in layer_params.items() for pname in names}
-    whole = []
-    for unit, fqns in units:
-        inside = sorted({layer_of[f] for f in fqns if f in layer_of}, key=list(layer_params).index)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return list(layers)
+    rebound = {}
+    for unit_name, unit in model.named_modules():
+        flat = getattr(getattr(unit, "_handle", None), "flat_param", None)
+        if not isinstance(unit, FSDP) or flat is None or getattr(unit, "_use_orig_params", True):
+            continue
+        owners = [[layer for layer in layers if layer.covers(info.module)] for info in flat._param_infos]
+        inside = [layer for layer in layers if any(layer in found for found in owners)]
         if not inside:
             continue
-        outside = [f for f in fqns if f not in layer_of]
-        split = [layer for layer in inside if not set(layer_params[layer]) <= set(fqns)]
-        if split or outside or len(inside) > 1:
+        name = clean_name(unit_name) or "<root>"
+        outside = [fqn for fqn, found in zip(flat._fqns, owners, strict=True) if not found]
+        whole = len(inside) == 1 and len(owners) >= len(inside[0].params)
+        if len(inside) > 1 or outside or not whole:
             what = (
-                f"only part of {split}"
-                if split
-                else f"{inside} together with {outside[:3]}{'...' if len(outside) > 3 else ''}"
+                f"several managed layers {[layer.name for layer in inside]}"
+                if len(inside) > 1
+                else f"{inside[0].name!r} together with parameters outside the managed layers ({outside[:3]})"
                 if outside
-                else f"several layers {inside}, which the callback may freeze at different times"
+                else f"only part of {inside[0].name!r}"
             )
             raise ValueError(
-                f"{owner}: FSDP unit {unit!r} flattens {what} into one flat parameter (use_orig_params=False), which "
-                "trains or freezes only as a whole. Use FSDPStrategy(use_orig_params=True) (recommended), or an "
-                "auto_wrap_policy that puts each managed layer in its own unit (e.g. ModuleWrapPolicy with the "
-                "block class), or choose `layers` that match the units."
+                f"{owner}: FSDP unit {name!r} flattens {what} into one flat parameter (use_orig_params=False), "
+                "which trains or freezes only as a whole, so the callback could not keep its frozen set exact. Use "
+                "FSDPStrategy(use_orig_params=True) (recommended), or an auto_wrap_policy that puts each managed "
+                "layer in its own unit (e.g. ModuleWrapPolicy with the block class), or `layers` that match the "
+                "units."
             )
-        whole.append((unit, inside))
-    return whole
+        rebound[inside[0].name] = replace(inside[0], params=(flat,), holder=unit)
+    return [rebound.get(layer.name, layer) for layer in layers]

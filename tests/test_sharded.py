@@ -1,0 +1,129 @@
+"""The freezing callbacks under sharded strategies (DESIGN.md "Freezing semantics" 11), in real processes: 2 CPU
+ranks with gloo, the tiny transformers BERT and GPT-2 of tests/hf_models.py.
+
+One script run per (strategy, model) covers several callbacks (tests/ddp_scripts/sharded_matrix.py): for each,
+an uninterrupted fit with the full state dict gathered after every step, a fit stopped with the strategy's own
+checkpoint, and a resume from it. Checked here: frozen parameters bit-identical during every step in which they
+were frozen, no optimizer state for them, no layer reported frozen while a parameter of it trains, every layer
+trained in every step in which it was trainable (thawed layers train), the same events on both ranks and in the
+resumed run, the resumed run bit-identical to the uninterrupted one, ``requires_grad`` handed back.
+
+Also: DeepSpeed is refused at fit start by every callback and the cache (without DeepSpeed installed: the
+strategy is recognised by its class name), and FSDP1 with flat parameters (``use_orig_params=False``) refuses
+layers that split a unit and freezes layers that are whole units exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ddp import run_ddp_script
+from hf_models import FIXTURES
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from models import trainer
+
+from lightning_freeze import AdaptiveFreeze, FreezeOut, FrozenPrefixCache, LayerFreeze, ProgressiveUnfreezing
+from lightning_freeze.engine.sharding import clean_name, strategy_kind
+
+
+def check_matrix(reports: list[dict]) -> dict[str, dict]:
+    """Assert every check of the matrix script on every rank; returns rank 0's results."""
+    first = reports[0]["results"]
+    for report in reports:
+        for name, r in report["results"].items():
+            where = f"rank {report['rank']}, {name}"
+            assert r["violations"] == [], where
+            assert r["state_of_frozen"] == [], where
+            assert r["resume_differs"] == [], f"{where}: resumed run differs from the uninterrupted one"
+            assert r["not_handed_back"] == [], where
+            assert r["events"], f"{where}: nothing froze or thawed"
+            assert r["events"] == first[name]["events"], f"{where}: ranks transitioned differently"
+            assert r["resumed_events"] == r["events"], where
+            for layer, steps in r["trainable_steps"].items():
+                missing = sorted(set(steps) - set(r["trained"].get(layer, [])))
+                assert not missing, f"{where}: {layer} was trainable but did not train at steps {missing}"
+            assert all("_fsdp_wrapped_module" not in n and "_flat_param" not in n for n in r["layers"]), where
+    return first
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    "strategy,kind,callbacks",
+    [
+        ("fsdp2", "bert", ["LayerFreeze", "FreezeOut", "ProgressiveUnfreezing", "AdaptiveFreeze"]),
+        ("fsdp2", "gpt2", ["FreezeOut", "ProgressiveUnfreezing"]),
+        ("fsdp1", "bert", ["LayerFreeze", "FreezeOut", "ProgressiveUnfreezing", "AdaptiveFreeze"]),
+        ("fsdp1", "gpt2", ["LayerFreeze", "AdaptiveFreeze"]),
+    ],
+)
+def test_every_callback_is_exact_and_resumes_under_sharding(tmp_path, strategy, kind, callbacks):
+    reports = run_ddp_script("sharded_matrix.py", tmp_path, strategy, kind, *callbacks, timeout=900)
+    results = check_matrix(reports)
+    assert sorted(results) == sorted(callbacks)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_adaptive_freeze_decides_as_under_ddp(tmp_path):
+    """The per-layer gradient norm is summed over shards and ranks, so FSDP2 and FSDP1 freeze at the steps DDP does."""
+    ddp = check_matrix(run_ddp_script("sharded_matrix.py", tmp_path / "ddp", "ddp", "bert", "AdaptiveFreeze"))
+    fsdp2 = check_matrix(
+        run_ddp_script("sharded_matrix.py", tmp_path / "f2", "fsdp2", "bert", "AdaptiveFreeze")
+    )
+    steps = [(e["step"], e["layer"]) for e in ddp["AdaptiveFreeze"]["events"]]
+    assert steps == [(e["step"], e["layer"]) for e in fsdp2["AdaptiveFreeze"]["events"]]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fsdp1_flat_params_refuse_split_units_and_freeze_whole_units(tmp_path):
+    reports = run_ddp_script(
+        "sharded_matrix.py", tmp_path, "fsdp1_flat", "bert", "refusal", "LayerFreezeBlocks", "FreezeOutBlocks"
+    )
+    for report in reports:
+        message = report["results"].pop("refusal")
+        assert message is not None, "layers='auto' splits the root unit: must be refused"
+        assert "FSDP unit '<root>'" in message and "model.bert.embeddings" in message
+        assert "use_orig_params=True" in message and "auto_wrap_policy" in message
+    results = check_matrix(reports)
+    assert results["LayerFreezeBlocks"]["layers"] == [f"model.bert.encoder.layer.{i}" for i in range(3)]
+
+
+class DeepSpeedStrategy(SingleDeviceStrategy):
+    """Stands for Lightning's DeepSpeedStrategy (not installed here): the callbacks know it by its name."""
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: LayerFreeze(layers="auto[:-1]"),
+        lambda: FreezeOut(),
+        lambda: ProgressiveUnfreezing(),
+        lambda: AdaptiveFreeze(),
+        lambda: FrozenPrefixCache(),
+    ],
+    ids=["LayerFreeze", "FreezeOut", "ProgressiveUnfreezing", "AdaptiveFreeze", "FrozenPrefixCache"],
+)
+def test_deepspeed_is_refused_at_fit_start(callback):
+    fixture = FIXTURES["bert"]
+    model = fixture.model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = trainer(strategy=DeepSpeedStrategy(device=torch.device("cpu")), max_steps=2)
+    t.callbacks.append(callback())
+    with pytest.raises(ValueError, match=r"does not support DeepSpeedStrategy.*FSDP2, recommended"):
+        t.fit(model, fixture.loader(16))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "nothing may train"
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_strategy_kinds_and_clean_names():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    assert strategy_kind(ModelParallelStrategy()) == "fsdp2"
+    assert strategy_kind(FSDPStrategy()) == "fsdp1"
+    assert strategy_kind(DDPStrategy()) == "ddp"
+    assert strategy_kind(DeepSpeedStrategy(device=torch.device("cpu"))) == "deepspeed"
+    assert strategy_kind(SingleDeviceStrategy(device=torch.device("cpu"))) == "other"
+    name = "model._fsdp_wrapped_module.bert.encoder.layer.0._fsdp_wrapped_module._checkpoint_wrapped_module.x"
+    assert clean_name(name) == "model.bert.encoder.layer.0.x"
