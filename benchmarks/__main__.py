@@ -88,7 +88,13 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # memory workers inherit it
-    ctx = BenchContext(quick=args.quick, device=device, rounds=args.rounds, verbose=not args.quiet)
+    ctx = BenchContext(
+        quick=args.quick,
+        device=device,
+        rounds=args.rounds,
+        verbose=not args.quiet,
+        results_dir=args.results_dir,
+    )
     ctx.log(f"torch threads: {threads or 'torch default'} ({why})")
     selected = [registry[n] for n in (args.only or registry)]
     failures = 0

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
@@ -194,6 +195,45 @@ def pairwise_ratios(values: Sequence[float], baseline: Sequence[float]) -> list[
     if len(values) != len(baseline):
         raise ValueError(f"unpaired samples: {len(values)} vs {len(baseline)} rounds")
     return [v / b for v, b in zip(values, baseline, strict=True)]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean and its two-sided confidence interval (Student's t over the samples)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def to_json(self) -> dict[str, float]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n}
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
+    """The mean of ``values`` with its ``level`` confidence interval (t distribution, n - 1 degrees of freedom).
+
+    NaNs are dropped; one value gives an interval of zero width only if it is the only information there is,
+    so with fewer than two values the bounds are NaN.
+    """
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if v.size == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(v.mean())
+    if v.size < 2:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return Interval(mean, mean - half, mean + half, int(v.size))
+
+
+def ratio_ci(values: Sequence[float], baseline: Sequence[float], level: float = 0.95) -> Interval:
+    """Contender ÷ baseline, paired by round, as the mean of the per-round ratios with its confidence interval.
+
+    Every ratio in the benchmarks runs in this one direction: below 1 is better (less time, fewer bytes).
+    """
+    return mean_ci(pairwise_ratios(values, baseline), level)
 
 
 def median_step_time(step_times: Sequence[float], skip: int = 0) -> float:
@@ -435,6 +475,7 @@ class BenchContext:
     device: Any = "cpu"
     rounds: int | None = None
     verbose: bool = True
+    results_dir: Path = RESULTS_DIR
 
     @property
     def mode(self) -> str:
@@ -463,6 +504,8 @@ class Result:
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)
+    """Figures the comparison wrote, as paths relative to the results folder (shown in its README)."""
 
     def to_json(self, ctx: BenchContext, machine: Mapping[str, Any], elapsed_s: float) -> dict[str, Any]:
         return {
@@ -475,6 +518,7 @@ class Result:
             "config": self.config,
             "notes": self.notes,
             "tables": [t.to_json() for t in self.tables],
+            "images": self.images,
             "extra": self.extra,
         }
 

@@ -96,6 +96,8 @@ def render_result(res: Mapping[str, Any]) -> str:
         parts += [res["description"], ""]
     for table in res.get("tables", []):
         parts.append(render_table(table))
+    for image in res.get("images", []):
+        parts += [f"![{Path(image).stem}]({image})", ""]
     if res.get("notes"):
         parts += [*(f"- {n}" for n in res["notes"]), ""]
     if res.get("config"):
