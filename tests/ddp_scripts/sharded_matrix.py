@@ -43,6 +43,9 @@ CALLBACKS = {
     "LayerFreezeBlocks": lambda: LayerFreeze(layers=BLOCKS, until_step=4),
     "FreezeOutBlocks": lambda: FreezeOut(layers=BLOCKS, t0=0.5),
 }
+# Flat parameters: Lightning's full checkpoint re-keys the optimizer state by parameter, which a flat parameter
+# holding several tensors cannot be: the sharded (distributed) checkpoint is the one that works.
+FLAT = {"use_orig_params": False, "state_dict_type": "sharded"}
 BLOCKS = r"re:model\.(bert\.encoder\.layer|transformer\.h)\.\d+"
 
 
@@ -161,7 +164,7 @@ def fit(strategy, kind, callback, out_dir, seed, extra=(), ckpt_path=None, probe
         max_steps=STEPS,
         max_epochs=-1,
         strategy=make_strategy(
-            strategy.removesuffix("_flat"), model.model, use_orig_params=strategy != "fsdp1_flat"
+            strategy.removesuffix("_flat"), model.model, **(FLAT if strategy == "fsdp1_flat" else {})
         ),
         devices=2,
         default_root_dir=out_dir,
