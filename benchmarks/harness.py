@@ -29,6 +29,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,61 @@ def now(device=None) -> float:
     if device is not None:
         sync(device)
     return time.perf_counter()
+
+
+class StepClock:
+    """The benchmarks' one step timer: a device-synchronised stamp at every step start.
+
+    A step lasts from its start to the next step's start (``close()`` ends the last one), so it covers what the
+    user pays for: data fetch, forward, backward, optimizer step, ``zero_grad`` and every hook. Work done only for
+    the benchmark (copying weights for a later evaluation, counting bytes) runs inside ``excluded()`` and is left
+    out of the step it falls in and of ``elapsed()``. Every stamp is read after ``torch.cuda.synchronize`` on CUDA.
+
+    Args:
+        device: the device whose queued work each stamp waits for (``None`` or CPU: no wait).
+    """
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+        self.starts: list[float] = []
+        self.origin: float | None = None
+        self.excluded_s = 0.0
+
+    def _stamp(self) -> float:
+        return now(self.device) - self.excluded_s
+
+    def begin(self) -> None:
+        """Start the clock for ``elapsed()`` (the fit's start); the first ``step()`` does it if this is not called."""
+        self.origin, self.excluded_s, self.starts = now(self.device), 0.0, []
+
+    def step(self) -> None:
+        """A step starts now."""
+        if self.origin is None:
+            self.begin()
+        self.starts.append(self._stamp())
+
+    def close(self) -> None:
+        """The last step ends now."""
+        self.starts.append(self._stamp())
+
+    def elapsed(self) -> float:
+        """Seconds since ``begin()``, excluded spans left out."""
+        if self.origin is None:
+            raise RuntimeError("the clock was never started")
+        return self._stamp() - self.origin
+
+    @contextmanager
+    def excluded(self):
+        """Leave the enclosed work out of the step times and of ``elapsed()``."""
+        start = now(self.device)
+        try:
+            yield
+        finally:
+            self.excluded_s += now(self.device) - start
+
+    def step_times(self) -> list[float]:
+        """Each step's duration, start to next start (one fewer than the stamps)."""
+        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.harness import median_step_time, now
+from benchmarks.harness import StepClock, median_step_time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -161,12 +161,12 @@ def plain_round(
             block.requires_grad_(False)
             block.eval()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    starts = []
+    clock = StepClock(device)
     for batch in batches:
-        starts.append(now(device))
+        clock.step()
         loss = loss_of(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    starts.append(now(device))
-    return median_step_time([b - a for a, b in zip(starts, starts[1:], strict=False)], skip)
+    clock.close()
+    return median_step_time(clock.step_times(), skip)

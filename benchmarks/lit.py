@@ -21,8 +21,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
-from benchmarks.harness import Contender, median_step_time, now
+from benchmarks.harness import Contender, StepClock, median_step_time
 from benchmarks.models import SplitNet
 
 
@@ -109,25 +110,56 @@ class BatchList(Dataset):
 
 
 class StepTimer(Callback):
-    """Records a device-synchronised timestamp at every ``on_train_batch_start``.
+    """The harness's :class:`~benchmarks.harness.StepClock` driven by a Trainer: a stamp at every
+    ``on_train_batch_start``, the last step closed when the fit reaches ``max_steps`` or ends.
 
-    The interval between consecutive starts is one whole training step as the user pays for it:
-    data fetch, forward, backward, optimizer step, zero_grad and every callback hook.
+    With ``snapshots=True`` it also copies the weights (to CPU) at every epoch end, outside the timed part, next to
+    the training time so far: ``points = [(train_s, state_dict), ...]`` for an evaluation after the fit.
+
+    Args:
+        device: the device whose work each stamp waits for.
+        snapshots: copy the weights at every epoch end.
     """
 
-    def __init__(self, device=None):
-        self.device = device
-        self.starts: list[float] = []
+    def __init__(self, device=None, snapshots: bool = False) -> None:
+        self.clock = StepClock(device)
+        self.snapshots = snapshots
+        self.points: list[tuple[float, dict[str, torch.Tensor]]] = []
+        self._closed = False
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.starts.append(now(self.device))
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.clock.begin()
+        self.points, self._closed = [], False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.step()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= (trainer.max_steps or 0) > 0:
-            self.starts.append(now(self.device))  # closes the last step
+            self._close()
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.snapshots:
+            train_s = self.clock.elapsed()
+            with self.clock.excluded():
+                state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            self.points.append((train_s, state))
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self.clock.close()
+            self._closed = True
 
     def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        return self.clock.step_times()
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from benchmarks.harness import median_step_time, now
+from benchmarks.harness import StepClock, median_step_time
 from benchmarks.models import SplitNet
 
 
@@ -56,9 +56,9 @@ def plain_step_round(net: SplitNet, batches: Sequence, *, frozen: bool, skip: in
     net.to(device)
     prepare(net, frozen)
     opt = make_optimizer(net, frozen)
-    starts = []
+    clock = StepClock(device)
     for x, y in batches:
-        starts.append(now(device))
+        clock.step()
         train_step(net, opt, x, y, frozen)
-    starts.append(now(device))
-    return median_step_time([b - a for a, b in zip(starts, starts[1:], strict=False)], skip)
+    clock.close()
+    return median_step_time(clock.step_times(), skip)

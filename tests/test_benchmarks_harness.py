@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,3 +203,133 @@ def test_measurement_round_trip():
     m.add({"value": 2.0, "other": 3.0})
     assert m.values() == [1.0, 2.0] and m.values("other") == [3.0]
     assert m.to_json()["samples"]["value"] == [1.0, 2.0]
+
+
+class _FakeClock:
+    """A perf_counter that moves only when told to (and when the device 'synchronises')."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.synced: list[str] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fake_time(monkeypatch) -> _FakeClock:
+    import benchmarks.harness as harness
+
+    fake = _FakeClock()
+    monkeypatch.setattr(harness.time, "perf_counter", fake)
+    return fake
+
+
+def test_step_clock_times_start_to_start_and_leaves_excluded_work_out(monkeypatch):
+    from benchmarks.harness import StepClock
+
+    fake = _fake_time(monkeypatch)
+    clock = StepClock()
+    clock.begin()
+    for advance in (1.0, 2.0):
+        clock.step()
+        fake.t += advance
+    with clock.excluded():  # e.g. a weight copy between two steps
+        fake.t += 10.0
+    clock.step()
+    fake.t += 3.0
+    clock.close()
+    assert clock.step_times() == [1.0, 2.0, 3.0]
+    assert clock.elapsed() == 6.0
+
+
+def test_every_clock_reading_waits_for_the_device_first(monkeypatch):
+    import benchmarks.harness as harness
+    from benchmarks.harness import StepClock, now
+
+    fake = _fake_time(monkeypatch)
+
+    def sync(device):  # queued device work finishes during the synchronisation
+        if getattr(device, "type", device) == "cuda":
+            fake.synced.append("sync")
+            fake.t += 0.5
+
+    monkeypatch.setattr(harness, "sync", sync)
+    assert now(torch.device("cuda")) == 0.5  # the reading comes after the wait
+    clock = StepClock(torch.device("cuda"))
+    clock.step()  # begins (one sync), then stamps (another)
+    clock.close()
+    assert clock.step_times() == [0.5] and len(fake.synced) == 4
+    fake.synced.clear()
+    StepClock(torch.device("cpu")).step()
+    assert fake.synced == []
+
+
+def test_mean_ci_is_students_t_and_ratios_run_contender_over_baseline():
+    from scipy import stats
+
+    from benchmarks.harness import mean_ci, ratio_ci
+
+    values = [1.0, 2.0, 4.0, 3.0, 5.5]
+    iv = mean_ci(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert iv.n == 5 and iv.mean == pytest.approx(np.mean(values))
+    assert (iv.low, iv.high) == (pytest.approx(low), pytest.approx(high))
+    one = mean_ci([2.0, float("nan")])  # NaN dropped; one value has no interval
+    assert one.n == 1 and one.mean == 2.0 and np.isnan(one.low)
+    ratio = ratio_ci([8.0, 9.0, 10.0], [10.0, 10.0, 10.0])
+    assert ratio.mean == pytest.approx(0.9) and ratio.low < 0.9 < ratio.high
+    assert ratio_ci([1.0, 2.0], [2.0, 4.0]).mean == pytest.approx(0.5)  # lower is better, paired by round
+    with pytest.raises(ValueError, match="unpaired"):
+        ratio_ci([1.0], [1.0, 2.0])
+
+
+def test_lightning_step_timer_counts_every_step_and_snapshots_each_epoch_outside_the_clock(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks.lit import BenchModule, StepTimer, make_trainer, quiet
+
+    module = BenchModule(SplitNet.from_blocks(make_blocks(TINY), 2, TINY.num_classes))
+    x = torch.randn(12, 3, TINY.image, TINY.image)
+    y = torch.randint(0, TINY.num_classes, (12,))
+    timer = StepTimer("cpu", snapshots=True)
+    with quiet():
+        trainer = make_trainer(-1, [timer], "cpu", root_dir=str(tmp_path), max_epochs=3)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert len(timer.step_times()) == 9 and all(t > 0 for t in timer.step_times())
+    times = [t for t, _ in timer.points]
+    assert len(times) == 3 and times == sorted(times)
+    assert sum(timer.step_times()) <= timer.clock.elapsed() + 1e-9
+    last = timer.points[-1][1]
+    assert all(torch.equal(last[k], v) for k, v in module.state_dict().items())
+
+
+def test_transfer_statistics_and_goal_verdicts():
+    from benchmarks.comparisons import transfer as tr
+
+    # relative change of the error: paired differences over the baseline's mean error
+    rel = tr.relative_error_change([0.89, 0.90, 0.91], [0.90, 0.90, 0.90])
+    assert rel.mean == pytest.approx(0.0, abs=1e-12) and rel.low < 0 < rel.high
+    worse = tr.relative_error_change([0.88, 0.88, 0.88], [0.90, 0.90, 0.90])
+    assert worse.mean == pytest.approx(0.2) and worse.low == pytest.approx(0.2)
+    # time to target: the first epoch end at or above the baseline's final accuracy (same seed) - 0.5 points
+    curves = {
+        tr.BASELINE: [[(1.0, 0.80), (2.0, 0.90)], [(1.0, 0.85), (2.0, 0.92)]],
+        "x": [[(0.5, 0.896), (1.0, 0.91)], [(0.5, 0.80), (1.0, 0.90)]],
+    }
+    reach = tr.time_to_target(curves, "x")
+    assert reach[0] == 0.5 and np.isnan(reach[1])
+    # the finetuning-scheduler plan mirrors ProgressiveUnfreezing's: head, then one block per epoch from the top
+    plan = tr.fts_schedule(["a", "b", "head"], lr=1.0)
+    assert plan[0]["params"] == ["head.*"] and plan[1]["params"] == ["b.*"] and plan[2]["params"] == ["a.*"]
+    assert plan[2]["lr"] == pytest.approx(1 / tr.LR_DECAY**2) and plan[2]["max_transition_epoch"] == 3
+    summary = {
+        tr.PROGRESSIVE: {"acc_min": 0.90, "acc_max": 0.93},
+        tr.BACKBONE_FT: {"acc_min": 0.89, "acc_max": 0.93},
+        tr.FTS: {"acc_min": 0.90, "acc_max": 0.94},
+        tr.ADAPTIVE_CACHE: {"speedup_to_target": [1.6, 1.7, 1.8]},
+    }
+    table = tr.goals_table(
+        {"bert1d": {"summary": summary, "freezeout": {"0.8": {"met": True}, "0.9": {"met": False}}}}
+    )
+    verdicts = [row[-1] for row in table.rows]
+    assert verdicts == ["**met**", "**met**", "**not met**"]  # FTS's best seed beats ours

@@ -31,14 +31,13 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num, now
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
 from benchmarks.lit import make_trainer, quiet
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -160,48 +159,45 @@ def _module(s: Setting, adapter: str | None):
 
 
 class _Probe:
-    """Step times, the peak training-state bytes, and weight copies at epoch ends (outside the timed part)."""
+    """The harness's step timer with weight snapshots at epoch ends, plus the epoch of each step and the peak
+    training-state bytes (counted outside the timed part)."""
 
     def __new__(cls, device):
-        from lightning.pytorch.callbacks import Callback
+        from typing_extensions import override
 
-        class Probe(Callback):
+        from benchmarks.lit import StepTimer
+
+        class Probe(StepTimer):
             def __init__(self) -> None:
-                self.step_s: list[float] = []
+                super().__init__(device, snapshots=True)
                 self.epoch_step: list[int] = []
                 self.state_bytes = 0
-                self.points: list[tuple[float, dict[str, torch.Tensor]]] = []
-                self._t = self._start = self._excluded = 0.0
 
-            def on_train_start(self, trainer, pl_module):
-                self._start, self._excluded = now(device), 0.0
+            @property
+            def step_s(self) -> list[float]:
+                return self.step_times()
 
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                self._t = now(device)
-
-            def on_train_batch_end(self, trainer, pl_module, *args):
-                self.step_s.append(now(device) - self._t)
+            @override
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
                 self.epoch_step.append(trainer.current_epoch)
-                mark = time.perf_counter()
-                grads = sum(
-                    p.grad.numel() * p.grad.element_size()
-                    for p in pl_module.parameters()
-                    if p.grad is not None
-                )
-                state = sum(
-                    v.numel() * v.element_size()
-                    for per_param in trainer.optimizers[0].state.values()
-                    for v in per_param.values()
-                    if isinstance(v, torch.Tensor)
-                )
-                self.state_bytes = max(self.state_bytes, grads + state)
-                self._excluded += time.perf_counter() - mark
 
-            def on_train_epoch_end(self, trainer, pl_module):
-                mark = time.perf_counter()
-                copy = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-                self.points.append((mark - self._start - self._excluded, copy))
-                self._excluded += time.perf_counter() - mark
+            @override
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                with self.clock.excluded():
+                    grads = sum(
+                        p.grad.numel() * p.grad.element_size()
+                        for p in pl_module.parameters()
+                        if p.grad is not None
+                    )
+                    state = sum(
+                        v.numel() * v.element_size()
+                        for per_param in trainer.optimizers[0].state.values()
+                        for v in per_param.values()
+                        if isinstance(v, torch.Tensor)
+                    )
+                    self.state_bytes = max(self.state_bytes, grads + state)
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
         return Probe()
 

@@ -23,15 +23,14 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from benchmarks.comparisons.freezeout import BASELINE, CosineFactor, Task, _accuracy, cnn_task, digits_task
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
-from benchmarks.lit import make_trainer, quiet
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num, now
+from benchmarks.lit import StepTimer, make_trainer, quiet
 
 TARGET_GAP = 0.005  # the target: the baseline's final accuracy minus 0.5 points
 AUTOFREEZE = "AutoFreeze (Liu et al. 2021): 2.16x from freezing, up to 2.55x with cached activations (BERT, AG News, GPU)"
@@ -112,29 +111,6 @@ def bert_mnist1d_task(ctx: BenchContext) -> Task:
     )
 
 
-class _EpochSnapshots:
-    """Copies the weights at every epoch end and the training wall-clock so far (the copying excluded)."""
-
-    def __new__(cls):
-        from lightning.pytorch.callbacks import Callback
-
-        class Snapshots(Callback):
-            def __init__(self):
-                self.points: list[tuple[float, dict[str, torch.Tensor]]] = []
-                self._start = self._excluded = 0.0
-
-            def on_train_start(self, trainer, pl_module):
-                self._start, self._excluded = time.perf_counter(), 0.0
-
-            def on_train_epoch_end(self, trainer, pl_module):
-                now = time.perf_counter()
-                state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-                self.points.append((now - self._start - self._excluded, state))
-                self._excluded += time.perf_counter() - now
-
-        return Snapshots()
-
-
 def _contenders(
     ctx: BenchContext, task: Task, seeds: list[int], curves: dict, froze: dict
 ) -> list[Contender]:
@@ -173,14 +149,14 @@ def _contenders(
         callbacks = make_callbacks()
         cosine = not any(isinstance(cb, FreezeOut) for cb in callbacks)
         model = task.make_model(task.total_steps, cosine)
-        snapshots = _EpochSnapshots()
+        snapshots = StepTimer(ctx.device, snapshots=True)
         with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-adaptive-") as tmp:
             trainer = make_trainer(
                 -1, [*callbacks, snapshots], ctx.device, root_dir=tmp, max_epochs=task.epochs
             )
-            start = time.perf_counter()
+            start = now(ctx.device)
             trainer.fit(model, task.train(seed))
-            fit_s = time.perf_counter() - start
+            fit_s = now(ctx.device) - start
         curve = []
         for train_s, state in snapshots.points:
             model.load_state_dict(state)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, now
 
 OUTER_K, INNER_K, CONDITIONS = 5, 3, 10
 OOF_K, CLASSES = 5, 10
@@ -124,9 +123,9 @@ def run(ctx: BenchContext) -> Result:
 
         def report(with_plot: bool):
             def run_round() -> float:
-                t0 = time.perf_counter()
+                t0 = now()
                 summary = write_summary(sweep, with_plot=with_plot)
-                dt = time.perf_counter() - t0
+                dt = now() - t0
                 folds = (summary.get("nested") or {}).get("outer_folds") or []
                 info["check"] = "ok" if summary["n_ok"] == jobs and len(folds) == OUTER_K else "wrong"
                 return dt
@@ -156,17 +155,17 @@ def run(ctx: BenchContext) -> Result:
         reference = numpy_merge(oof_dir)
 
         def ours() -> float:
-            t0 = time.perf_counter()
+            t0 = now()
             oof = oof_predictions(oof_dir)
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             same = np.array_equal(oof.index, reference[0]) and np.array_equal(oof.output, reference[2])
             merge_info["check"] = "ok" if same else "wrong"
             return dt
 
         def baseline() -> float:
-            t0 = time.perf_counter()
+            t0 = now()
             numpy_merge(oof_dir)
-            return time.perf_counter() - t0
+            return now() - t0
 
         merge = [
             Contender(

@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
-from benchmarks.lit import make_trainer, quiet
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num, now
+from benchmarks.lit import StepTimer, make_trainer, quiet
 from lightning_freeze.rules.freezeout import cosine_factor, freezeout_schedule
 
 T0S = (0.5, 0.8, 0.9)
@@ -58,26 +57,6 @@ class CosineFactor:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-
-
-def _step_timer():
-    from lightning.pytorch.callbacks import Callback
-
-    class StepClock(Callback):
-        """Duration of each training batch, from on_train_batch_start to on_train_batch_end (forward,
-        backward, optimizer step and every callback hook, FreezeOut's freezes included)."""
-
-        def __init__(self):
-            self.times: list[float] = []
-            self._t = 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self._t)
-
-    return StepClock()
 
 
 def _quarters(times: list[float]) -> list[float]:
@@ -287,7 +266,7 @@ def _contenders(ctx: BenchContext, task: Task, seeds: list[int]) -> list[Contend
         total = epochs * task.steps_per_epoch
         pl.seed_everything(seed, verbose=False)
         model = task.make_model(total, t0 is None)
-        clock = _step_timer()
+        clock = StepTimer(ctx.device)
         callbacks = (
             [clock]
             if t0 is None
@@ -296,17 +275,18 @@ def _contenders(ctx: BenchContext, task: Task, seeds: list[int]) -> list[Contend
         with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-freezeout-") as tmp:
             trainer = make_trainer(-1, callbacks, ctx.device, root_dir=tmp, max_epochs=epochs)
             loader = task.train(seed)
-            start = time.perf_counter()
+            start = now(ctx.device)
             trainer.fit(model, loader)
-            fit_s = time.perf_counter() - start
-        if len(clock.times) != total:
-            raise RuntimeError(f"expected {total} timed steps, got {len(clock.times)}")
+            fit_s = now(ctx.device) - start
+        times = clock.step_times()
+        if len(times) != total:
+            raise RuntimeError(f"expected {total} timed steps, got {len(times)}")
         acc = _accuracy(model, *task.val)
-        q = _quarters(clock.times)
+        q = _quarters(times)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {
             "fit_s": fit_s,
-            "step_mean_s": statistics.fmean(clock.times),
+            "step_mean_s": statistics.fmean(times),
             "q1_s": q[0],
             "q2_s": q[1],
             "q3_s": q[2],
@@ -434,7 +414,9 @@ def _quarter_table(task: Task, ms) -> Table:
         f"{task.name}: time per step over training (ms, median of the per-seed medians per quarter)",
         ["contender", "1st quarter", "2nd quarter", "3rd quarter", "4th quarter", "mean step (ms)"],
         rows,
-        ["A step: on_train_batch_start to on_train_batch_end (forward, backward, optimizer, hooks)."],
+        [
+            "A step: one on_train_batch_start to the next (the harness StepClock: forward, backward, optimizer, every hook)."
+        ],
         data,
     )
 

@@ -7,11 +7,9 @@ class is spread over the folds with floor/ceil counts), so a fast but wrong spli
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, now
 
 K = 5
 N_CLASSES = 10
@@ -66,9 +64,9 @@ def run(ctx: BenchContext) -> Result:
         info: dict[str, str] = {}
 
         def run_round() -> float:
-            t0 = time.perf_counter()
+            t0 = now()
             folds = fn(labels)
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             info["check"] = check_folds(folds, labels)
             return dt
 

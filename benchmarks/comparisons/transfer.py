@@ -33,10 +33,9 @@ from benchmarks.harness import (
     comparison,
     fmt_num,
     mean_ci,
-    now,
     ratio_ci,
 )
-from benchmarks.lit import make_trainer, quiet
+from benchmarks.lit import StepTimer, make_trainer, quiet
 from benchmarks.transfer import Transfer, make_task
 
 NAME, TITLE = "transfer", "Fine-tuning on unsaturated transfer tasks: every strategy, time to accuracy"
@@ -166,32 +165,6 @@ def specs(task: Transfer) -> list[Spec]:
     return out
 
 
-class _EpochSnapshots:
-    """Training time (device-synchronised clock, fit start to each epoch end, copying excluded) and weights."""
-
-    def __new__(cls, device):
-        from lightning.pytorch.callbacks import Callback
-        from typing_extensions import override
-
-        class EpochSnapshots(Callback):
-            def __init__(self) -> None:
-                self.points: list[tuple[float, dict[str, torch.Tensor]]] = []
-                self.start = self.excluded = 0.0
-
-            @override
-            def on_train_start(self, trainer, pl_module) -> None:
-                self.start, self.excluded = now(device), 0.0
-
-            @override
-            def on_train_epoch_end(self, trainer, pl_module) -> None:
-                stamp = now(device)
-                state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-                self.points.append((stamp - self.start - self.excluded, state))
-                self.excluded += now(device) - stamp
-
-        return EpochSnapshots()
-
-
 def _frozen_steps(callbacks: list) -> dict[str, int]:
     for cb in callbacks:
         events = getattr(cb, "events", None)
@@ -212,7 +185,7 @@ def contenders(
         pl.seed_everything(seed, verbose=False)
         callbacks = spec.callbacks()
         model = task.make_module(spec.cosine, spec.filter_trainable)
-        snapshots = _EpochSnapshots(ctx.device)
+        snapshots = StepTimer(ctx.device, snapshots=True)
         with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-transfer-") as tmp:
             trainer = make_trainer(
                 -1,

@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num
+from benchmarks.harness import BenchContext, Contender, Result, Table, alternate, comparison, fmt_num, now
 from benchmarks.lit import accelerator_for, quiet
 
 LR = 3e-3
@@ -76,7 +76,7 @@ def fts_schedule(blocks: list[str], head: str = "head") -> dict:
 class _AccuracyClock:
     """A callback that notes (wall s since fit start, epoch, val/acc, CPU s since fit start) at each validation."""
 
-    def __new__(cls):
+    def __new__(cls, device):
         from lightning.pytorch.callbacks import Callback
 
         class Clock(Callback):
@@ -85,12 +85,12 @@ class _AccuracyClock:
                 self.points: list[tuple[float, int, float, float]] = []
 
             def on_fit_start(self, trainer, pl_module):
-                self.t0, self.c0 = time.perf_counter(), time.process_time()
+                self.t0, self.c0 = now(device), time.process_time()
 
             def on_validation_end(self, trainer, pl_module):
                 if not trainer.sanity_checking:
                     acc = float(trainer.callback_metrics["val/acc"])
-                    wall, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+                    wall, cpu = now(device) - self.t0, time.process_time() - self.c0
                     self.points.append((wall, trainer.current_epoch, acc, cpu))
 
         return Clock()
@@ -182,7 +182,7 @@ def _contenders(ctx: BenchContext, data, epochs: int, target: float, seeds: list
             state["round"] += 1
             pl.seed_everything(seed, verbose=False)
             model = _model(filter_trainable)
-            clock = _AccuracyClock()
+            clock = _AccuracyClock(ctx.device)
             g = torch.Generator().manual_seed(seed)
             train = DataLoader(Subset(ds, train_idx), batch_size=32, shuffle=True, generator=g)
             val = DataLoader(Subset(ds, val_idx), batch_size=256)
@@ -202,9 +202,9 @@ def _contenders(ctx: BenchContext, data, epochs: int, target: float, seeds: list
                     default_root_dir=tmp,
                     callbacks=[*cbs, clock],
                 )
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0 = now(ctx.device), time.process_time()
                 trainer.fit(model, train, val)
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                wall, cpu = now(ctx.device) - t0, time.process_time() - c0
             points = clock.points
             if len(points) != epochs:
                 raise RuntimeError(f"expected {epochs} validations, got {len(points)}")
