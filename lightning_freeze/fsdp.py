@@ -65,7 +65,7 @@ class CPUFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            return model
+            return model  # wrapped already (as FSDPStrategy does)
         return FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,

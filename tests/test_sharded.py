@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from models import trainer
 
 from lightning_freeze import AdaptiveFreeze, FreezeOut, FrozenPrefixCache, LayerFreeze, ProgressiveUnfreezing
-from lightning_freeze.engine.sharding import clean_name, strategy_kind
+from lightning_freeze.engine.sharding import check_supported_strategy, clean_name, strategy_kind
 
 
 def check_matrix(reports: list[dict]) -> dict[str, dict]:
@@ -125,5 +125,9 @@ def test_strategy_kinds_and_clean_names():
     assert strategy_kind(DDPStrategy()) == "ddp"
     assert strategy_kind(DeepSpeedStrategy(device=torch.device("cpu"))) == "deepspeed"
     assert strategy_kind(SingleDeviceStrategy(device=torch.device("cpu"))) == "other"
+    for sharded in (ModelParallelStrategy(), FSDPStrategy()):
+        check_supported_strategy(sharded, "FreezeOut")  # the freezing callbacks work there
+        with pytest.raises(ValueError, match=r"FrozenPrefixCache does not support .*Leave the cache out"):
+            check_supported_strategy(sharded, "FrozenPrefixCache", sharded=False)
     name = "model._fsdp_wrapped_module.bert.encoder.layer.0._fsdp_wrapped_module._checkpoint_wrapped_module.x"
     assert clean_name(name) == "model.bert.encoder.layer.0.x"

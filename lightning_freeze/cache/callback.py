@@ -148,7 +148,7 @@ class FrozenPrefixCache(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_supported_strategy(trainer.strategy, _WHERE)
+        check_supported_strategy(trainer.strategy, _WHERE, sharded=False)
         self._reset()
         self.history, self.events = [], []
         self._trainer = trainer

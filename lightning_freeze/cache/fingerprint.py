@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_freeze.engine.sharding import local_part
+
 LANES = 4
 CHUNK_WORDS = 1 << 15
 _MASK32 = 0xFFFFFFFF
@@ -161,6 +163,8 @@ class Fingerprinter:
         return [digest(row).digest()[:16] for row in raw]
 
     def tensor(self, t: torch.Tensor) -> bytes:
-        """A fingerprint of a whole tensor (e.g. a weight or a buffer), its dtype and shape included."""
+        """A fingerprint of a whole tensor (e.g. a weight or a buffer), its dtype and shape included; of a sharded
+        tensor (a DTensor under FSDP2), of the shard this process holds."""
+        t = local_part(t.detach())
         form = repr(dtype_and_shape(t.detach().reshape(1, *t.shape))).encode()
         return hashlib.blake2b(self.rows(t.detach().reshape(1, -1))[0] + form, digest_size=16).digest()

@@ -63,14 +63,22 @@ def is_sharded(strategy: object) -> bool:
     return strategy_kind(strategy) in ("fsdp1", "fsdp2")
 
 
-def check_supported_strategy(strategy: object, owner: str) -> None:
+def check_supported_strategy(strategy: object, owner: str, sharded: bool = True) -> None:
     """Refuse, before training, a strategy under which the frozen set cannot be kept exact.
 
     Args:
         strategy: the Trainer's strategy.
         owner: the callback's name, for the message.
+        sharded: whether ``owner`` works under FSDP1/FSDP2 (False: refuse them too).
     """
-    if strategy_kind(strategy) == "deepspeed":
+    kind = strategy_kind(strategy)
+    if not sharded and kind in ("fsdp1", "fsdp2"):
+        raise ValueError(
+            f"{owner} does not support {type(strategy).__name__} ({'FSDP2' if kind == 'fsdp2' else 'FSDP1'}) yet: "
+            "serving a frozen prefix from sharded parameters is untested. Leave the cache out under sharding (the "
+            "freezing callbacks work there), or use DDPStrategy or a single device."
+        )
+    if kind == "deepspeed":
         raise ValueError(
             f"{owner} does not support {type(strategy).__name__}: DeepSpeed keeps its own copies of the parameters "
             "and optimizer partitions, so a layer frozen here could keep training there. Use "
