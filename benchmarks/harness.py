@@ -423,6 +423,8 @@ class StepClock:
         self.starts: list[float] = []
         self.origin: float | None = None
         self.excluded_s = 0.0
+        self.cpu_origin = 0.0
+        self.cpu_excluded_s = 0.0
 
     def _stamp(self) -> float:
         return now(self.device) - self.excluded_s
@@ -430,6 +432,7 @@ class StepClock:
     def begin(self) -> None:
         """Start the clock for ``elapsed()`` (the fit's start); the first ``step()`` does it if this is not called."""
         self.origin, self.excluded_s, self.starts = now(self.device), 0.0, []
+        self.cpu_origin, self.cpu_excluded_s = time.process_time(), 0.0
 
     def step(self) -> None:
         """A step starts now."""
@@ -447,14 +450,20 @@ class StepClock:
             raise RuntimeError("the clock was never started")
         return self._stamp() - self.origin
 
+    def cpu_elapsed(self) -> float:
+        """This process's CPU seconds since ``begin()``, excluded spans left out: on a machine shared with other
+        jobs it measures our own work, where wall time also measures theirs."""
+        return time.process_time() - self.cpu_origin - self.cpu_excluded_s
+
     @contextmanager
     def excluded(self):
         """Leave the enclosed work out of the step times and of ``elapsed()``."""
-        start = now(self.device)
+        start, cpu_start = now(self.device), time.process_time()
         try:
             yield
         finally:
             self.excluded_s += now(self.device) - start
+            self.cpu_excluded_s += time.process_time() - cpu_start
 
     def step_times(self) -> list[float]:
         """Each step's duration, start to next start (one fewer than the stamps)."""

@@ -125,12 +125,13 @@ class StepTimer(Callback):
         self.clock = StepClock(device)
         self.snapshots = snapshots
         self.points: list[tuple[float, dict[str, torch.Tensor]]] = []
+        self.cpu_points: list[float] = []  # this process's CPU seconds at the same epoch ends
         self._closed = False
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         self.clock.begin()
-        self.points, self._closed = [], False
+        self.points, self.cpu_points, self._closed = [], [], False
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -144,10 +145,11 @@ class StepTimer(Callback):
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.snapshots:
-            train_s = self.clock.elapsed()
+            train_s, cpu_s = self.clock.elapsed(), self.clock.cpu_elapsed()
             with self.clock.excluded():
                 state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
             self.points.append((train_s, state))
+            self.cpu_points.append(cpu_s)
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:

@@ -6,7 +6,7 @@ Two backbones, each pretrained once on every signal of digits 0-4 (supervised, w
 and cached on disk like the digits demo's backbone (:func:`lightning_freeze.tasks.digits.default_cache_dir`,
 keyed by a hash of everything that determines the weights):
 
-- ``resnet1d``: a 1-D ResNet: a conv stem and four basic residual blocks (32-32-64-64-128 channels, two of
+- ``resnet1d``: a 1-D ResNet: a conv stem and four basic residual blocks (64-64-128-128-256 channels, two of
   them halving the length), global average pooling;
 - ``bert1d``: a 4-layer transformers BERT (hidden 64, 4 heads, random init) over the signal cut into ten
   patches of four samples, each patch linearly embedded as one token; the tokens' mean feeds the head.
@@ -36,7 +36,7 @@ from torch.nn import functional as F
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
 _DATA_VERSION = 1
-_PRETRAIN_VERSION = 1
+_PRETRAIN_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -108,17 +108,17 @@ class ResBlock1d(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.project(x))
 
 
-def resnet1d_backbone() -> nn.Sequential:
-    """Stem + four residual blocks; input [B, 40] signals, output [B, 128] features."""
+def resnet1d_backbone(width: int = 64) -> nn.Sequential:
+    """Stem + four residual blocks; input [B, 40] signals, output [B, 4 * width] features."""
     stem = nn.Sequential(
-        nn.Unflatten(1, (1, -1)), nn.Conv1d(1, 32, 5, 1, 2, bias=False), nn.BatchNorm1d(32), nn.ReLU()
+        nn.Unflatten(1, (1, -1)), nn.Conv1d(1, width, 5, 1, 2, bias=False), nn.BatchNorm1d(width), nn.ReLU()
     )
     return nn.Sequential(
         stem,
-        ResBlock1d(32, 32),
-        ResBlock1d(32, 64, stride=2),
-        ResBlock1d(64, 64),
-        ResBlock1d(64, 128, stride=2),
+        ResBlock1d(width, width),
+        ResBlock1d(width, 2 * width, stride=2),
+        ResBlock1d(2 * width, 2 * width),
+        ResBlock1d(2 * width, 4 * width, stride=2),
         nn.AdaptiveAvgPool1d(1),
         nn.Flatten(),
     )
@@ -160,7 +160,7 @@ BLOCKS = {
         "head",
     ],
 }
-FEATURES = {"resnet1d": 128, "bert1d": 64}
+FEATURES = {"resnet1d": 256, "bert1d": 64}
 PRETRAIN = {  # settings that determine the pretrained weights (part of the cache key)
     "resnet1d": {"epochs": 8, "lr": 3e-3, "batch_size": 128, "seed": 0},
     "bert1d": {"epochs": 12, "lr": 1e-3, "batch_size": 128, "seed": 0},
@@ -252,7 +252,7 @@ class Transfer:
     @property
     def description(self) -> str:
         what = {
-            "resnet1d": "1-D ResNet (stem + 4 residual blocks, 32-128 channels)",
+            "resnet1d": "1-D ResNet (stem + 4 residual blocks, 64-256 channels)",
             "bert1d": "4-layer BERT (hidden 64, 4 heads) over 10 patches of 4 samples",
         }[self.kind]
         return (
