@@ -497,7 +497,7 @@ def goals_table(per_task: dict) -> Table:
 
 @comparison(NAME, TITLE, order=30)
 def run(ctx: BenchContext) -> Result:
-    seeds = list(range(ctx.n_rounds(1, 5)))
+    seeds = list(range(ctx.n_rounds(1, 7)))
     result = Result(
         NAME,
         TITLE,
