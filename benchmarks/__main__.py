@@ -1,8 +1,10 @@
-"""``python -m benchmarks [--quick] [--only NAME ...] [--device cpu|cuda] [--rounds N] [--list]``.
+"""``python -m benchmarks [--quick] [--only NAME ...] [--device cpu|cuda] [--budget S] [--rounds N] [--list]``.
 
 Runs the registered comparisons (every module in ``benchmarks/comparisons/``), writes
 ``benchmarks/results/<name>.json`` for each, then regenerates ``benchmarks/results/README.md`` from all
-json files present.  See docs/benchmarks.md.
+json files present.  With ``--budget S`` it runs the chosen subset :data:`BUDGET_PLAN` instead, each comparison
+in its own process stopped when the budget is spent, into ``benchmarks/results/gpu/`` on CUDA.  See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run the budget subset (see --list) within SECONDS of wall-clock, each comparison in its own process "
+        "killed when the budget is spent; results go to benchmarks/results/gpu/ on CUDA "
+        "(benchmarks/results/budget-cpu/ otherwise) unless --results-dir is given",
+    )
+    p.add_argument(
         "--rounds", type=int, default=None, help="override every comparison's number of recorded rounds"
     )
     p.add_argument(
@@ -40,9 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(the default: 1 when the machine is already busy, i.e. 1-minute load average >= cores, "
         "because multi-threaded kernels on oversubscribed cores stall; torch's choice otherwise)",
     )
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where json files and README.md go")
+    p.add_argument("--results-dir", type=Path, default=None, help="where json files and README.md go")
     p.add_argument("--list", action="store_true", help="list the comparisons and exit")
     p.add_argument("--readme-only", action="store_true", help="only regenerate README.md from the json files")
+    p.add_argument(
+        "--no-readme", action="store_true", help="write the json files only (the budget run's children)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p.parse_args(argv)
 
@@ -66,6 +80,80 @@ def choose_threads(arg: str) -> tuple[int | None, str]:
     return n, f"--threads {n}"
 
 
+BUDGET_PLAN: tuple[tuple[str, bool, float], ...] = (
+    # (comparison, quick sizes, expected seconds on one GPU or a quiet CPU, start-up included), in the order a
+    # budget runs them: the user-facing evidence first, then the step-time and memory tables.
+    ("transfer", True, 150.0),  # pretrains its two backbones on the device the first time (cached after)
+    ("static_freezing", True, 60.0),
+    ("freezeout", True, 60.0),
+    ("cache", True, 60.0),
+    ("memory", True, 60.0),
+    ("overhead", True, 60.0),
+    ("unfreezing", True, 45.0),
+)
+
+
+def budget_plan(budget_s: float, plan=None) -> list[tuple[str, bool, float]]:
+    """The comparisons of ``plan`` (default :data:`BUDGET_PLAN`) whose expected times, added in order, fit
+    ``budget_s`` (one that does not fit is left out and the next ones are still considered)."""
+    chosen, used = [], 0.0
+    for name, quick, expected in BUDGET_PLAN if plan is None else plan:
+        if used + expected <= budget_s:
+            chosen.append((name, quick, expected))
+            used += expected
+    return chosen
+
+
+def default_results_dir(device, budget: float | None) -> Path:
+    if budget is None:
+        return RESULTS_DIR
+    return RESULTS_DIR / ("gpu" if getattr(device, "type", str(device)) == "cuda" else "budget-cpu")
+
+
+def run_budget(args, device, results_dir: Path, order: dict[str, int], log) -> int:
+    """Each comparison of the budget plan in its own process, with the budget left as its time limit."""
+    import subprocess
+
+    plan = budget_plan(args.budget)
+    log(
+        f"budget {args.budget:.0f} s: "
+        + ", ".join(f"{n} ({'quick' if q else 'full'}, ~{e:.0f} s)" for n, q, e in plan)
+    )
+    start, failures = time.perf_counter(), 0
+    for name, quick, _ in plan:
+        left = args.budget - (time.perf_counter() - start)
+        if left <= 5:
+            log(f"== {name}: skipped, the budget is spent")
+            continue
+        cmd = [sys.executable, "-m", "benchmarks", "--only", name, "--device", str(device)]
+        cmd += ["--results-dir", str(results_dir), "--threads", args.threads, "--no-readme"]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--rounds", str(args.rounds)] if args.rounds is not None else []
+        cmd += ["-q"] if args.quiet else []
+        try:
+            rc = subprocess.run(cmd, timeout=left, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            failures += 1
+            why = "it ran past the budget and was stopped" if rc is None else f"it exited with code {rc}"
+            machine = machine_info(device)
+            write_result(
+                {
+                    "name": name,
+                    "title": name,
+                    "mode": "quick" if quick else "full",
+                    "machine": machine,
+                    "error": f"the comparison did not finish: {why} (budget {args.budget:.0f} s)",
+                },
+                results_dir,
+            )
+            log(f"== {name}: {why}")
+    readme = write_readme(results_dir, order)
+    log(f"wrote {readme}; budget run took {time.perf_counter() - start:.1f} s of {args.budget:.0f} s")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     registry = discover()
@@ -73,15 +161,21 @@ def main(argv=None) -> int:
     if args.list:
         for name, c in registry.items():
             print(f"{name:24s} {c.title}")
+        print("budget subset (--budget), in order: " + ", ".join(n for n, _, _ in BUDGET_PLAN))
         return 0
     if args.readme_only:
-        print(write_readme(args.results_dir, order))
+        print(write_readme(args.results_dir or RESULTS_DIR, order))
         return 0
     unknown = [n for n in args.only if n not in registry]
     if unknown:
         print(f"unknown comparison(s) {unknown}; choose from {list(registry)}", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
+    results_dir = args.results_dir or default_results_dir(device, args.budget)
+    if args.budget is not None:
+        if args.budget <= 0:
+            raise SystemExit(f"--budget must be a positive number of seconds, got {args.budget}")
+        return run_budget(args, device, results_dir, order, print if not args.quiet else lambda _m: None)
     threads, why = choose_threads(args.threads)
     if threads is not None:
         import torch
@@ -93,7 +187,7 @@ def main(argv=None) -> int:
         device=device,
         rounds=args.rounds,
         verbose=not args.quiet,
-        results_dir=args.results_dir,
+        results_dir=results_dir,
     )
     ctx.log(f"torch threads: {threads or 'torch default'} ({why})")
     selected = [registry[n] for n in (args.only or registry)]
@@ -118,10 +212,13 @@ def main(argv=None) -> int:
             }
             ctx.log(f"  FAILED: {payload['error']}")
         payload["machine"]["load_avg_1_5_15_end"] = machine_info(device)["load_avg_1_5_15"]
-        path = write_result(payload, args.results_dir)
+        path = write_result(payload, results_dir)
         ctx.log(f"  wrote {path} ({time.perf_counter() - t0:.1f} s)")
-    readme = write_readme(args.results_dir, order)
-    ctx.log(f"wrote {readme}; total {time.perf_counter() - t_all:.1f} s")
+    if args.no_readme:
+        ctx.log(f"total {time.perf_counter() - t_all:.1f} s")
+    else:
+        readme = write_readme(results_dir, order)
+        ctx.log(f"wrote {readme}; total {time.perf_counter() - t_all:.1f} s")
     return 1 if failures else 0
 
 

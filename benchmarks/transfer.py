@@ -175,10 +175,15 @@ def make_backbone(kind: str) -> nn.Module:
     raise ValueError(f"unknown backbone {kind!r}; choose from {sorted(BLOCKS)}")
 
 
-def pretrained_backbone(kind: str, data: dict[str, torch.Tensor], log: Callable[[str], None] | None = None):
-    """The backbone ``kind`` pretrained on every signal of digits 0-4; trained once, then read from the cache."""
+def pretrained_backbone(
+    kind: str, data: dict[str, torch.Tensor], log: Callable[[str], None] | None = None, device="cpu"
+):
+    """The backbone ``kind`` pretrained on every signal of digits 0-4 (on ``device``); trained once, then read
+    from the cache (weights pretrained on a GPU are cached apart from the CPU's, since they differ in rounding)."""
     settings = PRETRAIN[kind]
     key = {"v": _PRETRAIN_VERSION, "kind": kind, "n": len(data["y"]), **settings, "torch": torch.__version__}
+    if torch.device(device).type != "cpu":
+        key["device"] = torch.device(device).type
     path = cache_dir() / f"mnist1d_{kind}_pretrained_{_digest(key)}.pt"
     backbone = make_backbone(kind)
     if path.is_file():
@@ -188,18 +193,18 @@ def pretrained_backbone(kind: str, data: dict[str, torch.Tensor], log: Callable[
         except Exception:  # rebuild a partial or stale file
             pass
     keep = torch.isin(data["y"], torch.tensor(PRETRAIN_CLASSES))
-    x, y = data["x"][keep], data["y"][keep]
+    x, y = data["x"][keep].to(device), data["y"][keep].to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["seed"])
         backbone = make_backbone(kind)
-        model = nn.Sequential(backbone, nn.Linear(FEATURES[kind], len(PRETRAIN_CLASSES)))
+        model = nn.Sequential(backbone, nn.Linear(FEATURES[kind], len(PRETRAIN_CLASSES))).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=1e-2)
         batch, epochs = settings["batch_size"], settings["epochs"]
         total = epochs * (len(y) // batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=total)
         model.train()
         for epoch in range(epochs):
-            order = torch.randperm(len(y))
+            order = torch.randperm(len(y)).to(device)
             for start in range(0, len(y) - batch + 1, batch):
                 idx = order[start : start + batch]
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -209,6 +214,7 @@ def pretrained_backbone(kind: str, data: dict[str, torch.Tensor], log: Callable[
                 sched.step()
             if log:
                 log(f"    pretraining {kind}: epoch {epoch + 1}/{epochs}, last loss {loss.item():.3f}")
+    backbone = backbone.cpu()
     _atomic_save(backbone.state_dict(), path)
     return backbone
 
@@ -329,11 +335,12 @@ LR = {"resnet1d": 2e-3, "bert1d": 1e-3}
 
 
 def make_task(
-    kind: str, quick: bool, log: Callable[[str], None] | None = None, n_val: int = 2000
+    kind: str, quick: bool, log: Callable[[str], None] | None = None, n_val: int = 2000, device="cpu"
 ) -> Transfer:
-    """The fine-tuning task ``kind`` (``resnet1d`` or ``bert1d``); pretraining happens here, once, if not cached."""
+    """The fine-tuning task ``kind`` (``resnet1d`` or ``bert1d``); pretraining happens here (on ``device``), once,
+    if not cached."""
     data = mnist1d()
-    backbone = pretrained_backbone(kind, data, log)
+    backbone = pretrained_backbone(kind, data, log, device)
     per_class, epochs, batch = SIZES[kind]["quick" if quick else "full"]
     rng = np.random.default_rng(0)  # one fixed labelled draw and validation set for every seed
     train_idx, val_idx = [], []

@@ -333,3 +333,27 @@ def test_transfer_statistics_and_goal_verdicts():
     )
     verdicts = [row[-1] for row in table.rows]
     assert verdicts == ["**met**", "**met**", "**not met**"]  # FTS's best seed beats ours
+
+
+def test_budget_plan_keeps_the_order_and_skips_what_does_not_fit():
+    from benchmarks.__main__ import BUDGET_PLAN, budget_plan
+
+    plan = [("a", True, 100.0), ("b", True, 300.0), ("c", False, 50.0)]
+    assert [n for n, _, _ in budget_plan(160, plan)] == ["a", "c"]
+    assert budget_plan(10, plan) == []
+    gpu = budget_plan(480)
+    assert sum(e for _, _, e in gpu) <= 480 and gpu[0][0] == "transfer"
+    assert {n for n, _, _ in BUDGET_PLAN} <= set(discover())
+
+
+def test_budget_run_stops_a_comparison_past_the_budget_and_says_so(tmp_path, monkeypatch):
+    import benchmarks.__main__ as cli
+
+    # static_freezing takes far longer than 8 s anywhere (imports alone take seconds): it must be stopped
+    monkeypatch.setattr(cli, "BUDGET_PLAN", (("static_freezing", True, 1.0), ("splits", True, 1000.0)))
+    rc = cli.main(["--budget", "8", "--device", "cpu", "--results-dir", str(tmp_path), "-q"])
+    assert rc == 1
+    payload = json.loads((tmp_path / "static_freezing.json").read_text())
+    assert "ran past the budget" in payload["error"] and payload["machine"]["device"] == "cpu"
+    assert not (tmp_path / "splits.json").exists()  # it did not fit the plan
+    assert "ran past the budget" in (tmp_path / "README.md").read_text()

@@ -510,7 +510,7 @@ def run(ctx: BenchContext) -> Result:
     )
     per_task: dict = {}
     for kind in ("resnet1d", "bert1d"):
-        task = make_task(kind, ctx.quick, log=ctx.log)
+        task = make_task(kind, ctx.quick, log=ctx.log, device=ctx.device)
         ctx.log(f"  {task.name}: {task.description}")
         curves: dict = {}
         froze: dict = {}
