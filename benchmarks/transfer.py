@@ -335,7 +335,7 @@ LR = {"resnet1d": 2e-3, "bert1d": 1e-3}
 
 
 def make_task(
-    kind: str, quick: bool, log: Callable[[str], None] | None = None, n_val: int = 2000, device="cpu"
+    kind: str, quick: bool, log: Callable[[str], None] | None = None, n_val: int = 1000, device="cpu"
 ) -> Transfer:
     """The fine-tuning task ``kind`` (``resnet1d`` or ``bert1d``); pretraining happens here (on ``device``), once,
     if not cached."""

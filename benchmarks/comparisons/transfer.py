@@ -1,7 +1,7 @@
 """Every freezing strategy on unsaturated transfer tasks: time-to-accuracy curves, accuracy and time with 95% CIs.
 
 Tasks (:mod:`benchmarks.transfer`): a 1-D ResNet and a 4-layer BERT-style transformer, each pretrained on MNIST-1D
-digits 0-4 (cached), fine-tuned on a few labelled signals of digits 5-9 and validated on 2000 held-out ones.
+digits 0-4 (cached), fine-tuned on a few labelled signals of digits 5-9 and validated on 1000 held-out ones.
 
 Contenders, with one optimizer (AdamW) and, except FreezeOut, which is its own schedule, one per-step cosine LR:
 full fine-tuning; the backbone frozen (LayerFreeze); FreezeOut at t0 = 0.5 / 0.8 / 0.9; ProgressiveUnfreezing
@@ -43,7 +43,7 @@ BASELINE = "full fine-tuning"
 T0S = (0.5, 0.8, 0.9)
 LR_DECAY = 2.6
 TARGET_GAP = 0.005  # AutoFreeze-style target: the baseline's final accuracy (same seed) minus 0.5 points
-MAX_POINTS = 15  # evaluated epoch ends per fit (the last one always)
+MAX_POINTS = 12  # evaluated epoch ends per fit (the last one always)
 ENVELOPE = 0.03  # FreezeOut's relative-error envelope (Brock et al. 2017)
 FREEZEOUT_SAVING = 0.20  # ... and its wall-clock saving
 ADAPTIVE_SPEEDUP = 1.5  # the issue's goal for AdaptiveFreeze + cache on the BERT task
@@ -504,7 +504,7 @@ def run(ctx: BenchContext) -> Result:
         description=(
             "Each backbone is pretrained once on MNIST-1D digits 0-4 (cached), then fine-tuned on a few labelled "
             "signals of digits 5-9 by every contender, one round per seed, contenders alternating within a round. "
-            "Accuracy is the validation accuracy on 2000 held-out signals after each epoch. " + PAPERS
+            "Accuracy is the validation accuracy on 1000 held-out signals after each epoch. " + PAPERS
         ),
         config={"seeds": seeds, "device": str(ctx.device), "torch_threads": torch.get_num_threads()},
     )
