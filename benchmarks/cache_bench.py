@@ -37,11 +37,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from benchmarks.harness import (
     BenchContext,
     Contender,
     Measurement,
+    StepClock,
     Table,
     fmt_num,
     now,
@@ -277,7 +279,8 @@ def clocks(device) -> tuple[float, float]:
 
 
 class EpochTimer(L.Callback):
-    """Wall-clock and CPU-time stamps at every batch start and at every train-epoch end.
+    """The harness's step clock, one per epoch: wall and CPU time of every step, start to start, the last step of
+    an epoch ending at the epoch's end.
 
     CPU time (``time.process_time``) counts only this process's work, so it stays meaningful on a machine
     shared with other jobs, where wall time mostly measures the other jobs.
@@ -285,18 +288,23 @@ class EpochTimer(L.Callback):
 
     def __init__(self, device) -> None:
         self.device = device
-        self.marks: list[tuple[int, tuple[float, float]]] = []
-        self.ends: dict[int, tuple[float, float]] = {}
+        self.epochs: dict[int, StepClock] = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.marks.append((trainer.current_epoch, clocks(self.device)))
+    @override
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs[trainer.current_epoch] = StepClock(self.device)
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.ends[trainer.current_epoch] = clocks(self.device)
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.epochs[trainer.current_epoch].step()
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs[trainer.current_epoch].close()
 
     def step_times(self, epoch: int, which: int = 0) -> list[float]:
-        starts = [t[which] for e, t in self.marks if e == epoch] + [self.ends[epoch][which]]
-        return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        clock = self.epochs[epoch]
+        return clock.step_times() if which == 0 else clock.cpu_step_times()
 
 
 class ColdPages(L.Callback):
@@ -375,23 +383,22 @@ def _plain_round(w: Workload, device, precompute: bool) -> dict[str, float]:
         step = lambda batch: w.full_step(model.model if hasattr(model, "model") else model, batch)  # noqa: E731
         params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=w.lr, momentum=0.9)
-    per_epoch: list[list[tuple[float, float]]] = []
+    per_epoch: list[StepClock] = []
     for _ in range(w.epochs):
-        marks = []
+        clock = StepClock(device)
         for batch in data:
-            marks.append(clocks(device))
+            clock.step()
             loss = step(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        marks.append(clocks(device))
-        per_epoch.append(marks)
+        clock.close()
+        per_epoch.append(clock)
     w1, c1 = clocks(device)
 
-    def steps(marks, which):
-        return [b[which] - a[which] for a, b in zip(marks, marks[1:], strict=False)]
-
-    return _samples([steps(m, 0) for m in per_epoch], [steps(m, 1) for m in per_epoch], (w1 - w0, c1 - c0))
+    return _samples(
+        [c.step_times() for c in per_epoch], [c.cpu_step_times() for c in per_epoch], (w1 - w0, c1 - c0)
+    )
 
 
 class FeatureModule(L.LightningModule):

@@ -421,6 +421,7 @@ class StepClock:
     def __init__(self, device=None) -> None:
         self.device = device
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # this process's CPU seconds at the same stamps
         self.origin: float | None = None
         self.excluded_s = 0.0
         self.cpu_origin = 0.0
@@ -429,9 +430,12 @@ class StepClock:
     def _stamp(self) -> float:
         return now(self.device) - self.excluded_s
 
+    def _cpu_stamp(self) -> float:
+        return time.process_time() - self.cpu_excluded_s
+
     def begin(self) -> None:
         """Start the clock for ``elapsed()`` (the fit's start); the first ``step()`` does it if this is not called."""
-        self.origin, self.excluded_s, self.starts = now(self.device), 0.0, []
+        self.origin, self.excluded_s, self.starts, self.cpu_starts = now(self.device), 0.0, [], []
         self.cpu_origin, self.cpu_excluded_s = time.process_time(), 0.0
 
     def step(self) -> None:
@@ -439,10 +443,12 @@ class StepClock:
         if self.origin is None:
             self.begin()
         self.starts.append(self._stamp())
+        self.cpu_starts.append(self._cpu_stamp())
 
     def close(self) -> None:
         """The last step ends now."""
         self.starts.append(self._stamp())
+        self.cpu_starts.append(self._cpu_stamp())
 
     def elapsed(self) -> float:
         """Seconds since ``begin()``, excluded spans left out."""
@@ -453,7 +459,7 @@ class StepClock:
     def cpu_elapsed(self) -> float:
         """This process's CPU seconds since ``begin()``, excluded spans left out: on a machine shared with other
         jobs it measures our own work, where wall time also measures theirs."""
-        return time.process_time() - self.cpu_origin - self.cpu_excluded_s
+        return self._cpu_stamp() - self.cpu_origin
 
     @contextmanager
     def excluded(self):
@@ -468,6 +474,10 @@ class StepClock:
     def step_times(self) -> list[float]:
         """Each step's duration, start to next start (one fewer than the stamps)."""
         return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+
+    def cpu_step_times(self) -> list[float]:
+        """Each step's CPU time in this process, on the same stamps."""
+        return [b - a for a, b in zip(self.cpu_starts, self.cpu_starts[1:], strict=False)]
 
 
 # --------------------------------------------------------------------------------------------------
