@@ -52,7 +52,7 @@ def check_matrix(reports: list[dict]) -> dict[str, dict]:
     "strategy,kind,callbacks",
     [
         ("fsdp2", "bert", ["LayerFreeze", "FreezeOut", "ProgressiveUnfreezing", "AdaptiveFreeze"]),
-        ("fsdp2", "gpt2", ["FreezeOut", "ProgressiveUnfreezing"]),
+        ("fsdp2", "gpt2", ["FreezeOut", "ProgressiveUnfreezing", "LayerSampling"]),
         ("fsdp1", "bert", ["LayerFreeze", "FreezeOut", "ProgressiveUnfreezing", "AdaptiveFreeze"]),
         ("fsdp1", "gpt2", ["LayerFreeze", "AdaptiveFreeze"]),
     ],

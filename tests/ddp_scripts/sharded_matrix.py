@@ -28,7 +28,13 @@ from hf_models import FIXTURES, TextModule  # noqa: E402
 from models import trainer  # noqa: E402
 from sharded import full_state, make_strategy, shard_fsdp2  # noqa: E402
 
-from lightning_freeze import AdaptiveFreeze, FreezeOut, LayerFreeze, ProgressiveUnfreezing  # noqa: E402
+from lightning_freeze import (  # noqa: E402
+    AdaptiveFreeze,
+    FreezeOut,
+    LayerFreeze,
+    LayerSampling,
+    ProgressiveUnfreezing,
+)
 from lightning_freeze.engine.sharding import clean_name  # noqa: E402
 from lightning_freeze.splitrun import ResumableDataLoader  # noqa: E402
 
@@ -39,6 +45,7 @@ CALLBACKS = {
     "FreezeOut": lambda: FreezeOut(t0=0.5),
     "ProgressiveUnfreezing": lambda: ProgressiveUnfreezing(every_n_epochs=None, every_n_steps=3),
     "AdaptiveFreeze": lambda: AdaptiveFreeze(check_every_n_steps=2, min_steps=2, percentile=50),
+    "LayerSampling": lambda: LayerSampling(n_layers=1, interval=3, seed=0, plot=False),
     # The transformer blocks only: with FSDP1 flat parameters and one unit per block, each layer is a whole unit.
     "LayerFreezeBlocks": lambda: LayerFreeze(layers=BLOCKS, until_step=4),
     "FreezeOutBlocks": lambda: FreezeOut(layers=BLOCKS, t0=0.5),
