@@ -165,6 +165,13 @@ PRETRAIN = {  # settings that determine the pretrained weights (part of the cach
     "resnet1d": {"epochs": 8, "lr": 3e-3, "batch_size": 128, "seed": 0},
     "bert1d": {"epochs": 12, "lr": 1e-3, "batch_size": 128, "seed": 0},
 }
+# Quick mode is a smoke test that must fit a few minutes on a fresh machine: fewer signals, shorter pretraining.
+QUICK_SAMPLES = 6_000
+PRETRAIN_QUICK = {
+    "resnet1d": {"epochs": 2, "lr": 3e-3, "batch_size": 128, "seed": 0},
+    "bert1d": {"epochs": 3, "lr": 1e-3, "batch_size": 128, "seed": 0},
+}
+FULL_SAMPLES = 30_000
 
 
 def make_backbone(kind: str) -> nn.Module:
@@ -176,11 +183,15 @@ def make_backbone(kind: str) -> nn.Module:
 
 
 def pretrained_backbone(
-    kind: str, data: dict[str, torch.Tensor], log: Callable[[str], None] | None = None, device="cpu"
+    kind: str,
+    data: dict[str, torch.Tensor],
+    log: Callable[[str], None] | None = None,
+    device="cpu",
+    settings: dict[str, Any] | None = None,
 ):
     """The backbone ``kind`` pretrained on every signal of digits 0-4 (on ``device``); trained once, then read
     from the cache (weights pretrained on a GPU are cached apart from the CPU's, since they differ in rounding)."""
-    settings = PRETRAIN[kind]
+    settings = settings or PRETRAIN[kind]
     key = {"v": _PRETRAIN_VERSION, "kind": kind, "n": len(data["y"]), **settings, "torch": torch.__version__}
     if torch.device(device).type != "cpu":
         key["device"] = torch.device(device).type
@@ -339,8 +350,9 @@ def make_task(
 ) -> Transfer:
     """The fine-tuning task ``kind`` (``resnet1d`` or ``bert1d``); pretraining happens here (on ``device``), once,
     if not cached."""
-    data = mnist1d()
-    backbone = pretrained_backbone(kind, data, log, device)
+    data = mnist1d(QUICK_SAMPLES if quick else FULL_SAMPLES)
+    pretrain = (PRETRAIN_QUICK if quick else PRETRAIN)[kind]
+    backbone = pretrained_backbone(kind, data, log, device, pretrain)
     per_class, epochs, batch = SIZES[kind]["quick" if quick else "full"]
     rng = np.random.default_rng(0)  # one fixed labelled draw and validation set for every seed
     train_idx, val_idx = [], []
@@ -369,7 +381,8 @@ def make_task(
         batch_size=batch,
         lr=LR[kind],
         config={
-            "pretrain": PRETRAIN[kind],
+            "pretrain": pretrain,
+            "generated_signals": len(data["y"]),
             "pretrain_classes": list(PRETRAIN_CLASSES),
             "finetune_classes": list(FINETUNE_CLASSES),
             "labelled_per_class": per_class,
