@@ -205,6 +205,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             result = comp.run(ctx)
+            result.name, result.title = result.name or comp.name, result.title or comp.title
             payload = result.to_json(ctx, machine, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - one broken comparison must not hide the others
             failures += 1

@@ -570,10 +570,14 @@ class BenchContext:
 
 @dataclass
 class Result:
-    """What a comparison returns: tables for the README plus its configuration and free-form notes."""
+    """What a comparison returns: tables for the README plus its configuration and free-form notes.
 
-    name: str
-    title: str
+    ``name`` and ``title`` default to the ones the comparison was registered with (written once, in
+    ``@comparison``); the runner fills them in.
+    """
+
+    name: str = ""
+    title: str = ""
     description: str = ""
     tables: list[Table] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

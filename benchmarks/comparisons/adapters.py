@@ -382,8 +382,6 @@ def _table(s: Setting, ms) -> Table:
 def run(ctx: BenchContext) -> Result:
     n_rounds = ctx.n_rounds(1, 3)
     result = Result(
-        "adapters",
-        "Adapters and LayerSampling: memory, step time and time to accuracy",
         description=(
             "Full fine-tuning, peft LoRA, LoRA on the top half with and without FrozenPrefixCache, LayerSampling on "
             "full weights and on LoRA adapters, on BERT- and GPT-2-style models trained on a generated task. One round "

@@ -272,8 +272,6 @@ def run(ctx: BenchContext) -> Result:
     n_rounds = ctx.n_rounds(2, 3)
     seeds = list(range(n_rounds))
     result = Result(
-        "adaptive",
-        "AdaptiveFreeze: time to accuracy against full training and FreezeOut",
         description=(
             "Full training with a per-step cosine LR, FreezeOut (t0 = 0.8), AdaptiveFreeze and AdaptiveFreeze with "
             "FrozenPrefixCache, side by side (one round = one seed, contenders alternate). Weights are copied at "

@@ -30,8 +30,6 @@ def run(ctx: BenchContext) -> Result:
     device = torch.device(ctx.device)
     rounds = ctx.n_rounds(2, 4)
     result = Result(
-        NAME,
-        TITLE,
         description=DESCRIPTION,
         config={
             "rounds": rounds,

@@ -25,8 +25,6 @@ def run(ctx: BenchContext) -> Result:
     rounds = ctx.n_rounds(1, 2)
     resnet = resnet_workload(ctx, device)
     result = Result(
-        NAME,
-        TITLE,
         description=DESCRIPTION,
         config={
             "rounds": rounds,

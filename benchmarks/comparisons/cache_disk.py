@@ -28,8 +28,6 @@ def run(ctx: BenchContext) -> Result:
     row_bytes = prefix_row_bytes(w)
     ram = row_bytes * sum(x.shape[0] for x, _ in w.batches) // 4
     result = Result(
-        NAME,
-        TITLE,
         description=DESCRIPTION,
         config={
             "rounds": rounds,

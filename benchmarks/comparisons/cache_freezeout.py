@@ -20,8 +20,6 @@ def run(ctx: BenchContext) -> Result:
     w = cnn_workload(ctx, device)
     w.epochs = ctx.pick(6, 8)
     result = Result(
-        NAME,
-        TITLE,
         description=DESCRIPTION,
         config={
             "rounds": rounds,

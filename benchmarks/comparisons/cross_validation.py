@@ -107,8 +107,6 @@ def run(ctx: BenchContext) -> Result:
     rounds = ctx.n_rounds(3, 5)
     n_oof = ctx.pick(1_000_000, 1_000_000)
     result = Result(
-        "cross_validation",
-        "Cross-validation to a decision: report and OOF merge",
         description=(
             f"The sweep report on a {OUTER_K}x{INNER_K} nested sweep of {CONDITIONS} conditions "
             f"({OUTER_K * INNER_K * CONDITIONS} jobs; target < 2 s), and merging the out-of-fold predictions of a "

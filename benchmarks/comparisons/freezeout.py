@@ -429,8 +429,6 @@ def run(ctx: BenchContext) -> Result:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = torch.get_num_threads()  # chosen by `python -m benchmarks --threads` (auto: 1 when loaded)
     result = Result(
-        "freezeout",
-        "FreezeOut: wall-clock and accuracy against a cosine-LR baseline",
         description=(
             "FreezeOut (cubic schedule, scaled LR) at t0 = 0.5, 0.8, 0.9 against the same optimizer with a plain "
             "per-step cosine LR. Wall-clock of the whole `Trainer.fit` (no validation inside it), time per step "

@@ -257,8 +257,6 @@ def run(ctx: BenchContext) -> Result:
         return _mb(sorted(vals)[len(vals) // 2]) if vals else "n/a (CPU run)"
 
     result = Result(
-        "memory",
-        "Memory: full vs frozen training",
         description=(
             f"{steps} training steps of the benchmark ResNet (batch {spec.batch}) with the first {k} blocks "
             f"({flop_share:.0%} of forward FLOPs) frozen, each contender in a fresh process per round. "

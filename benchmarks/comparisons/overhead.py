@@ -218,8 +218,6 @@ def run(ctx: BenchContext) -> Result:
         by_name[name].extra["hook_us_per_step"] = clock.us_per_step()
 
     result = Result(
-        "overhead",
-        "Overhead of our callbacks on no-op steps",
         description=(
             "Per-step time of a Trainer with one of our callbacks, during steps where the callback changes "
             "nothing, against the same Trainer without it and the same state set up by hand. Goal: the "

@@ -87,8 +87,6 @@ def run(ctx: BenchContext) -> Result:
     ctx.log(f"  {n:,} labels, {rounds} rounds")
     ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
     result = Result(
-        "splits",
-        "Splits: stratified 5-fold of many labels",
         description=(
             f"Time to compute all {K} (train, validation) index pairs of a stratified {K}-fold split "
             f"of {n:,} integer labels (10 classes, skewed frequencies)."

@@ -123,8 +123,6 @@ def run(ctx: BenchContext) -> Result:
     blocks = make_blocks(spec, seed=0)
     batches = make_batches(spec, skip + measured, device=device, seed=1)
     result = Result(
-        "static_freezing",
-        "Static freezing: time per training step",
         description=(
             "A ResNet-style CNN (stem + 3 stages of basic residual blocks with BatchNorm) on synthetic "
             "in-memory batches, SGD with momentum. The first blocks form the frozen prefix `backbone`. "

@@ -499,8 +499,6 @@ def goals_table(per_task: dict) -> Table:
 def run(ctx: BenchContext) -> Result:
     seeds = list(range(ctx.n_rounds(1, 7)))
     result = Result(
-        NAME,
-        TITLE,
         description=(
             "Each backbone is pretrained once on MNIST-1D digits 0-4 (cached), then fine-tuned on a few labelled "
             "signals of digits 5-9 by every contender, one round per seed, contenders alternating within a round. "

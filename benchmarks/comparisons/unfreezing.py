@@ -267,8 +267,6 @@ def run(ctx: BenchContext) -> Result:
         "median wall time to target (s)": lambda m: _median_finite(m, "time_to_target_s"),
     }
     result = Result(
-        "unfreezing",
-        "Unfreezing strategies on the digits transfer task",
         description=(
             f"DigitsClassifier (3 conv blocks + linear head), backbone pretrained on digits 0-4, fine-tuned on "
             f"{per_class} labelled images per class of digits 5-9 ({len(data[1])} in all) for {epochs} epochs "
