@@ -38,15 +38,13 @@ def _fit(model, callbacks, epochs: int = 4, n: int = 32):
 
 
 CALLBACKS = {
-    "LayerFreeze": lambda kind: LayerFreeze(BLOCKS[kind].replace(r"\d+", "[01]"), plot=False),
-    "FreezeOut": lambda kind: FreezeOut(plot=False),
+    "LayerFreeze": lambda kind: LayerFreeze(BLOCKS[kind].replace(r"\d+", "[01]")),
+    "FreezeOut": lambda kind: FreezeOut(),
     "ProgressiveUnfreezing": lambda kind: ProgressiveUnfreezing(
-        BLOCKS[kind], every_n_epochs=None, every_n_steps=4, plot=False
+        BLOCKS[kind], every_n_epochs=None, every_n_steps=4
     ),
-    "AdaptiveFreeze": lambda kind: AdaptiveFreeze(
-        check_every_n_steps=2, min_steps=2, percentile=60, plot=False
-    ),
-    "LayerSampling": lambda kind: LayerSampling(n_layers=1, interval=3, seed=0, plot=False),
+    "AdaptiveFreeze": lambda kind: AdaptiveFreeze(check_every_n_steps=2, min_steps=2, percentile=60),
+    "LayerSampling": lambda kind: LayerSampling(n_layers=1, interval=3, seed=0),
 }
 ADAPTERS = [("bert", "lora"), ("gpt2", "lora"), ("bert", "ia3"), ("bert", "loha")]
 
@@ -86,7 +84,7 @@ def test_freezeout_on_lora_without_a_head_trains_to_the_end():
     # (before, FreezeOut froze it at 85% of the fit and the next backward failed).
     torch.manual_seed(0)
     model = AdaptedText("bert", "lora")
-    freezeout = FreezeOut(plot=False)
+    freezeout = FreezeOut()
     with pytest.warns(UserWarning, match="nothing is trainable in .*classifier.*task_type"):
         t = _fit(model, [freezeout])
     blocks = [f"model.base_model.model.bert.encoder.layer.{i}" for i in range(3)]
@@ -98,7 +96,7 @@ def test_freezeout_on_lora_without_a_head_trains_to_the_end():
 def test_adaptive_freeze_never_counts_untrainable_layers_as_decisions():
     torch.manual_seed(0)
     model = AdaptedText("bert", "lora")
-    adaptive = AdaptiveFreeze(check_every_n_steps=2, min_steps=2, percentile=60, plot=False)
+    adaptive = AdaptiveFreeze(check_every_n_steps=2, min_steps=2, percentile=60)
     _fit(model, [adaptive])
     layers = [layer.name for layer in adaptive.layers]
     assert layers[0].endswith("embeddings") and layers[-1].endswith("classifier")
@@ -111,7 +109,7 @@ def test_adaptive_freeze_never_counts_untrainable_layers_as_decisions():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: LayerFreeze("auto", plot=False), lambda: ProgressiveUnfreezing(plot=False)],
+    [lambda: LayerFreeze("auto"), lambda: ProgressiveUnfreezing()],
     ids=["LayerFreeze", "ProgressiveUnfreezing"],
 )
 def test_setup_errors_say_what_peft_left_trainable(make):
@@ -129,7 +127,7 @@ def test_setup_errors_say_what_peft_left_trainable(make):
 def test_progressive_unfreezing_thaws_adapters_top_down_with_discriminative_lrs():
     torch.manual_seed(0)
     model = AdaptedText("bert", "lora", head=True)
-    unfreeze = ProgressiveUnfreezing(every_n_epochs=1, lr_decay=2.0, plot=False)
+    unfreeze = ProgressiveUnfreezing(every_n_epochs=1, lr_decay=2.0)
     lrs = {}
 
     class GroupLRs(FrozenWeightsProbe):
@@ -150,7 +148,7 @@ def test_transitions_reassert_the_intended_requires_grad_set():
     # block's adapter become trainable. The next transition puts both back and says so.
     torch.manual_seed(0)
     model = AdaptedText("bert", "lora")
-    sampling = LayerSampling(n_layers=1, interval=3, seed=0, plot=False)
+    sampling = LayerSampling(n_layers=1, interval=3, seed=0)
     base = "model.base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight"
     state = {}
 
@@ -185,9 +183,7 @@ def test_cache_serves_the_prefix_without_adapters_bit_exactly():
     def run(with_cache: bool):
         torch.manual_seed(0)
         model = AdaptedText("bert", "lora", head=True, top_blocks=2)
-        freeze = LayerFreeze(
-            "auto[:2]", plot=False
-        )  # the embeddings and block 0: peft left nothing trainable
+        freeze = LayerFreeze("auto[:2]")  # the embeddings and block 0: peft left nothing trainable
         _fit(model, [freeze, FrozenPrefixCache()] if with_cache else [freeze], epochs=3)
         return model, next((cb for cb in model.trainer.callbacks if isinstance(cb, FrozenPrefixCache)), None)
 
@@ -205,7 +201,7 @@ def test_a_block_peft_froze_is_kept_in_eval_mode_so_the_cache_serves_it():
         torch.manual_seed(0)
         model = AdaptedText("bert", "lora", dropout=0.1)
         cache = FrozenPrefixCache(module="model.base_model.model.bert.embeddings")
-        callbacks = [FreezeOut(plot=False), cache] if with_cache else [FreezeOut(plot=False)]
+        callbacks = [FreezeOut(), cache] if with_cache else [FreezeOut()]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _fit(model, callbacks, epochs=3)

@@ -161,7 +161,7 @@ def test_lightning_round_times_every_step_and_layer_freeze_keeps_prefix(tmp_path
     step_s = fit_round(
         lambda: module,
         make_batches(TINY, 5),
-        [LayerFreeze(layers="backbone", plot=False)],
+        [LayerFreeze(layers="backbone")],
         skip=1,
         after_fit=lambda tr, m: seen.update(steps=tr.global_step),
     )

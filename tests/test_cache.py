@@ -290,12 +290,12 @@ def same(a, b):
 
 @pytest.fixture(scope="module")
 def baseline():
-    return fit([LayerFreeze("backbone.*", plot=False)])[0]
+    return fit([LayerFreeze("backbone.*")])[0]
 
 
 def test_layer_freeze_bit_identical_and_warm(baseline):
     cache = FrozenPrefixCache()
-    model, t = fit([LayerFreeze("backbone.*", plot=False)], cache=cache)
+    model, t = fit([LayerFreeze("backbone.*")], cache=cache)
     same(baseline, model)
     hist = cache.history
     assert all("'backbone.0'..'backbone.2' (3 blocks)" in h["cached"] for h in hist)
@@ -311,7 +311,7 @@ def test_layer_freeze_bit_identical_and_warm(baseline):
 def test_named_module_and_budget_cap(baseline):
     row = 16 * 4
     cache = FrozenPrefixCache(module="backbone", max_bytes=40 * row, max_disk_bytes=0)
-    model, _ = fit([LayerFreeze("backbone.*", plot=False)], cache=cache)
+    model, _ = fit([LayerFreeze("backbone.*")], cache=cache)
     same(baseline, model)
     last = cache.history[-1]
     assert last["full"] and last["entries"] == 40 and 0 < last["hit_rate"] < 1 and last["off"] is None
@@ -320,7 +320,7 @@ def test_named_module_and_budget_cap(baseline):
 def test_disk_tier_serves_past_the_ram_budget(baseline, tmp_path):
     row = 16 * 4
     cache = FrozenPrefixCache(max_bytes=20 * row, max_disk_bytes="1MB", disk_dir=tmp_path / "rows")
-    model, _ = fit([LayerFreeze("backbone.*", plot=False)], cache=cache)
+    model, _ = fit([LayerFreeze("backbone.*")], cache=cache)
     same(baseline, model)
     last = cache.history[-1]
     assert last["entries"] == 64 and last["disk_entries"] == 44 and last["hit_rate"] == 1.0
@@ -353,14 +353,14 @@ def test_public_surface_is_the_options_history_events_and_cut():
 def test_unfrozen_named_module_is_computed_as_usual(baseline):
     cache = FrozenPrefixCache(module="head")
     with pytest.warns(UserWarning, match="'head' has trainable parameters"):
-        model, t = fit([LayerFreeze("backbone.*", plot=False)], cache=cache)
+        model, t = fit([LayerFreeze("backbone.*")], cache=cache)
     same(baseline, model)
     assert all(h["lookups"] == 0 for h in cache.history)
     assert "cache/hit_rate" not in t.callback_metrics  # no lookups: no rate logged
 
 
 def test_freezeout_boundary_moves_extend_the_cache():
-    make = lambda: FreezeOut(layers="backbone.*", t0=0.3, plot=False)  # noqa: E731
+    make = lambda: FreezeOut(layers="backbone.*", t0=0.3)  # noqa: E731
     ref, _ = fit([make()], epochs=4)
     cache = FrozenPrefixCache()
     model, _ = fit([make()], cache=cache, epochs=4)
@@ -371,7 +371,7 @@ def test_freezeout_boundary_moves_extend_the_cache():
 
 
 def test_thaw_invalidates():
-    make = lambda: LayerFreeze("backbone.*", until_step=12, plot=False)  # noqa: E731
+    make = lambda: LayerFreeze("backbone.*", until_step=12)  # noqa: E731
     ref, _ = fit([make()])
     cache = FrozenPrefixCache()
     model, _ = fit([make()], cache=cache)
@@ -396,7 +396,7 @@ def test_random_augmentation_switches_it_off():
     cache = FrozenPrefixCache()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit([LayerFreeze("backbone.*", plot=False)], cache=cache, data=Augmented())
+        fit([LayerFreeze("backbone.*")], cache=cache, data=Augmented())
     ours = [w for w in caught if "FrozenPrefixCache switched off" in str(w.message)]
     assert len(ours) == 1 and "augmentation" in str(ours[0].message)
     assert cache.history[-1]["off"] and cache.cut is None and cache.history[1]["hits"] == 0
@@ -405,12 +405,10 @@ def test_random_augmentation_switches_it_off():
 
 def test_resume_is_bit_identical_with_the_cache(tmp_path):
     make_model = lambda: Net("adam")  # noqa: E731
-    full, _ = run_uninterrupted(
-        make_model, lambda: [LayerFreeze("backbone.*", plot=False)], tmp_path, max_epochs=3
-    )
+    full, _ = run_uninterrupted(make_model, lambda: [LayerFreeze("backbone.*")], tmp_path, max_epochs=3)
     resumed, t = run_interrupted(
         make_model,
-        lambda: [LayerFreeze("backbone.*", plot=False), FrozenPrefixCache()],
+        lambda: [LayerFreeze("backbone.*"), FrozenPrefixCache()],
         tmp_path,
         stop_at=11,
         max_epochs=3,
@@ -430,7 +428,7 @@ def test_digits_cnn_rows_served_match_fresh_computation():
     def run(cache):
         torch.manual_seed(0)
         model = DigitsClassifier(pretrained=False)
-        cbs = [FreezeOut(layers="auto", t0=0.5, plot=False)] + ([cache] if cache else [])
+        cbs = [FreezeOut(layers="auto", t0=0.5)] + ([cache] if cache else [])
         t = trainer(max_epochs=3, callbacks=cbs, default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"))
         t.fit(model, DataLoader(data, batch_size=16, shuffle=True))
         return snapshot(model)
@@ -468,7 +466,7 @@ def test_cuda_pinned_path_is_bit_identical():
             max_epochs=3,
             accelerator="gpu",
             devices=1,
-            callbacks=[LayerFreeze("backbone.*", plot=False)] + ([cache] if cache else []),
+            callbacks=[LayerFreeze("backbone.*")] + ([cache] if cache else []),
             default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"),
         )
         t.fit(model, DataLoader(make_data(64, 0), batch_size=8, shuffle=True))
@@ -483,7 +481,7 @@ def test_cuda_pinned_path_is_bit_identical():
 def test_freezeout_auto_extends_the_cache_as_each_block_freezes():
     # layers="auto" gives the backbone's blocks; FreezeOut freezes them one by one and the cache pushes its
     # stored rows through each newly frozen block instead of starting over, with results unchanged.
-    make = lambda: FreezeOut(layers="auto", t0=0.3, plot=False)  # noqa: E731
+    make = lambda: FreezeOut(layers="auto", t0=0.3)  # noqa: E731
     ref, _ = fit([make()], epochs=3)
     cache = FrozenPrefixCache()
     with warnings.catch_warnings(record=True) as caught:
@@ -503,6 +501,6 @@ def test_a_step_where_the_frozen_prefix_did_not_change_does_not_plan_again():
     plans = []
     refresh = cache._refresh
     cache._refresh = lambda pl_module: (plans.append(1), refresh(pl_module))[1]
-    make = lambda: LayerFreeze("backbone.*", until_step=12, plot=False)  # noqa: E731
+    make = lambda: LayerFreeze("backbone.*", until_step=12)  # noqa: E731
     fit([make()], cache=cache)  # 24 steps, a thaw at step 12
     assert len(plans) == 2

@@ -42,7 +42,7 @@ def fit(kind, make_freezer, cache=None, epochs=2):
 @pytest.mark.parametrize("kind", sorted(FROZEN))
 def test_whole_frozen_prefix_is_served_and_bit_identical(kind):
     spec = VIT_WHOLE if kind == "vit" else FROZEN[kind]
-    make = lambda: LayerFreeze(spec, plot=False)  # noqa: E731
+    make = lambda: LayerFreeze(spec)  # noqa: E731
     cache = FrozenPrefixCache(max_disk_bytes=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -60,7 +60,7 @@ def test_vit_with_trainable_tokens_says_what_stops_the_cut():
     # conv_proj and two encoder blocks frozen, the class token and position embedding still training: every
     # block after conv_proj reads the class token, so only conv_proj's output can be served, and one message
     # says so and what to freeze.
-    make = lambda: LayerFreeze(FROZEN["vit"], plot=False)  # noqa: E731
+    make = lambda: LayerFreeze(FROZEN["vit"])  # noqa: E731
     cache = FrozenPrefixCache(max_disk_bytes=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -82,7 +82,7 @@ def test_vit_with_trainable_tokens_says_what_stops_the_cut():
 
 @pytest.mark.parametrize("kind", sorted(FROZEN))
 def test_freezeout_moving_the_boundary_stays_bit_identical(kind):
-    make = lambda: FreezeOut(layers=FREEZEOUT_LAYERS[kind], t0=0.5, plot=False)  # noqa: E731
+    make = lambda: FreezeOut(layers=FREEZEOUT_LAYERS[kind], t0=0.5)  # noqa: E731
     cache = FrozenPrefixCache(max_disk_bytes=0)
     on, runs_on = fit(kind, make, cache, epochs=4)
     off, runs_off = fit(kind, make, epochs=4)

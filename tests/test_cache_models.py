@@ -79,9 +79,9 @@ def test_no_frozen_module_runs_once_the_cache_is_warm(kind):
     validate = kind == "bert"  # validation batches are never looked up nor stored
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        on, runs_on = fit_fixture(kind, LayerFreeze(FROZEN[kind], plot=False), cache, validate=validate)
+        on, runs_on = fit_fixture(kind, LayerFreeze(FROZEN[kind]), cache, validate=validate)
     assert not [str(w.message) for w in caught if "FrozenPrefixCache" in str(w.message)]
-    off, runs_off = fit_fixture(kind, LayerFreeze(FROZEN[kind], plot=False), validate=validate)
+    off, runs_off = fit_fixture(kind, LayerFreeze(FROZEN[kind]), validate=validate)
     assert_same(on, runs_on, off, runs_off)
     assert runs_on.calls[0] > 0 and 1 not in runs_on.calls  # from the second epoch on, no frozen module runs
     assert runs_off.calls[1] == runs_off.calls[0]  # without the cache they run every epoch
@@ -97,7 +97,7 @@ def test_digits_cnn_no_frozen_module_runs_once_warm():
     def run(cache):
         torch.manual_seed(0)
         runs = FrozenRuns(["backbone"])
-        callbacks = [LayerFreeze("backbone", plot=False), runs] + ([cache] if cache else [])
+        callbacks = [LayerFreeze("backbone"), runs] + ([cache] if cache else [])
         model = DigitsClassifier(pretrained=False)
         trainer(max_epochs=2, callbacks=callbacks).fit(model, DataLoader(data, batch_size=16, shuffle=True))
         return model, runs
@@ -117,16 +117,16 @@ def test_gpt2_tied_embedding_is_not_cached_and_says_why():
     frozen = ["model.transformer.wte", "model.transformer.wpe", "model.transformer.h.0"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        on, runs_on = fit_fixture("gpt2", LayerFreeze(frozen, plot=False), cache, validate=True)
+        on, runs_on = fit_fixture("gpt2", LayerFreeze(frozen), cache, validate=True)
     ours = [str(w.message) for w in caught if "FrozenPrefixCache" in str(w.message)]
     assert len(ours) == 1 and "'model.transformer.wte'" in ours[0] and "tied to ['model.lm_head']" in ours[0]
     assert all(h["lookups"] == 0 and h["entries"] == 0 and h["hit_rate"] is None for h in cache.history)
-    off, runs_off = fit_fixture("gpt2", LayerFreeze(frozen, plot=False), validate=True)
+    off, runs_off = fit_fixture("gpt2", LayerFreeze(frozen), validate=True)
     assert_same(on, runs_on, off, runs_off)
 
 
 def test_freezeout_on_resnet_carries_rows_through_each_newly_frozen_stage():
-    make = lambda: FreezeOut(layers="auto", t0=0.3, plot=False)  # noqa: E731
+    make = lambda: FreezeOut(layers="auto", t0=0.3)  # noqa: E731
     cache = FrozenPrefixCache(max_disk_bytes=0)
     on, runs_on = fit_fixture("resnet", make(), cache, epochs=3)
     off, runs_off = fit_fixture("resnet", make(), epochs=3)
@@ -142,12 +142,12 @@ def test_rows_are_stored_in_the_dtype_autocast_produces():
     # and the fit is bit-identical to the uncached one.
     kind = "resnet"
     cache = FrozenPrefixCache(max_disk_bytes=0)
-    on, runs_on = fit_fixture(kind, LayerFreeze(FROZEN[kind], plot=False), cache, precision="bf16-mixed")
-    off, runs_off = fit_fixture(kind, LayerFreeze(FROZEN[kind], plot=False), precision="bf16-mixed")
+    on, runs_on = fit_fixture(kind, LayerFreeze(FROZEN[kind]), cache, precision="bf16-mixed")
+    off, runs_off = fit_fixture(kind, LayerFreeze(FROZEN[kind]), precision="bf16-mixed")
     assert_same(on, runs_on, off, runs_off)
     assert cache.history[-1]["rows"] == ["torch.bfloat16[8, 4, 4]"] and cache.history[-1]["hit_rate"] == 1.0
     fp32 = FrozenPrefixCache(max_disk_bytes=0)
-    fit_fixture(kind, LayerFreeze(FROZEN[kind], plot=False), fp32, epochs=1)
+    fit_fixture(kind, LayerFreeze(FROZEN[kind]), fp32, epochs=1)
     assert fp32.history[-1]["rows"] == ["torch.float32[8, 4, 4]"]
     assert cache.history[-1]["used_bytes"] * 2 == fp32.history[-1]["used_bytes"]
 
@@ -166,7 +166,7 @@ def test_compiled_inner_model_is_served_without_recompiling_per_batch():
         model = fixture.model()
         model.model = torch.compile(model.model, backend="aot_eager")
         runs = FrozenRuns(FROZEN[kind])
-        callbacks = [LayerFreeze(FROZEN[kind], plot=False), runs] + ([cache] if cache else [])
+        callbacks = [LayerFreeze(FROZEN[kind]), runs] + ([cache] if cache else [])
         trainer(max_epochs=3, callbacks=callbacks).fit(model, fixture.loader(24, 0, 8, shuffle=True))
         return model, runs, sum(counters["stats"].values()), dict(counters["stats"])["unique_graphs"]
 
@@ -183,8 +183,8 @@ def test_named_module_with_keyword_arguments_is_keyed_on_all_of_them():
     # BERT's embeddings are called with keyword arguments only (input_ids=..., ...): a named-module cut keys
     # on every tensor argument and serves them.
     cache = FrozenPrefixCache(module="model.bert.embeddings", max_disk_bytes=0)
-    on, runs_on = fit_fixture("bert", LayerFreeze(FROZEN["bert"], plot=False), cache)
-    off, runs_off = fit_fixture("bert", LayerFreeze(FROZEN["bert"], plot=False))
+    on, runs_on = fit_fixture("bert", LayerFreeze(FROZEN["bert"]), cache)
+    off, runs_off = fit_fixture("bert", LayerFreeze(FROZEN["bert"]))
     assert_same(on, runs_on, off, runs_off)
     assert (
         cache.history[-1]["cached"] == "module 'model.bert.embeddings'"
@@ -206,7 +206,7 @@ def test_training_step_that_calls_the_frozen_layers_itself_falls_back():
     def run(cache):
         torch.manual_seed(0)
         model = Direct()
-        callbacks = [LayerFreeze(["backbone.0", "backbone.1"], plot=False)] + ([cache] if cache else [])
+        callbacks = [LayerFreeze(["backbone.0", "backbone.1"])] + ([cache] if cache else [])
         t = trainer(max_epochs=3, callbacks=callbacks, default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"))
         t.fit(model, DataLoader(make_data(32, 0), batch_size=8, shuffle=True))
         return model

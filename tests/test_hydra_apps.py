@@ -188,7 +188,9 @@ def test_the_help_of_an_app_that_asks_lists_our_groups_next_to_its_own(template)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = proc.stdout.split("== Config ==")[0].splitlines()
     groups = dict(line.split(": ", 1) for line in listed if ": " in line)
-    assert groups["trainer"] == "cpu, ddp, ddp_cpu, default, fsdp, fsdp_cpu, gpu"  # the app's and ours, one list
+    assert (
+        groups["trainer"] == "cpu, ddp, ddp_cpu, default, fsdp, fsdp_cpu, gpu"
+    )  # the app's and ours, one list
     assert groups["freeze"].startswith("adaptive, backbone, freezeout, layer_freeze")
     assert "kfold" in groups["split"] and groups["task"] == "digits" and "none" in groups["cache"]
     assert groups["paths"] == "default"  # the app's own group

@@ -120,7 +120,7 @@ def _tensors(layer):
 def test_exactly_the_sampled_layers_and_the_always_layers_change_each_interval():
     torch.manual_seed(0)
     model = Net("adamw", "step", dropout=0.2, n_blocks=5)
-    sampling = LayerSampling(n_layers=2, interval=3, seed=1, plot=False)
+    sampling = LayerSampling(n_layers=2, interval=3, seed=1)
     probe = StepProbe(sampling)
     t = trainer(callbacks=[sampling, probe.callback()], max_epochs=2)
     t.fit(model, *loaders())
@@ -151,7 +151,7 @@ def test_exactly_the_sampled_layers_and_the_always_layers_change_each_interval()
 def test_optimizer_state_of_leaving_layers_is_dropped_or_kept(keep_state):
     torch.manual_seed(0)
     model = Net("adam", dropout=0.0, n_blocks=4)
-    sampling = LayerSampling(n_layers=1, interval=2, seed=3, keep_state=keep_state, plot=False)
+    sampling = LayerSampling(n_layers=1, interval=2, seed=3, keep_state=keep_state)
     probe = StepProbe(sampling)
     trainer(callbacks=[sampling, probe.callback()], max_epochs=3).fit(model, *loaders())
     returned = False
@@ -172,7 +172,7 @@ def test_resume_mid_interval_is_bit_exact(tmp_path):
     made: list[LayerSampling] = []
 
     def callbacks():
-        made.append(LayerSampling(n_layers=1, interval=3, seed=5, keep_state=True, plot=False))
+        made.append(LayerSampling(n_layers=1, interval=3, seed=5, keep_state=True))
         return [made[-1]]
 
     def model():
@@ -188,7 +188,7 @@ def test_resume_without_a_seed_continues_the_checkpoints_choices(tmp_path):
     made: list[LayerSampling] = []
 
     def callbacks():
-        made.append(LayerSampling(n_layers=1, interval=3, plot=False))
+        made.append(LayerSampling(n_layers=1, interval=3))
         return [made[-1]]
 
     resumed, _ = run_interrupted(lambda: Net("adam", dropout=0.0), callbacks, tmp_path, stop_at=7)

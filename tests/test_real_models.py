@@ -78,7 +78,7 @@ def test_auto_follows_the_repeated_blocks_without_example_input_array(kind):
     assert getattr(model, "example_input_array", None) is None
     batch = next(iter(FIXTURES[kind].loader(4)))
     assert [layer.name for layer in select_layers(model, "auto", example_input=batch)] == AUTO[kind]
-    freeze = LayerFreeze("auto[:-1]", plot=False)
+    freeze = LayerFreeze("auto[:-1]")
     before = snapshot(model)
     fit(kind, [freeze], model=model)
     assert [layer.name for layer in freeze.layers] == AUTO[kind][:-1]
@@ -95,7 +95,7 @@ def test_auto_follows_the_repeated_blocks_without_example_input_array(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_freezeout_and_progressive_unfreezing_defaults_run_and_hand_the_model_back(kind):
-    for make in (lambda: FreezeOut(plot=False), lambda: ProgressiveUnfreezing(every_n_steps=2, plot=False)):
+    for make in (lambda: FreezeOut(), lambda: ProgressiveUnfreezing(every_n_steps=2)):
         callback, probe = make(), AtTrainEnd()
         model, _ = fit(kind, [callback, probe])
         names = [layer.name for layer in callback.layers]
@@ -122,7 +122,7 @@ def test_tied_weights_freeze_only_when_every_user_is_frozen():
     probe = AtTrainEnd()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit("gpt2", [LayerFreeze("model.transformer", plot=False), probe], model=model)
+        fit("gpt2", [LayerFreeze("model.transformer"), probe], model=model)
     ties = [str(w.message) for w in caught if "tied weights" in str(w.message)]
     assert len(ties) == 1 and "'model.transformer.wte.weight'" in ties[0] and "model.lm_head" in ties[0]
     after = snapshot(model)
@@ -135,7 +135,7 @@ def test_tied_weights_freeze_only_when_every_user_is_frozen():
 
 
 def test_freezeout_keeps_the_tied_head_training_to_the_end():
-    freezeout = FreezeOut(plot=False)
+    freezeout = FreezeOut()
     model = FIXTURES["gpt2"].model()
     wte = model.model.transformer.wte.weight
     seen = []
@@ -158,7 +158,7 @@ def test_two_stage_fine_tuning_trains_the_backbone_in_stage_two():
     model = FIXTURES[kind].model()
     backbone = "model.resnet."
     stage0 = snapshot(model)
-    fit(kind, [LayerFreeze("model.resnet", plot=False)], model=model)
+    fit(kind, [LayerFreeze("model.resnet")], model=model)
     stage1 = snapshot(model)
     assert all(torch.equal(stage0[k], stage1[k]) for k in stage0 if k.startswith(backbone))
     assert no_override_left(model) and all(p.requires_grad for p in model.parameters())
@@ -174,9 +174,9 @@ def test_two_stage_fine_tuning_trains_the_backbone_in_stage_two():
 def test_a_second_layer_freeze_can_thaw_what_the_first_froze():
     kind = "bert"
     model = FIXTURES[kind].model()
-    fit(kind, [LayerFreeze("model.bert", plot=False)], model=model)
+    fit(kind, [LayerFreeze("model.bert")], model=model)
     before = snapshot(model)
-    fit(kind, [LayerFreeze("model.classifier", plot=False)], model=model)
+    fit(kind, [LayerFreeze("model.classifier")], model=model)
     after = snapshot(model)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.bert.encoder"))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.classifier"))
@@ -191,7 +191,7 @@ class FailAt(pl.Callback):
 def test_retry_after_a_failed_fit_starts_clean():
     kind = "vit"
     model = FIXTURES[kind].model()
-    freeze = LayerFreeze("auto[:-1]", plot=False)
+    freeze = LayerFreeze("auto[:-1]")
     with pytest.raises(RuntimeError, match="failure in the middle"):
         fit(kind, [freeze, FailAt()], model=model)
     assert all(p.requires_grad for p in model.parameters()) and no_override_left(model)
@@ -204,7 +204,7 @@ def test_retry_after_a_failed_fit_starts_clean():
 
 def test_layers_out_of_forward_order_are_a_clear_error():
     with pytest.raises(LayerSpecError, match="the forward pass runs them in the order"):
-        fit("bert", [FreezeOut(["model.classifier", "model.bert"], plot=False)])
+        fit("bert", [FreezeOut(["model.classifier", "model.bert"])])
 
 
 @pytest.mark.parametrize("stop_at", [6, 8], ids=["mid-epoch", "epoch-end"])
@@ -217,7 +217,7 @@ def test_resume_with_dropout_is_bit_identical(stop_at, tmp_path):
         return fixture.model(dropout=0.1)
 
     def make_callbacks():
-        return [FreezeOut(plot=False)]
+        return [FreezeOut()]
 
     import resume
 
@@ -259,9 +259,7 @@ def test_compiled_inner_model_recompiles_at_most_once_per_transition():
     counters.clear()
     model = FIXTURES["bert"].model()
     model.model = torch.compile(model.model, backend="eager")  # dynamo's guards, without code generation
-    freezeout = FreezeOut(
-        ["model.bert.embeddings", "model.bert.encoder", "model.bert.pooler"], t0=0.5, plot=False
-    )
+    freezeout = FreezeOut(["model.bert.embeddings", "model.bert.encoder", "model.bert.pooler"], t0=0.5)
     fit("bert", [freezeout], steps=12, model=model, limit_val_batches=0)
     transitions = len({e["step"] for e in freezeout.events})
     graphs = counters["stats"]["unique_graphs"]
@@ -284,9 +282,9 @@ def test_compiled_inner_model_recompiles_at_most_once_per_transition():
 )
 def test_trainer_features_work_with_every_callback(feature):
     for make in (
-        lambda: LayerFreeze("auto[:-1]", plot=False),
-        lambda: FreezeOut(plot=False),
-        lambda: ProgressiveUnfreezing(every_n_steps=2, plot=False),
+        lambda: LayerFreeze("auto[:-1]"),
+        lambda: FreezeOut(),
+        lambda: ProgressiveUnfreezing(every_n_steps=2),
     ):
         model = FIXTURES["bert"].model()
         kw = {}

@@ -87,7 +87,7 @@ class FrozenPrefixCache(Callback):
     >>> from lightning_freeze import LayerFreeze
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
     >>> cache = FrozenPrefixCache(max_bytes="64MB", max_disk_bytes=0)
-    >>> callbacks = [LayerFreeze("backbone", plot=False), cache]
+    >>> callbacks = [LayerFreeze("backbone"), cache]
     >>> example_trainer(max_epochs=2, callbacks=callbacks).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> [(h["hits"], h["lookups"], h["cached"]) for h in cache.history]
     [(0, 32, "module 'backbone'"), (32, 32, "module 'backbone'")]

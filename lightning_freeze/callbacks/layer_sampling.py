@@ -52,7 +52,7 @@ class LayerSampling(FreezingCallback):
     Four digits-model layers, the first and the last always trained, one of the two middle ones per 5 steps:
 
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
-    >>> sampling = LayerSampling(n_layers=1, interval=5, seed=0, plot=False)
+    >>> sampling = LayerSampling(n_layers=1, interval=5, seed=0)
     >>> example_trainer(max_steps=20, callbacks=[sampling]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> sampling.middle
     ['backbone.1', 'backbone.2']
@@ -69,7 +69,7 @@ class LayerSampling(FreezingCallback):
         seed: int | None = None,
         keep_state: bool = False,
         norm: str = "eval",
-        plot: bool = True,
+        plot: bool = False,
     ) -> None:
         super().__init__(layers=layers, norm=norm, plot=plot)
         self.n_layers = check_int(n_layers, "n_layers", minimum=1, where=_WHERE)

@@ -51,15 +51,15 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     result = {}
     freezers = {
-        "layer_freeze": lambda: LayerFreeze("backbone.*", plot=False),
+        "layer_freeze": lambda: LayerFreeze("backbone.*"),
         # FreezeOut re-wraps DDP at every freeze: the broadcast from rank 0 must not invalidate the cache
-        "freezeout": lambda: FreezeOut(layers="backbone.*", t0=0.3, plot=False),
+        "freezeout": lambda: FreezeOut(layers="backbone.*", t0=0.3),
     }
     for fixed in (False, True):
         pl.seed_everything(0, verbose=False)
         cache = FrozenPrefixCache(fixed_shards=fixed)
         t = trainer(
-            callbacks=[LayerFreeze("backbone.*", plot=False), cache],
+            callbacks=[LayerFreeze("backbone.*"), cache],
             max_epochs=3,
             strategy="ddp",
             devices=2,

@@ -38,7 +38,7 @@ if __name__ == "__main__":
     # Each rank's global generators differ from here on: a seed drawn from them would differ too.
     rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.manual_seed(100 + rank)
-    sampling, probe = LayerSampling(n_layers=1, interval=3, keep_state=True, plot=False), WrapperProbe()
+    sampling, probe = LayerSampling(n_layers=1, interval=3, keep_state=True), WrapperProbe()
     t = trainer(
         callbacks=[sampling, probe, *extra],
         max_epochs=3,

@@ -45,7 +45,7 @@ CALLBACKS = {
     "FreezeOut": lambda: FreezeOut(t0=0.5),
     "ProgressiveUnfreezing": lambda: ProgressiveUnfreezing(every_n_epochs=None, every_n_steps=3),
     "AdaptiveFreeze": lambda: AdaptiveFreeze(check_every_n_steps=2, min_steps=2, percentile=50),
-    "LayerSampling": lambda: LayerSampling(n_layers=1, interval=3, seed=0, plot=False),
+    "LayerSampling": lambda: LayerSampling(n_layers=1, interval=3, seed=0),
     # The transformer blocks only: with FSDP1 flat parameters and one unit per block, each layer is a whole unit.
     "LayerFreezeBlocks": lambda: LayerFreeze(layers=BLOCKS, until_step=4),
     "FreezeOutBlocks": lambda: FreezeOut(layers=BLOCKS, t0=0.5),
