@@ -184,7 +184,7 @@ def fold_ensemble(sweep_dir: str | Path, name: str | None = None, average: Avera
     Raises:
         EnsembleError: a fold is missing or failed (named), or the folds come from different splits.
     """
-    from lightning_freeze.splitrun.report import collect_jobs
+    from lightning_freeze.splitrun.jobs import collect_jobs
 
     if average not in ("probs", "logits"):
         raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
@@ -233,7 +233,7 @@ def checkpoint_ensemble(
             ``dataset`` does not reproduce the sweep's test part.
     """
     from lightning_freeze.splitrun import splitters
-    from lightning_freeze.splitrun.report import collect_jobs
+    from lightning_freeze.splitrun.jobs import collect_jobs
 
     sets = oof_sets(collect_jobs(sweep_dir), stage="test", splitters=ENSEMBLE_SPLITTERS, requires=checkpoint)
     chosen = sets if name is None else [s for s in sets if s.name == name or name in s.name.split(", ")]

@@ -269,7 +269,7 @@ def oof_predictions(sweep_dir: str | Path, name: str | None = None) -> OOFPredic
 
     >>> # oof = oof_predictions("multirun/2026-12-06/10-00-00"); oof.index, oof.target, oof.output, oof.fold
     """
-    from lightning_freeze.splitrun.report import collect_jobs
+    from lightning_freeze.splitrun.jobs import collect_jobs
 
     sets = oof_sets(collect_jobs(sweep_dir))
     if not sets:
