@@ -131,3 +131,27 @@ def test_strategy_kinds_and_clean_names():
             check_supported_strategy(sharded, "FrozenPrefixCache", sharded=False)
     name = "model._fsdp_wrapped_module.bert.encoder.layer.0._fsdp_wrapped_module._checkpoint_wrapped_module.x"
     assert clean_name(name) == "model.bert.encoder.layer.0.x"
+
+
+@pytest.mark.parametrize("option", ["fsdp", "fsdp_cpu"])
+def test_app_trainer_options_wrap_one_unit_per_transformer_block(option):
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_freeze.app.main import CONFIG_NAME
+    from lightning_freeze.fsdp import CPUFSDPStrategy
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(CONFIG_NAME, overrides=[f"trainer={option}"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy) is (CPUFSDPStrategy if option == "fsdp_cpu" else FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] is True
+    policy = strategy.kwargs["auto_wrap_policy"]
+    model = FIXTURES["bert"].model().model
+    wrapped = {type(m).__name__ for m in model.modules() if policy._lambda_fn(m)}
+    assert wrapped == {"BertLayer"}
+    if option == "fsdp_cpu":
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
+        assert strategy._process_group_backend == "gloo"
