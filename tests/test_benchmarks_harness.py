@@ -326,13 +326,39 @@ def test_transfer_statistics_and_goal_verdicts():
         tr.PROGRESSIVE: {"acc_min": 0.90, "acc_max": 0.93},
         tr.BACKBONE_FT: {"acc_min": 0.89, "acc_max": 0.93},
         tr.FTS: {"acc_min": 0.90, "acc_max": 0.94},
-        tr.ADAPTIVE_CACHE: {"speedup_to_target": [1.6, 1.7, 1.8]},
+        tr.ADAPTIVE_CACHE: {
+            "speedup_to_target": [1.6, 1.7, 1.8],
+            "acc_diff_points": {"mean": -0.2, "low": -0.6, "high": 0.2, "n": 3},
+        },
     }
+
+    def freezeout(met: bool, saved: float, low: float, high: float) -> dict:
+        return {
+            "met": met,
+            "time_ratio": {"mean": 1 - saved, "low": 1 - saved, "high": 1 - saved, "n": 3},
+            "relative_error_change": {"mean": (low + high) / 2, "low": low, "high": high, "n": 3},
+        }
+
     table = tr.goals_table(
-        {"bert1d": {"summary": summary, "freezeout": {"0.8": {"met": True}, "0.9": {"met": False}}}}
+        {
+            "bert1d": {
+                "summary": summary,
+                "freezeout": {
+                    "0.8": freezeout(True, 0.25, -0.02, 0.02),
+                    "0.9": freezeout(False, 0.1, -0.1, 0.1),
+                },
+            }
+        }
     )
     verdicts = [row[-1] for row in table.rows]
     assert verdicts == ["**met**", "**met**", "**not met**"]  # FTS's best seed beats ours
+    assert "bert1d t0=0.8: 25.0% saved" in table.rows[0][1] and "3/3 seeds reach" in table.rows[1][1]
+    summary[tr.ADAPTIVE_CACHE]["speedup_to_target"] = [2.0, float("nan"), 2.0]  # one seed never gets there
+    missed = tr.goals_table(
+        {"bert1d": {"summary": summary, "freezeout": {"0.9": freezeout(False, 0.1, -0.1, 0.05)}}}
+    )
+    assert [row[-1] for row in missed.rows[:2]] == ["**not met**", "**not met**"]
+    assert "tightest error CI: bert1d t0=0.9" in missed.rows[0][1] and "2/3 seeds" in missed.rows[1][1]
 
 
 def test_budget_plan_keeps_the_order_and_skips_what_does_not_fit():
