@@ -64,6 +64,8 @@ PROGRESSIVE, BACKBONE_FT, FTS = (
     "Lightning BackboneFinetuning",
     "finetuning-scheduler",
 )
+PROGRESSIVE_FLAT = "ProgressiveUnfreezing, lr_decay=1 (variant)"
+ADAPTIVE_CAUTIOUS = "AdaptiveFreeze percentile=10 + FrozenPrefixCache (variant)"
 
 
 @dataclass
@@ -161,6 +163,20 @@ def specs(task: Transfer) -> list[Spec]:
             FTS,
             fts,
             "our phases (head; then one block per epoch from the top at LR / 2.6^k), restore_best=False",
+        ),
+        # variants that test what would change a missed goal (the goals are judged on the defaults above)
+        Spec(
+            PROGRESSIVE_FLAT,
+            lambda: [ProgressiveUnfreezing(task.blocks, every_n_epochs=1, lr_decay=1.0, plot=False)],
+            "variant: the same thaw order with every block at the full LR (no ULMFiT decay)",
+        ),
+        Spec(
+            ADAPTIVE_CAUTIOUS,
+            lambda: [
+                AdaptiveFreeze(body, check_every_n_steps=check, percentile=10, plot=False),
+                FrozenPrefixCache(),
+            ],
+            "variant: percentile 10 instead of the default 30 (fewer layers count as settled), with the cache",
         ),
     ]
     return out
@@ -387,7 +403,7 @@ def freezeout_table(task: Transfer, ms) -> tuple[Table, dict]:
 
 
 def freeze_steps_table(task: Transfer, froze: dict) -> Table:
-    names = [n for n in (ADAPTIVE, ADAPTIVE_CACHE) if n in froze]
+    names = [n for n in (ADAPTIVE, ADAPTIVE_CACHE, ADAPTIVE_CAUTIOUS) if n in froze]
     rows = []
     for layer in task.blocks[:-1]:
         row = [layer]
@@ -476,8 +492,13 @@ def goals_table(per_task: dict) -> Table:
             _verdict(best is not None),
         ]
     )
-    bert = per_task.get("bert1d", {}).get("summary", {}).get(ADAPTIVE_CACHE)
-    if bert:
+    for name, label in (
+        (ADAPTIVE_CACHE, "AdaptiveFreeze + cache"),
+        (ADAPTIVE_CAUTIOUS, "variant: percentile=10"),
+    ):
+        bert = per_task.get("bert1d", {}).get("summary", {}).get(name)
+        if not bert:
+            continue
         speed = [s for s in bert["speedup_to_target"] if s == s]
         n = len(bert["speedup_to_target"])
         ok = len(speed) == n and statistics.median(speed) >= ADAPTIVE_SPEEDUP
@@ -487,28 +508,28 @@ def goals_table(per_task: dict) -> Table:
             + (f" (median speedup of those {fmt_num(statistics.median(speed), 3)}×)" if speed else "")
             + f"; final accuracy {diff['mean']:+.1f} pt [{diff['low']:+.1f} … {diff['high']:+.1f}] against full"
         )
-        rows.append(
-            [
-                "AdaptiveFreeze + cache reaches full's final accuracy (−0.5 pt) in ≤ 1/1.5 of its time (BERT)",
-                text,
-                _verdict(ok),
-            ]
-        )
+        goal = f"{label} reaches full's final accuracy (−0.5 pt) in ≤ 1/1.5 of its time (BERT)"
+        rows.append([goal, text, _verdict(ok)])
     for task, tables in per_task.items():
         s = tables["summary"]
-        if PROGRESSIVE not in s or BACKBONE_FT not in s or FTS not in s:
+        if BACKBONE_FT not in s or FTS not in s:
             continue
-        ours = s[PROGRESSIVE]
         peers = [s[BACKBONE_FT], s[FTS]]
-        ok = all(ours["acc_min"] >= p["acc_min"] and ours["acc_max"] >= p["acc_max"] for p in peers)
-        text = (
-            f"worst/best seed: ours {fmt_num(100 * ours['acc_min'], 3)}/{fmt_num(100 * ours['acc_max'], 3)}%, "
-            f"BackboneFinetuning {fmt_num(100 * peers[0]['acc_min'], 3)}/{fmt_num(100 * peers[0]['acc_max'], 3)}%, "
-            f"FTS {fmt_num(100 * peers[1]['acc_min'], 3)}/{fmt_num(100 * peers[1]['acc_max'], 3)}%"
-        )
-        rows.append(
-            [f"{task}: ProgressiveUnfreezing's worst and best seed ≥ both peers'", text, _verdict(ok)]
-        )
+        for name, label in (
+            (PROGRESSIVE, "ProgressiveUnfreezing"),
+            (PROGRESSIVE_FLAT, "variant: lr_decay=1"),
+        ):
+            if name not in s:
+                continue
+            ours = s[name]
+            ok = all(ours["acc_min"] >= p["acc_min"] and ours["acc_max"] >= p["acc_max"] for p in peers)
+            text = (
+                f"worst/best seed: ours {fmt_num(100 * ours['acc_min'], 3)}/{fmt_num(100 * ours['acc_max'], 3)}%, "
+                f"BackboneFinetuning {fmt_num(100 * peers[0]['acc_min'], 3)}/"
+                f"{fmt_num(100 * peers[0]['acc_max'], 3)}%, "
+                f"FTS {fmt_num(100 * peers[1]['acc_min'], 3)}/{fmt_num(100 * peers[1]['acc_max'], 3)}%"
+            )
+            rows.append([f"{task}: {label}'s worst and best seed ≥ both peers'", text, _verdict(ok)])
     return Table("Goals of issue 23", ["goal", "measured", "verdict"], rows, [PAPERS], {})
 
 
