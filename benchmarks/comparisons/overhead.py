@@ -180,7 +180,7 @@ def run(ctx: BenchContext) -> Result:
     )
     skip = ctx.pick(3, 5)
     measured = ctx.pick(20, 60)
-    rounds = ctx.n_rounds(5, 9)
+    rounds = ctx.n_rounds(3, 9)
     device = torch.device(ctx.device)
     blocks = make_blocks(spec, seed=0)
     k, flop_share = pick_prefix(blocks, spec, 0.7)

@@ -118,7 +118,7 @@ def run(ctx: BenchContext) -> Result:
     spec = ctx.pick(NetSpec.quick(), NetSpec.full())
     skip = ctx.pick(2, 3)
     measured = ctx.pick(6, 12)
-    rounds = ctx.n_rounds(5, 7)
+    rounds = ctx.n_rounds(3, 7)
     device = torch.device(ctx.device)
     blocks = make_blocks(spec, seed=0)
     batches = make_batches(spec, skip + measured, device=device, seed=1)

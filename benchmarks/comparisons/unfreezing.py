@@ -239,7 +239,7 @@ def _median_finite(m, metric: str, scale: float = 1.0) -> str:
 @comparison("unfreezing", "Unfreezing strategies on the digits transfer task", order=40)
 def run(ctx: BenchContext) -> Result:
     epochs = ctx.pick(8, 12)
-    n_rounds = ctx.n_rounds(3, 7)
+    n_rounds = ctx.n_rounds(2, 7)
     seeds = list(range(n_rounds))
     per_class = 20
     target = 0.95
