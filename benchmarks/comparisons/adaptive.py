@@ -52,7 +52,7 @@ def bert_mnist1d_task(ctx: BenchContext) -> Task:
 
     train_x, train_y = tokens(data["x"]), torch.as_tensor(data["y"])
     val_x, val_y = tokens(data["x_test"]), torch.as_tensor(data["y_test"])
-    batch, epochs = 64, ctx.pick(3, 12)
+    batch, epochs = 64, ctx.pick(2, 12)
     steps_per_epoch = len(train_y) // batch
     lr = 2e-3
     config = tf.BertConfig(
@@ -269,7 +269,7 @@ def _freeze_steps(task: Task, froze: dict) -> Table:
 
 @comparison("adaptive", "AdaptiveFreeze: time to accuracy against full training and FreezeOut", order=35)
 def run(ctx: BenchContext) -> Result:
-    n_rounds = ctx.n_rounds(2, 3)
+    n_rounds = ctx.n_rounds(1, 3)
     seeds = list(range(n_rounds))
     result = Result(
         description=(
