@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from benchmarks.harness import BenchContext, Result, Table, comparison
 
@@ -104,17 +103,15 @@ def _worker(out_dir: str, contender: str, quick: bool) -> None:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    class Timer(pl.Callback):
+    from benchmarks.lit import StepTimer
+
+    class Timer(StepTimer):  # the benchmarks' one step timer (start to start), plus the trainable fraction
         def __init__(self) -> None:
-            self.times: list[float] = []
+            super().__init__("cpu")
             self.trainable = float("nan")
-            self._t = 0.0
 
-        def on_train_batch_start(self, *args) -> None:
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            self.times.append(time.perf_counter() - self._t)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             # while training: a freezing callback hands requires_grad back when the fit ends
             params = list(pl_module.parameters())
             self.trainable = sum(p.numel() for p in params if p.requires_grad) / sum(
@@ -165,7 +162,8 @@ def _worker(out_dir: str, contender: str, quick: bool) -> None:
     result: dict = {"rank": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         trainer.fit(module, data)
-        steady = timer.times[3:] or timer.times
+        times = timer.step_times()
+        steady = times[3:] or times
         result["step_ms"] = statistics.median(steady) * 1e3
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["trainable_fraction"] = timer.trainable
