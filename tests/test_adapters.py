@@ -211,3 +211,25 @@ def test_a_block_peft_froze_is_kept_in_eval_mode_so_the_cache_serves_it():
     plain, _ = run(False)
     assert [(h["lookups"], h["hits"]) for h in cache.history] == [(32, 0), (32, 32), (32, 32)]
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
+
+
+def test_a_cut_the_cache_cannot_serve_on_gpt2_switches_it_off_and_the_fit_is_as_without_it():
+    # GPT-2 with LoRA on the top blocks and the un-adapted bottom (wte, wpe, block 0) frozen: the cache's own
+    # check of a stored batch could not re-run the prefix as recorded, and that used to fail the fit. Now the
+    # cache switches itself off with its reason, and training is exactly as without it.
+    def run(with_cache: bool):
+        torch.manual_seed(0)
+        model = AdaptedText("gpt2", "lora", head=True, top_blocks=2)
+        freeze = LayerFreeze(r"re:.*transformer\.(wte|wpe|h\.0)")
+        cache = FrozenPrefixCache() if with_cache else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(model, [freeze, cache] if cache else [freeze], epochs=2)
+        return model, cache
+
+    cached, cache = run(True)
+    plain, _ = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
+    off = [e for e in cache.events if e["action"] == "off"]
+    assert len(off) == 1 and "stopped calling its frozen blocks as recorded" in off[0]["why"]
+    assert sum(epoch["hits"] for epoch in cache.history) == 0
