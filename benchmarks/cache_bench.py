@@ -43,6 +43,7 @@ from benchmarks.harness import (
     BenchContext,
     Contender,
     Measurement,
+    Result,
     StepClock,
     Table,
     fmt_num,
@@ -663,3 +664,16 @@ def prefix_row_bytes(w: Workload) -> int:
     with torch.no_grad():
         f = model.backbone(x)
     return f.numel() * f.element_size()
+
+
+def cache_result(device: torch.device, rounds: int, workload: dict | None = None) -> Result:
+    """The Result every cache comparison starts from: its description and the run's settings."""
+    config = {
+        "rounds": rounds,
+        "warmup_rounds": 1,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if workload is not None:
+        config["workload"] = workload
+    return Result(description=DESCRIPTION, config=config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.cache_bench import (
-    DESCRIPTION,
+    cache_result,
     cnn_workload,
     contenders,
     digits_workload,
@@ -29,15 +29,7 @@ def run(ctx: BenchContext) -> Result:
     # Intra-op threads are the harness's choice (--threads; auto: 1 on a loaded machine).
     device = torch.device(ctx.device)
     rounds = ctx.n_rounds(2, 4)
-    result = Result(
-        description=DESCRIPTION,
-        config={
-            "rounds": rounds,
-            "warmup_rounds": 1,
-            "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
+    result = cache_result(device, rounds)
     for w in (cnn_workload(ctx, device), resnet_workload(ctx, device), digits_workload(ctx, device)):
         ctx.log(
             f"  {w.name}: {w.description}; prefix = {w.prefix_share:.1%} of forward FLOPs; {w.epochs} epochs"

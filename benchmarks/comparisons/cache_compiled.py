@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks.cache_bench import (
-    DESCRIPTION,
     LF,
     LF_CACHE,
+    cache_result,
     compile_contenders,
     resnet_workload,
     simple_table,
@@ -24,16 +24,7 @@ def run(ctx: BenchContext) -> Result:
     device = torch.device(ctx.device)
     rounds = ctx.n_rounds(1, 2)
     resnet = resnet_workload(ctx, device)
-    result = Result(
-        description=DESCRIPTION,
-        config={
-            "rounds": rounds,
-            "warmup_rounds": 1,
-            "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "workload": {"description": resnet.description, "epochs": resnet.epochs},
-        },
-    )
+    result = cache_result(device, rounds, {"description": resnet.description, "epochs": resnet.epochs})
     ctx.log(f"  {resnet.description}")
     cs, infos = compile_contenders(resnet, device)
     ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)

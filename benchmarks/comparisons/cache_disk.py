@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.cache_bench import (
-    DESCRIPTION,
     LF,
+    cache_result,
     cnn_workload,
     disk_contenders,
     prefix_row_bytes,
@@ -27,15 +27,8 @@ def run(ctx: BenchContext) -> Result:
     w = cnn_workload(ctx, device, n_batches=ctx.pick(8, 12))
     row_bytes = prefix_row_bytes(w)
     ram = row_bytes * sum(x.shape[0] for x, _ in w.batches) // 4
-    result = Result(
-        description=DESCRIPTION,
-        config={
-            "rounds": rounds,
-            "warmup_rounds": 1,
-            "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "workload": {"description": w.description, "ram_budget_bytes": ram, "row_bytes": row_bytes},
-        },
+    result = cache_result(
+        device, rounds, {"description": w.description, "ram_budget_bytes": ram, "row_bytes": row_bytes}
     )
     ctx.log(f"  {w.description}; RAM budget {ram / 1e6:.1f} MB = a quarter of the rows")
     cs, infos = disk_contenders(w, device, ram)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cache_bench import DESCRIPTION, FO, FO_CACHE, cnn_workload, contenders, simple_table
+from benchmarks.cache_bench import FO, FO_CACHE, cache_result, cnn_workload, contenders, simple_table
 from benchmarks.harness import BenchContext, Result, alternate, comparison
 
 NAME, TITLE = "cache_freezeout", "FrozenPrefixCache under FreezeOut: a whole fit while the boundary moves"
@@ -19,16 +19,7 @@ def run(ctx: BenchContext) -> Result:
     rounds = ctx.n_rounds(2, 4)
     w = cnn_workload(ctx, device)
     w.epochs = ctx.pick(6, 8)
-    result = Result(
-        description=DESCRIPTION,
-        config={
-            "rounds": rounds,
-            "warmup_rounds": 1,
-            "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "workload": {"description": w.description, "epochs": w.epochs},
-        },
-    )
+    result = cache_result(device, rounds, {"description": w.description, "epochs": w.epochs})
     ctx.log(f"  {w.description}; {w.epochs} epochs")
     cs, infos = contenders(w, device)
     ms = alternate([c for c in cs if c.name in (FO, FO_CACHE)], rounds=rounds, warmup_rounds=1, log=ctx.log)
