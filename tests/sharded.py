@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,13 +31,14 @@ def block_classes(model: nn.Module) -> set[type[nn.Module]]:
     }
 
 
-def shard_fsdp2(module: nn.Module, mesh: Any) -> None:
-    """``fully_shard`` every transformer block of ``module``, then ``module`` itself (FSDP2's recipe)."""
+def shard_fsdp2(module: nn.Module, mesh: Any, units: Sequence[str] = ()) -> None:
+    """``fully_shard`` every transformer block of ``module`` and the submodules named in ``units``, then ``module``
+    itself (FSDP2's recipe)."""
     from torch.distributed.fsdp import fully_shard
 
     classes = block_classes(module)
-    for sub in list(module.modules()):
-        if type(sub) in classes:
+    for name, sub in list(module.named_modules()):
+        if type(sub) in classes or name in units:
             fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)
 

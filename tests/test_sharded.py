@@ -8,6 +8,9 @@ were frozen, no optimizer state for them, no layer reported frozen while a param
 trained in every step in which it was trainable (thawed layers train), the same events on both ranks and in the
 resumed run, the resumed run bit-identical to the uninterrupted one, ``requires_grad`` handed back.
 
+FrozenPrefixCache under FSDP2 (tests/ddp_scripts/sharded_cache.py): once warm no frozen module runs and no frozen
+unit is all-gathered, bit-identical to the cache-off run; FSDP1 is refused with its reason.
+
 Also: DeepSpeed is refused at fit start by every callback and the cache (without DeepSpeed installed: the
 strategy is recognised by its class name), and FSDP1 with flat parameters (``use_orig_params=False``) refuses
 layers that split a unit and freezes layers that are whole units exactly.
@@ -90,6 +93,36 @@ def test_fsdp1_flat_params_refuse_split_units_and_freeze_whole_units(tmp_path):
     assert results["LayerFreezeBlocks"]["layers"] == [f"model.bert.encoder.layer.{i}" for i in range(3)]
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_cache_under_fsdp2_never_gathers_the_frozen_units_once_warm(tmp_path):
+    """FSDP2, BERT with the embeddings and each block in their own unit, embeddings and blocks 0-1 frozen: from
+    epoch 2 on no frozen module runs and no frozen unit is all-gathered, the losses and the final weights are those
+    of the cache-off run bit for bit, and both ranks serve alike."""
+    reports = run_ddp_script("sharded_cache.py", tmp_path, "fsdp2", "bert", timeout=300)
+    frozen_units = ["model.bert.embeddings", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+    for report in reports:
+        off, on = report["off"], report["on"]
+        where = f"rank {report['rank']}"
+        assert on["losses"] == off["losses"], where
+        assert on["fingerprint"] == off["fingerprint"], where
+        assert on["warnings"] == [], where
+        assert [(h["hits"], h["lookups"]) for h in on["history"]] == [(0, 32), (32, 32), (32, 32)], where
+        assert on["ran_last_epoch"] == {}, f"{where}: frozen modules ran once warm"
+        for unit in frozen_units:
+            assert all(epoch.get(unit, 0) > 0 for epoch in off["gathers"]), (
+                f"{where}: {unit} without the cache"
+            )
+            assert on["gathers"][0].get(unit, 0) > 0, f"{where}: {unit} in the first (filling) epoch"
+            assert all(unit not in epoch for epoch in on["gathers"][1:]), (
+                f"{where}: {unit} gathered once warm"
+            )
+        trained = ["<root>", "model.bert.encoder.layer.2"]
+        assert all(epoch[unit] == off["gathers"][-1][unit] for epoch in on["gathers"] for unit in trained), (
+            where
+        )
+
+
 class DeepSpeedStrategy(SingleDeviceStrategy):
     """Stands for Lightning's DeepSpeedStrategy (not installed here): the callbacks know it by its name."""
 
@@ -127,8 +160,11 @@ def test_strategy_kinds_and_clean_names():
     assert strategy_kind(SingleDeviceStrategy(device=torch.device("cpu"))) == "other"
     for sharded in (ModelParallelStrategy(), FSDPStrategy()):
         check_supported_strategy(sharded, "FreezeOut")  # the freezing callbacks work there
-        with pytest.raises(ValueError, match=r"FrozenPrefixCache does not support .*Leave the cache out"):
-            check_supported_strategy(sharded, "FrozenPrefixCache", sharded=False)
+    check_supported_strategy(ModelParallelStrategy(), "FrozenPrefixCache", fsdp1_refused="why")
+    with pytest.raises(
+        ValueError, match=r"FrozenPrefixCache does not support FSDPStrategy \(FSDP1\): why\. Use "
+    ):
+        check_supported_strategy(FSDPStrategy(), "FrozenPrefixCache", fsdp1_refused="why")
     name = "model._fsdp_wrapped_module.bert.encoder.layer.0._fsdp_wrapped_module._checkpoint_wrapped_module.x"
     assert clean_name(name) == "model.bert.encoder.layer.0.x"
 

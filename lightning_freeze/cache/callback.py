@@ -25,6 +25,7 @@ resume the cache fills again.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import warnings
 from collections import deque
@@ -43,11 +44,17 @@ from lightning_freeze.cache.shards import fix_shards, reshuffles_across_ranks, t
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore
 from lightning_freeze.engine.layers import named_modules
-from lightning_freeze.engine.sharding import check_supported_strategy
+from lightning_freeze.engine.sharding import check_supported_strategy, lasting_params, strategy_kind
 from lightning_freeze.validation import check_bool, check_choice, check_number
 
 __all__ = ["FrozenPrefixCache"]
 _WHERE = "FrozenPrefixCache"
+# FSDP2 skips a unit whose call the cache answers (its hooks are the call's); FSDP1 does not (see docs/sharded.md)
+_FSDP1 = (
+    "FSDP1 gathers a unit in its wrapper's forward, around the frozen block the cache would skip, so the frozen "
+    "prefix would still be all-gathered every step, and with use_orig_params=True a frozen block that shares a "
+    "unit with trained parameters returns outputs that require grad, which cannot be served"
+)
 OnMismatch = Literal["warn", "off"]
 
 
@@ -148,8 +155,10 @@ class FrozenPrefixCache(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_supported_strategy(trainer.strategy, _WHERE, sharded=False)
+        check_supported_strategy(trainer.strategy, _WHERE, fsdp1_refused=_FSDP1)
         self._reset()
+        if strategy_kind(trainer.strategy) == "fsdp2":
+            self._settings.lasting = functools.partial(lasting_params, pl_module)
         self.history, self.events = [], []
         self._trainer = trainer
         processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))

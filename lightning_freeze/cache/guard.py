@@ -7,7 +7,7 @@ training keeps the mode it had when the rows were computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,7 +25,10 @@ class Guard:
         fingerprinter: Fingerprinter,
         extra: Iterable[torch.Tensor] = (),
         modes: Iterable[tuple[nn.Module, bool]] = (),
+        lasting: Callable[[Iterable[torch.Tensor]], list[torch.Tensor]] = list,
     ) -> None:
+        # ``lasting``: under FSDP2 the modules hold short-lived unsharded parameters during a forward; watch the
+        # sharded ones they stand for (engine.sharding.lasting_params)
         tensors: dict[int, torch.Tensor] = {}
         # modules whose output may depend on their mode, each with the mode the rows were computed in
         self.modes = list(modes)
@@ -35,7 +38,7 @@ class Guard:
             self.modes += [(m, m.training) for m in mode_sensitive(top)]
         for t in extra:
             tensors.setdefault(id(t), t)
-        self.tensors = list(tensors.values())
+        self.tensors = list({id(t): t for t in lasting(tensors.values())}.values())
         self.params = [t for t in self.tensors if isinstance(t, nn.Parameter)]
         self.fp = fingerprinter
         self.versions = [t._version for t in self.tensors]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,6 +120,8 @@ class Settings:
     min_rows: int
     verify_left: int
     off_on_rounding: bool  # on_mismatch='off'
+    # what the guard watches for a parameter (FSDP2: the sharded one; engine.sharding.lasting_params)
+    lasting: Callable[[Iterable[torch.Tensor]], list[torch.Tensor]] = list
 
 
 class Server:
@@ -328,7 +330,9 @@ class Server:
         if reason is not None:
             self.reporter.no_cut(reason)
             return rec.output
-        self.guard = Guard(self.cut.skipped_modules(), self.fp, self.cut.reads, self.cut.modes)
+        self.guard = Guard(
+            self.cut.skipped_modules(), self.fp, self.cut.reads, self.cut.modes, self.settings.lasting
+        )
         self.install(prune=True)  # the blocks as recorded: a promoted module is skipped whole
         self.full_placeholders = {
             (i, j)
@@ -358,7 +362,7 @@ class Server:
         if reason is not None:
             self.reporter.no_cut(reason)
             return False
-        self.guard = Guard(self.cut.skipped_modules(), self.fp, ())
+        self.guard = Guard(self.cut.skipped_modules(), self.fp, (), lasting=self.settings.lasting)
         self._adopt(call, values)
         return True
 

@@ -22,11 +22,13 @@ _ORDER_STREAM = 0x5EED
 
 
 def reshuffles_across_ranks(sampler: Any) -> bool:
-    """Whether ``sampler`` deals each rank a different subset every epoch."""
+    """Whether ``sampler`` deals each rank a different subset every epoch (``fixed_shards``: SplitRun's
+    TrainShardSampler that keeps them fixed already)."""
     return (
         isinstance(sampler, DistributedSampler)
         and sampler.shuffle
         and not getattr(sampler, "_fixed_shards", False)
+        and getattr(sampler, "fixed_shards", False) is not True
     )
 
 

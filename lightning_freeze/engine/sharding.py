@@ -25,7 +25,7 @@ imported to check for it. What changes under sharding, and why:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,20 +63,20 @@ def is_sharded(strategy: object) -> bool:
     return strategy_kind(strategy) in ("fsdp1", "fsdp2")
 
 
-def check_supported_strategy(strategy: object, owner: str, sharded: bool = True) -> None:
-    """Refuse, before training, a strategy under which the frozen set cannot be kept exact.
+def check_supported_strategy(strategy: object, owner: str, fsdp1_refused: str | None = None) -> None:
+    """Refuse, before training, a strategy under which ``owner`` cannot keep its promise.
 
     Args:
         strategy: the Trainer's strategy.
         owner: the callback's name, for the message.
-        sharded: whether ``owner`` works under FSDP1/FSDP2 (False: refuse them too).
+        fsdp1_refused: why ``owner`` refuses FSDP1 (``FSDPStrategy``); None: it works there.
     """
     kind = strategy_kind(strategy)
-    if not sharded and kind in ("fsdp1", "fsdp2"):
+    if fsdp1_refused is not None and kind == "fsdp1":
         raise ValueError(
-            f"{owner} does not support {type(strategy).__name__} ({'FSDP2' if kind == 'fsdp2' else 'FSDP1'}) yet: "
-            "serving a frozen prefix from sharded parameters is untested. Leave the cache out under sharding (the "
-            "freezing callbacks work there), or use DDPStrategy or a single device."
+            f"{owner} does not support {type(strategy).__name__} (FSDP1): {fsdp1_refused}. Use "
+            "ModelParallelStrategy with fully_shard (FSDP2, recommended; see docs/sharded.md), or leave "
+            f"{owner} out under FSDP1 (the freezing callbacks work there)."
         )
     if kind == "deepspeed":
         raise ValueError(
@@ -105,6 +105,28 @@ def reshard_fsdp2(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def lasting_params(model: nn.Module, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with every FSDP2 unsharded parameter replaced by the sharded parameter it stands for.
+
+    Between a unit's all-gather and its reshard, FSDP2 puts unsharded parameters on the modules: views of an
+    all-gather buffer whose storage it frees after use (``resize_(0)``) and refills every step. Whatever must
+    watch a parameter across steps (the cache's guard) holds the sharded parameter instead: the one the optimizer
+    holds, whose local shard lasts. Reading the buffer through numpy would also pin its storage (numpy makes a
+    storage non-resizable) and make FSDP2's next reshard fail. A no-op for any other model.
+    """
+    pairs: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if not callable(get_state):
+            continue
+        for group in getattr(get_state(), "_fsdp_param_groups", ()) or ():
+            for fsdp_param in group.fsdp_params:
+                unsharded = fsdp_param.__dict__.get("_unsharded_param")
+                if unsharded is not None:
+                    pairs[id(unsharded)] = fsdp_param.sharded_param
+    return [pairs.get(id(t), t) for t in tensors]
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
