@@ -8,7 +8,12 @@
   setup without a GPU (``trainer=fsdp_cpu``) and for tests. Lightning refuses ``FSDPStrategy`` on the CPU and
   passes ``device_id=None`` there, which torch refuses; this subclass wraps with ``device_id=cpu`` and gathers
   full state dicts without CPU offload (the offload of tensors already on the CPU crashes in torch's clone).
-  On GPUs use ``FSDPStrategy`` itself (``trainer=fsdp``).
+  On GPUs use :class:`KeepWrapperFSDPStrategy` (``trainer=fsdp``).
+- :class:`KeepWrapperFSDPStrategy`: Lightning's ``FSDPStrategy`` that validates, tests and predicts after ``fit``
+  on the same Trainer through the FSDP wrapper ``fit`` made. Lightning's own wraps the LightningModule a second
+  time there: the module it finds holds the first wrapper's sharded views (use_orig_params) and no FSDP module of
+  its own, so the second wrapper flattens shards as if they were weights ("weight should have at least three
+  dimensions"). ``CPUFSDPStrategy`` keeps the wrapper too.
 """
 
 from __future__ import annotations
@@ -51,7 +56,29 @@ def block_wrap_policy(block_names: Sequence[str] = TRANSFORMER_BLOCKS) -> Any:
     return CustomPolicy(lambda module: type(module).__name__ in names)
 
 
-class CPUFSDPStrategy(FSDPStrategy):
+class KeepWrapperFSDPStrategy(FSDPStrategy):
+    """``FSDPStrategy`` (FSDP1) that evaluates after ``fit`` through the wrapper ``fit`` made (see the module
+    docstring); takes ``FSDPStrategy``'s arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._root_wrapper: nn.Module | None = None
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        wrapper = self._root_wrapper
+        if wrapper is not None and getattr(wrapper, "module", None) is model:
+            return wrapper  # the module as fit left it: sharded inside this wrapper
+        wrapped = self._wrap(model)
+        if wrapped is not model:
+            self._root_wrapper = wrapped
+        return wrapped
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        return super()._setup_model(model)
+
+
+class CPUFSDPStrategy(KeepWrapperFSDPStrategy):
     """``FSDPStrategy`` (FSDP1) on CPU processes with gloo (see the module docstring); takes its arguments."""
 
     strategy_name = "fsdp_cpu"
@@ -61,7 +88,7 @@ class CPUFSDPStrategy(FSDPStrategy):
         super().__init__(*args, **kwargs)
 
     @override
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):

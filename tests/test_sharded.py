@@ -177,12 +177,13 @@ def test_app_trainer_options_wrap_one_unit_per_transformer_block(option):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from lightning_freeze.app.main import CONFIG_NAME
-    from lightning_freeze.fsdp import CPUFSDPStrategy
+    from lightning_freeze.fsdp import CPUFSDPStrategy, KeepWrapperFSDPStrategy
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(CONFIG_NAME, overrides=[f"trainer={option}"])
     strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy) is (CPUFSDPStrategy if option == "fsdp_cpu" else FSDPStrategy)
+    assert type(strategy) is (CPUFSDPStrategy if option == "fsdp_cpu" else KeepWrapperFSDPStrategy)
+    assert isinstance(strategy, FSDPStrategy) and not cfg.trainer.enable_model_summary
     assert strategy.kwargs["use_orig_params"] is True
     policy = strategy.kwargs["auto_wrap_policy"]
     model = FIXTURES["bert"].model().model
@@ -191,3 +192,27 @@ def test_app_trainer_options_wrap_one_unit_per_transformer_block(option):
     if option == "fsdp_cpu":
         assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
         assert strategy._process_group_backend == "gloo"
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_app_fits_then_validates_and_tests_under_fsdp_cpu(tmp_path):
+    """``python -m lightning_freeze trainer=fsdp_cpu``: 2 CPU ranks fit, then validate and test on the same Trainer
+    through the FSDP wrapper the fit made; the parameter counts are whole (summed over the shards), as under DDP."""
+    import json
+
+    from conftest import run_app
+
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+    short += ["trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.logger=false"]
+    records = {}
+    for option in ("fsdp_cpu", "ddp_cpu"):
+        run_dir = tmp_path / option
+        proc = run_app(f"hydra.run.dir={run_dir}", f"trainer={option}", *short, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        records[option] = json.loads((run_dir / "metrics.json").read_text())
+    fsdp, ddp = records["fsdp_cpu"], records["ddp_cpu"]
+    assert fsdp["status"] == "ok" and fsdp["global_step"] == 3
+    assert {"val/loss", "val/acc"} <= set(fsdp["val"]) and {"test/loss", "test/acc"} <= set(fsdp["test"])
+    assert 0 < fsdp["val"]["val/acc"] <= 1 and fsdp["test"]["test/loss"] > 0
+    assert (fsdp["trainable_params"], fsdp["total_params"]) == (ddp["trainable_params"], ddp["total_params"])

@@ -6,13 +6,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_freeze.engine.freezing import trainable_counts as count_params
+from lightning_freeze.engine.sharding import parameter_counts
 
 
 class TrainableFraction(Callback):
     """``at_start``/``at_end``: ``(trainable, total)`` parameters when training starts and ends.
 
-    Measured in ``on_train_end``, before callbacks' ``teardown`` could thaw anything.
+    Measured in ``on_train_end``, before callbacks' ``teardown`` could thaw anything; whole under FSDP1 too
+    (:func:`~lightning_freeze.engine.sharding.parameter_counts`).
     """
 
     def __init__(self) -> None:
@@ -21,8 +22,8 @@ class TrainableFraction(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.at_start = count_params(pl_module)
+        self.at_start = parameter_counts(pl_module, trainer.strategy)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.at_end = count_params(pl_module)
+        self.at_end = parameter_counts(pl_module, trainer.strategy)

@@ -129,6 +129,21 @@ def lasting_params(model: nn.Module, tensors: Iterable[torch.Tensor]) -> list[to
     return [pairs.get(id(t), t) for t in tensors]
 
 
+def parameter_counts(model: nn.Module, strategy: object) -> tuple[int, int]:
+    """(trainable, total) parameter elements of ``model``, whole also under FSDP1, whose original parameters are
+    views of this rank's shard outside a forward (their counts are summed over the ranks; every rank must call
+    this then). A DTensor (FSDP2) counts its global elements already."""
+    params = list(model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    if strategy_kind(strategy) != "fsdp1" or not torch.distributed.is_initialized():
+        return trainable, total
+    counts = torch.tensor(
+        [trainable, total], dtype=torch.int64, device=getattr(strategy, "root_device", None)
+    )
+    torch.distributed.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
+
+
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` this process holds: a DTensor's local shard, any other tensor itself."""
     to_local = getattr(t, "to_local", None)
