@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from models import Net, make_data, snapshot, trainer
@@ -504,3 +505,159 @@ def test_a_step_where_the_frozen_prefix_did_not_change_does_not_plan_again():
     make = lambda: LayerFreeze("backbone.*", until_step=12)  # noqa: E731
     fit([make()], cache=cache)  # 24 steps, a thaw at step 12
     assert len(plans) == 2
+
+
+# ---------------------------------------------------------------------------------------------- sample ids
+class Indexed(Dataset):
+    """``(x, y, index)`` samples (SplitRun's ``return_indices`` shape); ``change(i, x)`` may alter the input."""
+
+    def __init__(self, change=None):
+        self.base, self.change = make_data(64, 0), change
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (self.change(i, x) if self.change else x), y, i
+
+
+class IdNet(Net):
+    """Net whose batches are ``(x, y, ids)`` tuples or ``{"x", "y", "ids"}`` dicts."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch[:2]
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def id_fit(cache, data=None, collate=None, epochs=4, callbacks=None):
+    torch.manual_seed(0)
+    model = IdNet()
+    cbs = [*(callbacks or []), LayerFreeze("backbone.*")] + ([cache] if cache is not None else [])
+    t = trainer(max_epochs=epochs, callbacks=cbs, default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"))
+    t.fit(model, DataLoader(data or Indexed(), batch_size=8, shuffle=True, collate_fn=collate))
+    return model
+
+
+@pytest.fixture(scope="module")
+def id_baseline():
+    return id_fit(None)
+
+
+def test_sample_ids_key_the_rows_once_every_id_came_back_with_the_same_input(id_baseline):
+    cache = FrozenPrefixCache(sample_ids=-1)
+    same(id_baseline, id_fit(cache))
+    hist = cache.history
+    # epoch 0 hashes every input, epoch 1 hashes them again and compares each with its id's; from then on one
+    # row per step is hashed and compared
+    assert [h["hashed"] for h in hist] == [64, 64, 8, 8]
+    assert all(h["hits"] == h["lookups"] == 64 for h in hist[1:])
+    assert "ids_off" not in [e["action"] for e in cache.events]
+    # hashing every row (sample_ids=None) serves the same rows
+    hashing = FrozenPrefixCache(sample_ids=None)
+    same(id_baseline, id_fit(hashing))
+    assert [h["hashed"] for h in hashing.history] == [64] * 4
+
+
+def test_sample_ids_from_a_dict_batch_key_or_a_callable(id_baseline):
+    def as_dict(samples):
+        x, y, i = (
+            torch.stack([s[k] for s in samples]) if k < 2 else torch.tensor([s[2] for s in samples])
+            for k in range(3)
+        )
+        return {"x": x, "y": y, "ids": i}
+
+    for source in ("ids", lambda batch: batch["ids"]):
+        cache = FrozenPrefixCache(sample_ids=source)
+        same(id_baseline, id_fit(cache, collate=as_dict))
+        assert cache.history[-1]["hashed"] == 8 and cache.history[-1]["hit_rate"] == 1.0
+
+
+def test_sample_ids_that_do_not_follow_the_inputs_fall_back_to_hashing(id_baseline):
+    # every input changes for its id (random augmentation): found on the first revisit, before a row is served
+    noisy = Indexed(change=lambda i, x: x + 0.01 * torch.randn_like(x))
+    cache = FrozenPrefixCache(sample_ids=-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        id_fit(cache, data=noisy, epochs=3)
+    texts = [str(w.message) for w in caught if "FrozenPrefixCache" in str(w.message)]
+    assert any("changed since it was first seen" in t for t in texts)
+    assert any("switched off" in t for t in texts) and cache.history[1]["hits"] == 0
+    assert [e["action"] for e in cache.events if e["action"] != "record"] == ["ids_off", "drop", "off"]
+    # ids that do not name samples (the position in the batch): found, and hashing serves the right rows
+    cache = FrozenPrefixCache(sample_ids=lambda batch: torch.arange(len(batch[0])))
+    with pytest.warns(UserWarning, match="changed since it was first seen"):
+        model = id_fit(cache)
+    same(id_baseline, model)
+    assert cache.history[-1]["hit_rate"] == 1.0 and cache.history[-1]["hashed"] == 64
+
+
+class Scaled(Indexed):
+    """Inputs scaled by ``factor`` (set between epochs: an input that changes after its first revisit)."""
+
+    factor = 1.0
+
+    def __getitem__(self, i):
+        x, y, i = super().__getitem__(i)
+        return x * self.factor, y, i
+
+
+class ScaleFrom(pl.Callback):
+    def __init__(self, data, epoch):
+        self.data, self.epoch = data, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.data.factor = 2.0 if trainer.current_epoch >= self.epoch else 1.0
+
+
+def test_an_input_that_changes_after_its_first_revisit_is_caught_before_it_is_served():
+    data = Scaled()
+    ref = id_fit(None, data=data, epochs=5, callbacks=[ScaleFrom(data, 3)])
+    cache = FrozenPrefixCache(sample_ids=-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = id_fit(cache, data=data, epochs=5, callbacks=[ScaleFrom(data, 3)])
+    assert any("sample id" in str(w.message) and "changed" in str(w.message) for w in caught)
+    same(ref, model)
+    hist = cache.history
+    assert hist[2]["hit_rate"] == 1.0 and hist[2]["hashed"] == 8  # served by id
+    # epoch 3: the first step's sampled row differs, so every row is hashed and nothing stale is served; with all
+    # inputs changed, the cache then switches off (min_hit_rate)
+    assert hist[3]["hits"] == 0 and hist[3]["hashed"] == 64 and hist[4]["off"] and hist[4]["lookups"] == 0
+
+
+def test_sample_ids_are_checked_at_construction_and_at_the_first_batch():
+    with pytest.raises(ValueError, match="FrozenPrefixCache: sample_ids must be 'auto', None"):
+        FrozenPrefixCache(sample_ids=1.5)
+    with pytest.raises(ValueError, match="FrozenPrefixCache: sample_ids must be 'auto', None"):
+        FrozenPrefixCache(sample_ids=True)
+    with pytest.raises(ValueError, match=r"sample_ids=5 finds nothing in the training batch"):
+        id_fit(FrozenPrefixCache(sample_ids=5), epochs=1)
+    with pytest.raises(
+        ValueError, match=r"sample_ids=0 must give one integer id per sample .* torch.float32"
+    ):
+        id_fit(FrozenPrefixCache(sample_ids=0), epochs=1)
+
+
+def test_splitrun_return_indices_are_used_by_default():
+    from lightning_freeze import SplitRunDataModule
+
+    def run(cache):
+        torch.manual_seed(0)
+        model = IdNet()
+        dm = SplitRunDataModule(make_data(80, 0), batch_size=8, return_indices=True, remainder="drop")
+        cbs = [LayerFreeze("backbone.*")] + ([cache] if cache else [])
+        t = trainer(max_epochs=3, callbacks=cbs, default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"))
+        t.fit(model, datamodule=dm)
+        return model
+
+    cache = FrozenPrefixCache()
+    same(run(None), run(cache))
+    n, steps = cache.history[0]["lookups"], cache.history[0]["steps"]
+    assert n > 32 and [h["hashed"] for h in cache.history] == [n, n, steps]
+    assert cache.history[-1]["hit_rate"] == 1.0

@@ -39,6 +39,7 @@ from lightning_freeze.cache import budget
 from lightning_freeze.cache.cut import Cut, fallback_cut, named_cut, plan_cut, usable_prefix
 from lightning_freeze.cache.disk import DiskTier, free_bytes
 from lightning_freeze.cache.fingerprint import Fingerprinter
+from lightning_freeze.cache.keys import SampleIds, SampleIdSource, check_sample_ids, ids_of_batch
 from lightning_freeze.cache.serving import MIN_ROWS, VERIFY_PER_FIT, Server, Settings
 from lightning_freeze.cache.shards import fix_shards, reshuffles_across_ranks, train_samplers
 from lightning_freeze.cache.stats import EpochStats
@@ -78,6 +79,13 @@ class FrozenPrefixCache(Callback):
             another batch (once per cut), differ only by rounding: ``"warn"`` (keep serving; training is as
             correct as with nondeterministic kernels) or ``"off"`` (switch the cache off). Rows that differ by
             more always switch it off.
+        sample_ids: where a training batch carries each sample's id (its dataset index), so that rows are keyed by
+            it instead of by hashing the inputs (the costliest part of a served step): ``"auto"`` (SplitRun's
+            ``return_indices``: the last element of the batch; else hashing), ``None`` (always hash), a position in
+            a tuple/list batch (``-1``), a key of a dict batch (``"index"``), or a callable ``batch -> ids``. The
+            inputs are still hashed until every id has come back once with the same input (so random
+            augmentation is caught before a row is served by id), then one row per batch, a different one each step;
+            an input that changes for its id turns ids off for the rest of the fit (see docs/cache.md).
         fixed_shards: under DDP, keep each rank's training samples fixed across epochs and shuffle only their
             order (the DistributedSampler Lightning adds, or your own). Without it a shuffling
             DistributedSampler deals each rank a different subset every epoch, so a per-rank cache finds
@@ -108,6 +116,7 @@ class FrozenPrefixCache(Callback):
         disk_dir: str | os.PathLike[str] | None = None,
         min_hit_rate: float = 0.25,
         on_mismatch: OnMismatch = "warn",
+        sample_ids: SampleIdSource = "auto",
         fixed_shards: bool = False,
         log_stats: bool = True,
     ) -> None:
@@ -118,6 +127,7 @@ class FrozenPrefixCache(Callback):
         self.disk_dir = _check_dir(disk_dir)
         self.min_hit_rate = check_number(min_hit_rate, "min_hit_rate", low=0, high=1, where=_WHERE)
         self.on_mismatch = check_choice(on_mismatch, "on_mismatch", ("warn", "off"), where=_WHERE)
+        self.sample_ids = check_sample_ids(sample_ids, _WHERE)
         self.fixed_shards = check_bool(fixed_shards, "fixed_shards", where=_WHERE)
         self.log_stats = check_bool(log_stats, "log_stats", where=_WHERE)
         self.history: list[dict[str, Any]] = []
@@ -143,6 +153,7 @@ class FrozenPrefixCache(Callback):
         self._use_fallback = False
         self._named: dict[str, Any] = {}
         self._settings = Settings(MIN_ROWS, VERIFY_PER_FIT, self.on_mismatch == "off")
+        self._id_source: SampleIdSource = None  # where this fit's batches carry sample ids (None: hash)
 
     @property
     def cut(self) -> Cut | None:
@@ -187,8 +198,18 @@ class FrozenPrefixCache(Callback):
                 "on the Trainer, so there is no frozen prefix to cache. Add one, or name the frozen module: "
                 "FrozenPrefixCache(module='backbone').",
             )
+        self._id_source = self._where_ids_are(trainer)
         if trainer.world_size > 1:
             self._check_shards(trainer)
+
+    def _where_ids_are(self, trainer: pl.Trainer) -> SampleIdSource:
+        if self.sample_ids != "auto":
+            return self.sample_ids
+        from lightning_freeze.splitrun.datamodule import SplitRunDataModule
+
+        datamodule = trainer.datamodule
+        returns = isinstance(datamodule, SplitRunDataModule) and datamodule.return_indices
+        return -1 if returns else None  # SplitRun appends the index: (x, y, index)
 
     def _check_shards(self, trainer: pl.Trainer) -> None:
         samplers = [s for s in train_samplers(trainer.train_dataloader) if reshuffles_across_ranks(s)]
@@ -220,7 +241,8 @@ class FrozenPrefixCache(Callback):
         if self._changed():
             self._refresh(pl_module)
         if self._server is not None:
-            self._server.begin_step()
+            ids = ids_of_batch(batch, self._id_source, _WHERE) if self._id_source is not None else None
+            self._server.begin_step(ids)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -304,6 +326,16 @@ class FrozenPrefixCache(Callback):
         self._event("invalidate", why=reason)
         self._stale = True
 
+    def _stop_ids(self, reason: str) -> None:
+        """An input changed for its sample id: key by hashing the inputs for the rest of the fit."""
+        self._id_source = None
+        self._event("ids_off", why=reason)
+        self._warn_once(
+            "ids-off",
+            f"{_WHERE}: {reason} (random augmentation, or ids that do not follow the samples?); the rows are keyed "
+            "by hashing the inputs from now on",
+        )
+
     def _no_cut(self, reason: str) -> None:
         """The recorded forward showed that nothing can be served."""
         self._warn_once(f"no-cut:{reason}", f"{_WHERE}: nothing of the frozen prefix is cached: {reason}.")
@@ -364,8 +396,13 @@ class FrozenPrefixCache(Callback):
             return
         self._generation += 1
         store = RowStore(self._ram_budget, self._disk, pin=pl_module.device.type == "cuda")
+        ids = None
+        if self._id_source is not None:
+            ids = (
+                old.ids if inherited is not None and old is not None and old.ids is not None else SampleIds()
+            )
         self._server = Server(
-            cut, store, self._fingerprinter, self._settings, self._epoch, _Reports(self), inherited
+            cut, store, self._fingerprinter, self._settings, self._epoch, _Reports(self), inherited, ids
         )
         self._server.install()
 
@@ -435,6 +472,9 @@ class _Reports:
 
     def no_cut(self, reason: str) -> None:
         self._cache._no_cut(reason)
+
+    def stop_ids(self, reason: str) -> None:
+        self._cache._stop_ids(reason)
 
 
 def _check_module(value: Any) -> str:

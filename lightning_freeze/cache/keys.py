@@ -1,4 +1,5 @@
-"""Cache keys of a call: one per sample, from every tensor argument, positional or keyword.
+"""Cache keys of a call: one per sample, from every tensor argument, positional or keyword, or from the sample
+ids the loader gives (:class:`SampleIds`).
 
 The batch size is the first dimension of the first tensor argument. Every tensor argument with that
 first dimension is per-sample: each sample's key fingerprints its row of every such tensor (see
@@ -19,7 +20,7 @@ False
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,3 +116,104 @@ def select_rows(args: tuple, kwargs: dict, batch: int, rows: torch.Tensor) -> tu
         return x
 
     return pytree.tree_map(pick, (args, kwargs))
+
+
+# ---------------------------------------------------------------------------------------------- sample ids
+SampleIdSource = str | int | Callable[[Any], Any] | None
+"""Where a training batch carries one id per sample: ``"auto"``, a tuple position, a dict key, a callable."""
+
+
+def check_sample_ids(value: Any, where: str) -> SampleIdSource:
+    """``sample_ids``: ``"auto"``, None, a position in a tuple/list batch, a key of a dict batch, or a callable."""
+    if value is None or callable(value) or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"{where}: sample_ids must be 'auto', None (hash the inputs), a position in a tuple batch (e.g. -1 for "
+        f"SplitRun's (x, y, index)), a key of a dict batch, or a callable batch -> ids; got {value!r}"
+    )
+
+
+def ids_of_batch(batch: Any, source: SampleIdSource, where: str) -> list[int]:
+    """The ids ``source`` names in ``batch``: one integer per sample (a clear error naming ``sample_ids`` else)."""
+    try:
+        if callable(source):
+            ids = source(batch)
+        elif isinstance(source, str):
+            ids = batch[source] if isinstance(batch, Mapping) else None
+        else:
+            ids = batch[source] if isinstance(batch, (tuple, list)) else None
+    except (IndexError, KeyError) as err:
+        raise ValueError(
+            f"{where}: sample_ids={source!r} finds nothing in the training batch ({err!r})"
+        ) from None
+    if (
+        isinstance(ids, torch.Tensor)
+        and ids.dim() == 1
+        and not ids.is_floating_point()
+        and not ids.is_complex()
+    ):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return list(ids)
+    got = (
+        f"a {type(ids).__name__}"
+        if not isinstance(ids, torch.Tensor)
+        else f"a {ids.dtype} tensor of {tuple(ids.shape)}"
+    )
+    raise ValueError(
+        f"{where}: sample_ids={source!r} must give one integer id per sample of the training batch (a 1-D integer "
+        f"tensor or a list of ints), got {got}"
+    )
+
+
+class SampleIds:
+    """Keys by the sample ids the loader gives (dataset indices) instead of hashing every input row.
+
+    Per table key, each id maps to the fingerprint its input had when first seen, which stays the row's key in
+    the store. A call is hashed in full until every one of its ids has been seen twice: the fingerprints of a
+    revisit are compared with the stored ones, so an input that changed for its id (random augmentation, ids
+    that do not follow the rows) is found before any row is served by id. Once all its ids are checked, a call
+    takes the stored fingerprints as its keys and hashes only one of its rows (a different position each call) to
+    compare it with its id's. After a difference, ``mismatch`` says which id and the caller goes back to hashing.
+
+    >>> fp, ids = Fingerprinter(seed=0), SampleIds()
+    >>> x = torch.arange(8.0).reshape(4, 2)
+    >>> first, hashed = ids.keys(fp, "t", [7, 8, 9, 10], [x])    # the ids are new: every row is hashed
+    >>> ids.keys(fp, "t", [7, 8, 9, 10], [x]) == (first, 4)        # the first revisit: hashed again, compared
+    True
+    >>> ids.keys(fp, "t", [9, 7, 8, 10], [x[[2, 0, 1, 3]]]) == ([first[2], first[0], first[1], first[3]], 1)
+    True
+    >>> _ = ids.keys(fp, "t", [7, 8, 9, 10], [x + 1]); ids.mismatch   # a changed input is found
+    'the input of sample id 7 changed since it was first seen'
+    """
+
+    def __init__(self) -> None:
+        self.known: dict[Hashable, dict[int, bytes]] = {}
+        self.checked: dict[Hashable, set[int]] = {}
+        self.calls = 0
+        self.mismatch: str | None = None
+
+    def keys(
+        self, fp: Fingerprinter, table_key: Hashable, ids: list[int], batched: Sequence[torch.Tensor]
+    ) -> tuple[list[bytes], int]:
+        """The keys of a call's rows and how many rows were hashed: the fingerprints stored for ``ids`` where they
+        are all checked (one row compared), else the rows' own fingerprints (remembered and compared)."""
+        known = self.known.setdefault(table_key, {})
+        checked = self.checked.setdefault(table_key, set())
+        stored = [known.get(i) for i in ids]
+        if None not in stored and checked.issuperset(ids):
+            self.calls += 1
+            at = self.calls % len(ids)
+            if row_keys(fp, [t[at : at + 1] for t in batched])[0] == stored[at]:
+                return stored, 1  # type: ignore[return-value]
+        fresh = row_keys(fp, batched)
+        for i, key, old in zip(ids, fresh, stored, strict=True):
+            if old is None:
+                known[i] = key
+            elif old == key:
+                checked.add(i)
+            elif self.mismatch is None:
+                self.mismatch = f"the input of sample id {i} changed since it was first seen"
+        return fresh, len(fresh)

@@ -3,7 +3,9 @@
 Per call of the cut's root during a training step (see :mod:`lightning_freeze.cache.patch` for how the
 calls reach here):
 
-- **keys**: every tensor argument is fingerprinted per sample (:mod:`lightning_freeze.cache.keys`);
+- **keys**: every tensor argument is fingerprinted per sample (:mod:`lightning_freeze.cache.keys`), or, when
+  the loader gives sample ids, the fingerprints stored for the ids are the keys (:class:`SampleIds`: the rows
+  are hashed until every id has been compared once on a revisit, then a rotating sample of them);
 - **all found** (*serve*): the stored rows are gathered and the root's own ``forward`` runs with every
   skipped block answering from them; blocks whose outputs only other skipped blocks read get a
   placeholder of the right shape;
@@ -36,7 +38,7 @@ from torch.utils import _pytree as pytree
 from lightning_freeze.cache.cut import CallPlan, Cut, carry_over
 from lightning_freeze.cache.fingerprint import Fingerprinter
 from lightning_freeze.cache.guard import Guard
-from lightning_freeze.cache.keys import CallKeys, row_keys, select_rows
+from lightning_freeze.cache.keys import CallKeys, SampleIds, row_keys, select_rows
 from lightning_freeze.cache.patch import Patch
 from lightning_freeze.cache.stats import EpochStats
 from lightning_freeze.cache.store import RowStore, Unsupported, memory_format
@@ -52,6 +54,7 @@ class Reporter(Protocol):
     def event(self, action: str, **info: Any) -> None: ...
     def invalidate(self, reason: str) -> None: ...
     def no_cut(self, reason: str) -> None: ...
+    def stop_ids(self, reason: str) -> None: ...
 
 
 class CutMismatch(RuntimeError):
@@ -136,10 +139,13 @@ class Server:
         stats: EpochStats,
         reporter: Reporter,
         inherited: tuple[Cut, RowStore] | None = None,
+        ids: SampleIds | None = None,
     ) -> None:
         self.cut, self.store, self.fp, self.settings = cut, store, fingerprinter, settings
         self.stats, self.reporter = stats, reporter
         self.inherited = inherited
+        self.ids = ids  # keys by sample id (None: hash every row); goes with the store to a grown cut
+        self.step_ids: list[int] | None = None  # the ids of this step's batch, for the step's first call
         self.guard: Guard | None = None
         self.metas: dict[Any, list[dict[int, Any]]] = {}  # per table key: the shapes of placeholder outputs
         self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
@@ -150,9 +156,10 @@ class Server:
         self.patch: Patch | None = None
 
     # ------------------------------------------------------------------ a training step
-    def begin_step(self) -> None:
-        """A training step starts: calls of the cut are looked up until :meth:`end_step`."""
-        self.active, self.calls = True, 0
+    def begin_step(self, ids: list[int] | None = None) -> None:
+        """A training step starts: calls of the cut are looked up until :meth:`end_step`; ``ids``: the batch's
+        sample ids, if the loader gives them (used for the step's first call of the cut)."""
+        self.active, self.calls, self.step_ids = True, 0, ids
         self.stats.steps += 1
 
     def end_step(self) -> bool:
@@ -230,9 +237,10 @@ class Server:
         if not self.active or self.context is not None:
             return Step()
         self.calls += 1
+        ids, self.step_ids = self.step_ids, None
         stats, start = self.stats, time.perf_counter()
         if self.cut.kind == "graph" and not self.cut.recorded:
-            return Step(result=self._record(args, kwargs, run))
+            return Step(result=self._record(args, kwargs, run, ids))
         if self.guard is not None and (problem := self.guard.problem()) is not None:
             self.reporter.invalidate(problem)
             stats.bypassed += 1
@@ -241,7 +249,7 @@ class Server:
         if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
             stats.bypassed += 1
             return Step()
-        call = CallKeys(table_key, row_keys(self.fp, batched), batch, batched)
+        call = CallKeys(table_key, self._keys(table_key, batch, batched, ids), batch, batched)
         step = Step(call=call, start=start, args=args, kwargs=kwargs, run=run)
         stats.lookups += batch
         self.batch_rows = max(self.batch_rows, batch)
@@ -249,8 +257,11 @@ class Server:
             step.first = True
             return step
         found = self.store.lookup(table_key, call.keys)
-        hit = [i for i, r in enumerate(found) if r >= 0]
-        miss = [i for i, r in enumerate(found) if r < 0]
+        if -1 in found:
+            hit = [i for i, r in enumerate(found) if r >= 0]
+            miss = [i for i, r in enumerate(found) if r < 0]
+        else:
+            hit, miss = list(range(len(found))), []
         stats.found += len(hit)
         servable = self.cut.kind == "module" or table_key in self.metas
         try:
@@ -317,12 +328,35 @@ class Server:
         if step.rows is None and step.run is not None:
             self._check(step.args, step.kwargs, step.run, call, values)
 
+    def _keys(
+        self, table_key: Any, batch: int, batched: list[torch.Tensor], ids: list[int] | None
+    ) -> list[bytes]:
+        """The call's row keys: by sample id where the step has ids for it, else by hashing every row."""
+        if ids is None or self.ids is None:
+            self.stats.hashed += batch
+            return row_keys(self.fp, batched)
+        if len(ids) != batch:
+            self.reporter.warn_once(
+                "ids-batch",
+                f"FrozenPrefixCache: the training batch has {len(ids)} sample ids, but {self.cut.root_name!r} was "
+                f"called with a batch of {batch}; such calls are keyed by hashing their inputs",
+            )
+            self.stats.hashed += batch
+            return row_keys(self.fp, batched)
+        keys, hashed = self.ids.keys(self.fp, table_key, ids, batched)
+        self.stats.hashed += hashed
+        if self.ids.mismatch is not None:
+            self.reporter.stop_ids(self.ids.mismatch)
+            self.ids = None
+        return keys
+
     # ------------------------------------------------------------------ first calls
-    def _record(self, args: tuple, kwargs: dict, run: Callable[..., Any]) -> Any:
+    def _record(self, args: tuple, kwargs: dict, run: Callable[..., Any], ids: list[int] | None) -> Any:
         """The first call of a ``graph`` cut: run it once, recording which block outputs the rest needs."""
-        call = CallKeys.of(self.fp, args, kwargs)
-        if call.batch < self.settings.min_rows or any(t.requires_grad for t in call.batched):
+        table_key, batch, batched = CallKeys.table_key_of(args, kwargs, self.fp)
+        if batch < self.settings.min_rows or any(t.requires_grad for t in batched):
             return run(*args, **kwargs)
+        call = CallKeys(table_key, self._keys(table_key, batch, batched, ids), batch, batched)
         start = time.perf_counter()
         visible = {name for name, _, _ in self.inherited[0].slots} if self.inherited is not None else ()
         rec = record(self.cut.root, args, kwargs, self.cut.blocks, run, self.cut.root_name, visible)
@@ -382,6 +416,9 @@ class Server:
         if store is None:
             self.reporter.event("drop", entries=before, why=what)
             old_store.clear()
+            self.ids = (
+                SampleIds() if self.ids is not None else None
+            )  # the ids' fingerprints went with the rows
             return
         self.store = store
         if what == "extended":

@@ -22,6 +22,7 @@ class EpochStats:
     generation: int = 0
     steps: int = 0  # training steps
     lookups: int = 0  # samples looked up
+    hashed: int = 0  # samples whose inputs were fingerprinted (all of them, unless keyed by sample id)
     found: int = 0  # samples found in the cache (served, or computed anyway in a batch of too few misses)
     hits: int = 0  # samples served from the cache
     computed: int = 0  # samples whose skipped blocks were computed
@@ -54,6 +55,7 @@ class EpochStats:
         return {
             "steps": self.steps,
             "lookups": self.lookups,
+            "hashed": self.hashed,
             "found": self.found,
             "hits": self.hits,
             "hit_rate": self.hits / self.lookups if self.lookups else None,

@@ -171,12 +171,12 @@ class RowStore:
         self.sync()
         table = self.tables[table_key]
         pin = pin and self.pin
-        parts = table.locate(torch.as_tensor(rows, dtype=torch.int64))
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        if len(table.chunks) == 1 and not pin:  # the RAM tier alone: one indexed copy per slot
+            return [t.index_select(0, index) for t in table.chunks[0].tensors]
+        parts = table.locate(index)
         out = []
         for s, layout in enumerate(table.layouts):
-            if len(parts) == 1 and not pin:
-                out.append(parts[0][0].tensors[s].index_select(0, parts[0][2]))
-                continue
             got = torch.empty((len(rows), *layout.row_shape), dtype=layout.dtype, pin_memory=pin)
             for chunk, where, local in parts:
                 if len(parts) == 1:
