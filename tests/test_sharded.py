@@ -216,3 +216,20 @@ def test_app_fits_then_validates_and_tests_under_fsdp_cpu(tmp_path):
     assert {"val/loss", "val/acc"} <= set(fsdp["val"]) and {"test/loss", "test/acc"} <= set(fsdp["test"])
     assert 0 < fsdp["val"]["val/acc"] <= 1 and fsdp["test"]["test/loss"] > 0
     assert (fsdp["trainable_params"], fsdp["total_params"]) == (ddp["trainable_params"], ddp["total_params"])
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_metric_driven_thaw_and_checkpoint_in_the_same_validation_resume_exactly_under_fsdp2(tmp_path):
+    """ProgressiveUnfreezing decides a thaw in the validation in which ModelCheckpoint saves a distributed
+    checkpoint. The thaw is applied at the next training batch (the decision is saved as pending), so the checkpoint
+    holds the frozen set its optimizer state belongs to: the strategy's strict load works and the resumed run is
+    bit-identical to the uninterrupted one, thaws included."""
+    reports = run_ddp_script("sharded_monitor.py", tmp_path, timeout=300)
+    for report in reports:
+        events = [(e["step"], e["layer"]) for e in report["events"]]
+        assert events == [(8, "model.bert.pooler"), (16, "model.bert.encoder.layer.2")], report["rank"]
+        assert sorted(report["resumed"]) == ["16", "8"]
+        for step, run in report["resumed"].items():
+            assert [(e["step"], e["layer"]) for e in run["events"]] == events, step
+            assert run["differs"] == [], f"rank {report['rank']}: resumed from step {step} differs"
