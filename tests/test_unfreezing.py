@@ -53,7 +53,7 @@ def test_head_first_then_top_down_with_discriminative_lrs_and_frozen_layers_unto
     model = Net()
     before = snapshot(model.backbone[0])
     rec = Recorder()
-    cb = ProgressiveUnfreezing(LAYERS, every_n_epochs=1, plot=True)
+    cb = ProgressiveUnfreezing(LAYERS, every_n_epochs=1, lr_decay=2.6, plot=True)
     t = fit(model, [cb, rec], tmp_path, max_epochs=3, log_every_n_steps=1, logger=True)
     # epoch 0: only the head; epoch 1: + backbone.2; epoch 2: + backbone.1; backbone.0 never thawed
     by_epoch = {0: rec.rows[0], 1: rec.rows[8], 2: rec.rows[16]}
@@ -97,7 +97,7 @@ def test_every_scheduler_applies_its_current_factor_to_groups_thawed_later(sched
     total = 24
     model = Net(scheduler=scheduler, total_steps=total)
     rec = Recorder()
-    cb = ProgressiveUnfreezing(LAYERS, every_n_steps=5, groups_per_step=1)
+    cb = ProgressiveUnfreezing(LAYERS, every_n_steps=5, groups_per_step=1, lr_decay=2.6)
     # plateau steps once per epoch on val_loss: short epochs so it gets a few chances to reduce
     fit(model, [cb, rec], tmp_path, max_steps=total, max_epochs=-1, limit_train_batches=4)
     thaw_step = {e["layer"]: e["step"] for e in cb.events}

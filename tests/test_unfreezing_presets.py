@@ -24,18 +24,32 @@ def test_backbone_preset_has_backbone_finetuning_defaults():
     assert (cb.lr_growth, cb.lr_decay, cb.norm) == (2.0, 1.0, "train")
 
 
-def test_progressive_preset_is_ulmfit():
+def test_progressive_preset_thaws_one_block_per_epoch_at_the_head_lr():
     cb = instantiate(_freeze_node("freeze=progressive", "freeze.warmup_steps=5"))
-    assert (cb.every_n_epochs, cb.lr_decay, cb.warmup_steps, cb.phases) == (1, 2.6, 5, None)
+    assert (cb.every_n_epochs, cb.lr_decay, cb.warmup_steps, cb.phases) == (1, 1.0, 5, None)
+    assert cb.lr_decay == ProgressiveUnfreezing().lr_decay  # the preset follows the Python default
+
+
+def test_ulmfit_preset_is_the_progressive_preset_with_discriminative_lrs():
+    ulmfit = instantiate(_freeze_node("freeze=ulmfit"))
+    progressive = instantiate(_freeze_node("freeze=progressive"))
+    assert ulmfit.lr_decay == 2.6
+    assert (ulmfit.layer_spec, ulmfit.every_n_epochs, ulmfit.phases, ulmfit.plot) == (
+        progressive.layer_spec,
+        progressive.every_n_epochs,
+        progressive.phases,
+        progressive.plot,
+    )
 
 
 @pytest.mark.parametrize(
     "overrides, thaws",
     [
         (["freeze=progressive"], ["backbone.2", "backbone.1"]),
+        (["freeze=ulmfit"], ["backbone.2", "backbone.1"]),
         (["freeze=backbone", "freeze.phases.0.at_epoch=1"], ["backbone"]),
     ],
-    ids=["progressive", "backbone"],
+    ids=["progressive", "ulmfit", "backbone"],
 )
 def test_presets_run_from_the_command_line(overrides, thaws, tmp_path):
     run_dir = tmp_path / "run"

@@ -42,11 +42,14 @@ class ProgressiveUnfreezing(FreezingCallback):
     ``phases`` (``[{layers: "backbone.2", at_epoch: 1, lr: 1e-3}, ...]``; keys ``layers``, ``at_epoch`` |
     ``at_step`` (none with ``monitor``), ``lr`` | ``lr_ratio``; layers no phase names train from the start).
 
-    Learning rates are discriminative: the layer ``k`` places below the head gets base LR
+    Learning rates can be discriminative: the layer ``k`` places below the head gets base LR
     ``head_lr / lr_decay**k`` (``head_lr``: the head group's LR from ``configure_optimizers`` unless given);
-    any LR scheduler keeps applying its current factor to it. A thawed layer can warm up linearly over
-    ``warmup_steps`` optimizer steps, or ramp by ``lr_growth`` per epoch up to its target
-    (Lightning's ``BackboneFinetuning``). With ``restore_best=True`` (needs ``monitor``), the weights of
+    any LR scheduler keeps applying its current factor to it. The default ``lr_decay=1`` gives every thawed
+    layer the head's LR: on the transfer benchmark (``benchmarks/comparisons/transfer.py``, 7 seeds) it ended
+    7 points (1-D ResNet) and 10 points (BERT) above ULMFiT's ``lr_decay=2.6`` at about the same time. Pass
+    ``lr_decay=2.6`` (or ``freeze=ulmfit`` in the app) for ULMFiT's discriminative fine-tuning. A thawed
+    layer can warm up linearly over ``warmup_steps`` optimizer steps, or ramp by ``lr_growth`` per epoch up
+    to its target (Lightning's ``BackboneFinetuning``). With ``restore_best=True`` (needs ``monitor``), the weights of
     the best validation of the finished phase are loaded before the next phase thaws (weights and
     buffers only: the optimizer state carries on).
 
@@ -54,7 +57,8 @@ class ProgressiveUnfreezing(FreezingCallback):
         layers: the managed layers in forward order, the head last: a glob on module names,
             ``"re:<regex>"``, ``"auto"`` (the model's blocks), or a list of them.
         every_n_epochs: thaw the next ``groups_per_step`` layers every this many epochs (the default trigger).
-        lr_decay: each layer below the head trains at ``1 / lr_decay`` of the LR of the layer above it.
+        lr_decay: each layer below the head trains at ``1 / lr_decay`` of the LR of the layer above it (1: every
+            layer at the head's LR; ULMFiT uses 2.6).
         every_n_steps: thaw every this many optimizer steps instead of by epoch.
         groups_per_step: how many layers thaw at each automatic thaw.
         phases: an explicit schedule instead of the automatic one: a list of mappings with ``layers`` (a
@@ -76,11 +80,11 @@ class ProgressiveUnfreezing(FreezingCallback):
         plot: write the freeze timeline (JSON and PNG) to each logger's folder at the end of fit and log it
             to loggers that take images.
 
-    The head trains alone in epoch 0; one backbone block thaws per epoch from the top, each at 1/2.6
-    of the LR of the block above it:
+    The head trains alone in epoch 0; one backbone block thaws per epoch from the top, here with ULMFiT's
+    discriminative LRs, each block at 1/2.6 of the LR of the block above it:
 
     >>> from lightning_freeze.tasks.digits import DigitsClassifier, example_loader, example_trainer
-    >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1)
+    >>> unfreeze = ProgressiveUnfreezing(["backbone.*", "head"], every_n_epochs=1, lr_decay=2.6)
     >>> example_trainer(max_epochs=3, callbacks=[unfreeze]).fit(DigitsClassifier(pretrained=False), example_loader())
     >>> [(e["layer"], e["epoch"]) for e in unfreeze.events]
     [('backbone.2', 1), ('backbone.1', 2)]
@@ -101,7 +105,7 @@ class ProgressiveUnfreezing(FreezingCallback):
         self,
         layers: LayerSpec = "auto",
         every_n_epochs: int | None = 1,
-        lr_decay: float = 2.6,
+        lr_decay: float = 1.0,
         *,
         every_n_steps: int | None = None,
         groups_per_step: int = 1,
