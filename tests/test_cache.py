@@ -661,3 +661,45 @@ def test_splitrun_return_indices_are_used_by_default():
     n, steps = cache.history[0]["lookups"], cache.history[0]["steps"]
     assert n > 32 and [h["hashed"] for h in cache.history] == [n, n, steps]
     assert cache.history[-1]["hit_rate"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- rows without a copy
+class WritesIntoFeatures(Net):
+    """Writes into the frozen backbone's output in place (as a torchvision ResNet's ``relu(inplace=True)`` would)."""
+
+    def forward(self, x):
+        return self.head(self.backbone(x).mul_(0.5))
+
+
+def test_a_batch_asked_for_in_stored_order_is_served_without_a_copy():
+    base = fit([LayerFreeze("backbone.*")], shuffle=False)[0]
+    cache = FrozenPrefixCache()
+    same(base, fit([LayerFreeze("backbone.*")], cache=cache, shuffle=False)[0])
+    assert [h["uncopied"] for h in cache.history] == [0, 64, 64] and cache.history[-1]["hit_rate"] == 1.0
+    assert "copy_rows" not in [e["action"] for e in cache.events]
+    # shuffled samples: the rows are gathered (copied)
+    shuffled = FrozenPrefixCache()
+    fit([LayerFreeze("backbone.*")], cache=shuffled)
+    assert shuffled.history[-1]["uncopied"] < 64 and shuffled.history[-1]["hit_rate"] == 1.0
+
+
+def test_a_forward_that_writes_into_rows_served_without_a_copy_gets_copies():
+    def run(cache):
+        torch.manual_seed(0)
+        return fit(
+            [LayerFreeze("backbone.*")], cache=cache, shuffle=False, model=WritesIntoFeatures(), epochs=4
+        )[0]
+
+    cache = FrozenPrefixCache()
+    same(run(None), run(cache))
+    events = [e for e in cache.events if e["action"] == "copy_rows"]
+    assert len(events) == 1 and "in place" in events[0]["why"]
+    hist = cache.history
+    # the first served batch was written into: its rows are forgotten and computed again in epoch 2
+    assert (
+        hist[1]["uncopied"] == 8
+        and hist[1]["hits"] == 64
+        and hist[2]["hits"] == 56
+        and hist[2]["stored"] == 8
+    )
+    assert hist[3]["hits"] == 64 and all(h["uncopied"] == 0 for h in hist[2:])

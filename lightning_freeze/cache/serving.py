@@ -146,6 +146,10 @@ class Server:
         self.inherited = inherited
         self.ids = ids  # keys by sample id (None: hash every row); goes with the store to a grown cut
         self.step_ids: list[int] | None = None  # the ids of this step's batch, for the step's first call
+        # rows served without a copy (RowStore.alias) in this step and the last, with their versions, until checked
+        self.aliased: list[tuple[int, list[torch.Tensor], list[int], Any, list[bytes]]] = []
+        self.step_no = 0
+        self.alias_ok = True  # False once the forward wrote into rows served without a copy
         self.guard: Guard | None = None
         self.metas: dict[Any, list[dict[int, Any]]] = {}  # per table key: the shapes of placeholder outputs
         self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
@@ -160,11 +164,14 @@ class Server:
         """A training step starts: calls of the cut are looked up until :meth:`end_step`; ``ids``: the batch's
         sample ids, if the loader gives them (used for the step's first call of the cut)."""
         self.active, self.calls, self.step_ids = True, 0, ids
+        self.step_no += 1
         self.stats.steps += 1
 
     def end_step(self) -> bool:
         """The training step ended; returns whether it called the cut's root."""
         self.active = False
+        if self.aliased:
+            self._check_aliases()
         return self.calls > 0
 
     # ------------------------------------------------------------------ entry points
@@ -238,6 +245,8 @@ class Server:
             return Step()
         self.calls += 1
         ids, self.step_ids = self.step_ids, None
+        if self.aliased:
+            self._check_aliases()
         stats, start = self.stats, time.perf_counter()
         if self.cut.kind == "graph" and not self.cut.recorded:
             return Step(result=self._record(args, kwargs, run, ids))
@@ -266,7 +275,7 @@ class Server:
         servable = self.cut.kind == "module" or table_key in self.metas
         try:
             if not miss and servable:
-                values = self.store.gather(table_key, found, batched[0].device)
+                values = self._stored(table_key, found, call.keys, batched[0].device)
                 stats.hits += batch
             elif hit and servable and len(miss) >= self.settings.min_rows and self.cut.prefix_ok:
                 values = self._with_misses(step, found, hit, miss)
@@ -349,6 +358,35 @@ class Server:
             self.reporter.stop_ids(self.ids.mismatch)
             self.ids = None
         return keys
+
+    def _stored(
+        self, table_key: Any, found: list[int], keys: list[bytes], device: torch.device
+    ) -> list[torch.Tensor]:
+        """The stored rows of a whole batch: without a copy where they lie in order in RAM (a batch asked for as it
+        was stored), else gathered."""
+        if (
+            self.alias_ok
+            and device.type == "cpu"
+            and (values := self.store.alias(table_key, found)) is not None
+        ):
+            self.aliased.append((self.step_no, values, [v._version for v in values], table_key, keys))
+            self.stats.uncopied += len(found)
+            return values
+        return self.store.gather(table_key, found, device)
+
+    def _check_aliases(self) -> None:
+        """Rows served without a copy (in this step or the last) that the step wrote into in place: their stored
+        rows changed with them, so they are forgotten (computed and stored again when next asked for) and from
+        then on rows are copied. Checked at every call of the cut and at the end of every step."""
+        for _, values, versions, table_key, keys in self.aliased:
+            if any(v._version != n for v, n in zip(values, versions, strict=True)):
+                self.store.forget(table_key, keys)
+                if self.alias_ok:
+                    self.alias_ok = False
+                    self.reporter.event(
+                        "copy_rows", why="the step wrote in place into rows served without a copy"
+                    )
+        self.aliased = [a for a in self.aliased if not self.active or a[0] == self.step_no]
 
     # ------------------------------------------------------------------ first calls
     def _record(self, args: tuple, kwargs: dict, run: Callable[..., Any], ids: list[int] | None) -> Any:

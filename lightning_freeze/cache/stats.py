@@ -25,6 +25,7 @@ class EpochStats:
     hashed: int = 0  # samples whose inputs were fingerprinted (all of them, unless keyed by sample id)
     found: int = 0  # samples found in the cache (served, or computed anyway in a batch of too few misses)
     hits: int = 0  # samples served from the cache
+    uncopied: int = 0  # of them, served without a copy (a batch asked for in the order it was stored)
     computed: int = 0  # samples whose skipped blocks were computed
     stored: int = 0  # samples stored
     bypassed: int = 0  # calls computed without a lookup (tiny batch, a stale cut, inputs that need grad)
@@ -59,6 +60,7 @@ class EpochStats:
             "found": self.found,
             "hits": self.hits,
             "hit_rate": self.hits / self.lookups if self.lookups else None,
+            "uncopied": self.uncopied,
             "computed": self.computed,
             "stored": self.stored,
             "bypassed": self.bypassed,

@@ -162,6 +162,38 @@ class RowStore:
             return [-1] * len(keys)
         return [ix.get(k, -1) for k in keys]
 
+    def alias(self, table_key: Hashable, rows: Sequence[int]) -> list[torch.Tensor] | None:
+        """``rows`` of every slot without a copy, when they lie one after the other in the RAM tier's one tensor
+        per slot (a batch asked for in the order it was stored) and no slot needs another memory format; else None.
+
+        Each is a new tensor on the stored memory with a version counter of its own: writes into other rows of the
+        store (new entries) do not count as writes into it (autograd would refuse its backward), and a write into it
+        shows in its own ``_version`` (the caller checks it and makes the store :meth:`forget` the rows).
+        """
+        table = self.tables[table_key]
+        first, n = rows[0], len(rows)
+        if len(table.chunks) != 1 or table.chunks[0].on_disk or self.pin or rows[-1] != first + n - 1:
+            return None
+        if any(layout.fmt is not None for layout in table.layouts) or list(rows) != list(
+            range(first, first + n)
+        ):
+            return None
+        out = []
+        for t in table.chunks[0].tensors:
+            part = t[first : first + n]
+            if part.data_ptr() % _ALIGN:  # a fresh tensor is aligned: kernels may take other paths otherwise
+                return None
+            with torch.no_grad():
+                out.append(torch.empty(0, dtype=t.dtype).set_(part.untyped_storage(), part.storage_offset(),
+                                                             part.shape, part.stride()))  # fmt: skip
+        return out
+
+    def forget(self, table_key: Hashable, keys: Sequence[bytes]) -> None:
+        """Drop ``keys`` from the index (their rows stay allocated but are never served again)."""
+        ix = self.index.get(table_key, {})
+        for k in keys:
+            ix.pop(k, None)
+
     def gather(self, table_key: Hashable, rows: Sequence[int], device: torch.device) -> list[torch.Tensor]:
         """One tensor per slot holding ``rows`` in that order, on ``device``, in the stored memory format."""
         return self.place(table_key, self.read(table_key, rows, pin=device.type == "cuda"), device)
