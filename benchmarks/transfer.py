@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
@@ -290,10 +291,18 @@ class Transfer:
             drop_last=True,
         )
 
-    def make_module(self, cosine: bool, filter_trainable: bool = False):
-        """A fresh module (pretrained backbone, new head); ``cosine``: a per-step cosine LR to 0 at the end;
-        ``filter_trainable``: the optimizer gets only parameters with requires_grad (BackboneFinetuning's rule)."""
-        return _module(self, cosine, filter_trainable)
+    def make_module(self, schedule: str = "cosine", filter_trainable: bool = False):
+        """A fresh module (pretrained backbone, new head).
+
+        Args:
+            schedule: ``"cosine"``: a per-step cosine LR to 0 at the end (``LambdaLR``); ``"cosine, own
+                groups"``: the same for the groups ``configure_optimizers`` made, while groups a callback adds
+                later keep the LR that callback gives them (:class:`CosineOwnGroups`); ``"constant"``: none.
+            filter_trainable: the optimizer gets only parameters with requires_grad (BackboneFinetuning's rule).
+        """
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        return _module(self, schedule, filter_trainable)
 
     def accuracy(self, model: nn.Module) -> float:
         model.eval()
@@ -304,9 +313,27 @@ class Transfer:
         return float((pred == self.val_y).float().mean())
 
 
-def _module(task: Transfer, cosine: bool, filter_trainable: bool):
+SCHEDULES = ("cosine", "cosine, own groups", "constant")
+
+
+class CosineOwnGroups(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` for the param groups the optimizer had when the scheduler was built; a group added later
+    keeps whatever LR the code that added it sets.
+
+    Lightning's ``BackboneFinetuning`` adds the backbone's group at its thaw epoch and sets that group's LR at
+    every epoch start (doubling it, capped at the head group's current LR). A plain ``LambdaLR`` has one lambda
+    per original group and fails at its next step (``zip() argument 2 is shorter than argument 1``); this is
+    the scheduler a user of that callback writes: the cosine for the groups it knows, the rest left alone.
+    """
+
+    @override
+    def get_lr(self) -> list[float]:
+        own = super().get_lr()  # one value per group known at construction
+        return own + [group["lr"] for group in self.optimizer.param_groups[len(own) :]]
+
+
+def _module(task: Transfer, schedule: str, filter_trainable: bool):
     import lightning.pytorch as pl
-    from typing_extensions import override
 
     from lightning_freeze.rules.freezeout import cosine_factor
 
@@ -329,10 +356,11 @@ def _module(task: Transfer, cosine: bool, filter_trainable: bool):
         def configure_optimizers(self):
             params = [p for p in self.parameters() if p.requires_grad or not filter_trainable]
             opt = torch.optim.AdamW(params, lr=task.lr, weight_decay=1e-2)
-            if not cosine:
+            if schedule == "constant":
                 return opt
             total = task.total_steps
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step / total, 1.0))
+            kind = CosineOwnGroups if schedule == "cosine, own groups" else torch.optim.lr_scheduler.LambdaLR
+            sched = kind(opt, lambda step: cosine_factor(step / total, 1.0))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return FineTune()

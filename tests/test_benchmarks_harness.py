@@ -319,9 +319,9 @@ def test_transfer_statistics_and_goal_verdicts():
     reach = tr.time_to_target(curves, "x")
     assert reach[0] == 0.5 and np.isnan(reach[1])
     # the finetuning-scheduler plan mirrors ProgressiveUnfreezing's: head, then one block per epoch from the top
-    plan = tr.fts_schedule(["a", "b", "head"], lr=1.0)
+    plan = tr.fts_schedule(["a", "b", "head"], lr=1.0, lr_decay=2.6)
     assert plan[0]["params"] == ["head.*"] and plan[1]["params"] == ["b.*"] and plan[2]["params"] == ["a.*"]
-    assert plan[2]["lr"] == pytest.approx(1 / tr.LR_DECAY**2) and plan[2]["max_transition_epoch"] == 3
+    assert plan[2]["lr"] == pytest.approx(1 / 2.6**2) and plan[2]["max_transition_epoch"] == 3
     summary = {
         tr.PROGRESSIVE: {"acc_min": 0.90, "acc_max": 0.93},
         tr.BACKBONE_FT: {"acc_min": 0.89, "acc_max": 0.93},
@@ -359,6 +359,33 @@ def test_transfer_statistics_and_goal_verdicts():
     )
     assert [row[-1] for row in missed.rows[:2]] == ["**not met**", "**not met**"]
     assert "tightest error CI: bert1d t0=0.9" in missed.rows[0][1] and "2/3 seeds" in missed.rows[1][1]
+
+
+def test_cosine_for_own_groups_leaves_a_group_added_later_to_whoever_added_it():
+    from benchmarks.transfer import CosineOwnGroups
+
+    head = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([head], lr=1.0)
+    sched = CosineOwnGroups(opt, lambda step: 1 - step / 4)
+    opt.step()
+    sched.step()
+    # BackboneFinetuning's thaw: a new group whose LR the callback sets by hand every epoch
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    lrs = []
+    for _ in range(2):
+        opt.step()
+        sched.step()  # a plain LambdaLR raises here: one lambda per group it was built with
+        lrs.append([g["lr"] for g in opt.param_groups])
+    assert lrs == [[pytest.approx(0.5), 0.1], [pytest.approx(0.25), 0.1]]
+    opt.param_groups[1]["lr"] = 0.2  # the callback's next epoch
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.0), 0.2]
+    plain = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([head], lr=1.0), lambda step: 1.0)
+    plain.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    plain.optimizer.step()
+    with pytest.raises(ValueError, match="zip"):
+        plain.step()
 
 
 def test_budget_plan_keeps_the_order_and_skips_what_does_not_fit():

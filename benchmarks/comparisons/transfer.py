@@ -5,9 +5,10 @@ digits 0-4 (cached), fine-tuned on a few labelled signals of digits 5-9 and vali
 
 Contenders, with one optimizer (AdamW) and, except FreezeOut, which is its own schedule, one per-step cosine LR:
 full fine-tuning; the backbone frozen (LayerFreeze); FreezeOut at t0 = 0.5 / 0.8 / 0.9; ProgressiveUnfreezing
-(one block per epoch from the top, LR / 2.6 per level); AdaptiveFreeze with and without FrozenPrefixCache;
-Lightning's BackboneFinetuning and finetuning-scheduler on the same thaw schedule. One round = one seed (head
-init, data order); contenders alternate within a round. The weights are copied at every epoch end outside the
+(its defaults: one block per epoch from the top, every block at the head's LR); AdaptiveFreeze with and without
+FrozenPrefixCache; LayerSampling (LISA); Lightning's BackboneFinetuning and finetuning-scheduler on the same thaw
+schedule; and two variants (ULMFiT's LR / 2.6 per level, AdaptiveFreeze at percentile 10). One round = one seed
+(head init, data order, LayerSampling's draw); contenders alternate within a round. The weights are copied at every epoch end outside the
 timed part and evaluated after the fit, so evaluation never touches the clock.
 
 Run alone: ``python -m benchmarks --only transfer [--quick]``.
@@ -41,7 +42,7 @@ from benchmarks.transfer import Transfer, make_task
 NAME, TITLE = "transfer", "Fine-tuning on unsaturated transfer tasks: every strategy, time to accuracy"
 BASELINE = "full fine-tuning"
 T0S = (0.5, 0.8, 0.9)
-LR_DECAY = 2.6
+ULMFIT_LR_DECAY = 2.6
 TARGET_GAP = 0.005  # AutoFreeze-style target: the baseline's final accuracy (same seed) minus 0.5 points
 MAX_POINTS = 12  # evaluated epoch ends per fit (the last one always)
 ENVELOPE = 0.03  # FreezeOut's relative-error envelope (Brock et al. 2017)
@@ -64,28 +65,30 @@ PROGRESSIVE, BACKBONE_FT, FTS = (
     "Lightning BackboneFinetuning",
     "finetuning-scheduler",
 )
-PROGRESSIVE_FLAT = "ProgressiveUnfreezing, lr_decay=1 (variant)"
+LAYER_SAMPLING = "LayerSampling (LISA)"
+PROGRESSIVE_ULMFIT = "ProgressiveUnfreezing, lr_decay=2.6 (ULMFiT, variant)"
 ADAPTIVE_CAUTIOUS = "AdaptiveFreeze percentile=10 + FrozenPrefixCache (variant)"
 
 
 @dataclass
 class Spec:
-    """One contender: its callbacks, whether it uses the cosine LR, whether its optimizer is filtered."""
+    """One contender: its callbacks (given the round's seed), its LR schedule (see ``Transfer.make_module``),
+    whether its optimizer is filtered on requires_grad."""
 
     name: str
-    callbacks: Callable[[], list]
+    callbacks: Callable[[int], list]
     note: str
-    cosine: bool = True
+    schedule: str = "cosine"
     filter_trainable: bool = False
 
 
-def fts_schedule(blocks: list[str], lr: float) -> dict:
+def fts_schedule(blocks: list[str], lr: float, lr_decay: float) -> dict:
     """finetuning-scheduler's form of ProgressiveUnfreezing's plan: phase 0 = the head, then one block per epoch
-    from the top, each at lr / 2.6**k (k = levels below the head)."""
+    from the top, each at lr / lr_decay**k (k = levels below the head)."""
     head, *rest = reversed(blocks)
     schedule = {0: {"params": [f"{head}.*"], "max_transition_epoch": 1}}
     for k, block in enumerate(rest, start=1):
-        schedule[k] = {"params": [f"{block}.*"], "max_transition_epoch": k + 1, "lr": lr / LR_DECAY**k}
+        schedule[k] = {"params": [f"{block}.*"], "max_transition_epoch": k + 1, "lr": lr / lr_decay**k}
     return schedule
 
 
@@ -97,21 +100,24 @@ def specs(task: Transfer) -> list[Spec]:
         FreezeOut,
         FrozenPrefixCache,
         LayerFreeze,
+        LayerSampling,
         ProgressiveUnfreezing,
     )
 
     body = task.blocks[:-1]  # the head trains throughout
     check = max(2, task.total_steps // 20)
+    interval = max(2, task.total_steps // 10)  # ten draws per fit
+    lr_decay = ProgressiveUnfreezing().lr_decay  # FTS runs on the schedule our default runs on
 
     def adaptive():
         return AdaptiveFreeze(body, check_every_n_steps=check, plot=False)
 
-    def fts():
+    def fts(_seed):
         from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint
 
         return [
             FinetuningScheduler(
-                ft_schedule=fts_schedule(task.blocks, task.lr),
+                ft_schedule=fts_schedule(task.blocks, task.lr, lr_decay),
                 epoch_transitions_only=True,
                 restore_best=False,
                 logging_level=40,
@@ -120,10 +126,10 @@ def specs(task: Transfer) -> list[Spec]:
         ]
 
     out = [
-        Spec(BASELINE, list, "no callback: every parameter trains from the first step"),
+        Spec(BASELINE, lambda _seed: [], "no callback: every parameter trains from the first step"),
         Spec(
             "LayerFreeze (backbone)",
-            lambda: [LayerFreeze(body, plot=False)],
+            lambda _seed: [LayerFreeze(body, plot=False)],
             "the backbone frozen throughout",
         ),
     ]
@@ -131,48 +137,61 @@ def specs(task: Transfer) -> list[Spec]:
         out.append(
             Spec(
                 _freezeout(t0),
-                lambda t0=t0: [FreezeOut(body, t0=t0, schedule="cubic", scale_lr=True, plot=False)],
+                lambda _seed, t0=t0: [FreezeOut(body, t0=t0, schedule="cubic", scale_lr=True, plot=False)],
                 f"FreezeOut(t0={t0}, cubic, scale_lr): it is the LR schedule (no cosine)",
-                cosine=False,
+                schedule="constant",
             )
         )
     out += [
         Spec(
             PROGRESSIVE,
-            lambda: [ProgressiveUnfreezing(task.blocks, every_n_epochs=1, lr_decay=LR_DECAY, plot=False)],
-            "head first, then one block per epoch from the top, LR / 2.6 per level below the head",
+            lambda _seed: [ProgressiveUnfreezing(task.blocks, every_n_epochs=1, plot=False)],
+            f"its defaults: head first, then one block per epoch from the top (lr_decay={lr_decay:g})",
         ),
         Spec(
-            ADAPTIVE, lambda: [adaptive()], f"AdaptiveFreeze(check_every_n_steps={check}), default percentile"
+            ADAPTIVE,
+            lambda _seed: [adaptive()],
+            f"AdaptiveFreeze(check_every_n_steps={check}), default percentile",
         ),
         Spec(
             ADAPTIVE_CACHE,
-            lambda: [adaptive(), FrozenPrefixCache()],
+            lambda _seed: [adaptive(), FrozenPrefixCache()],
             "the same, frozen prefix from the cache",
         ),
         Spec(
+            LAYER_SAMPLING,
+            lambda seed: [LayerSampling(task.blocks, n_layers=2, interval=interval, seed=seed)],
+            f"2 of the middle blocks train per {interval} steps, the first block and the head always "
+            "(its defaults but the interval); the draw is seeded by the round",
+        ),
+        Spec(
             BACKBONE_FT,
-            lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
-            "whole backbone thawed at epoch 1 (when ours starts thawing), its defaults (0.1x LR, x2 per epoch, "
-            "train_bn); optimizer filtered on requires_grad as it requires; constant base LR, because the "
-            "param group it adds breaks a LambdaLR (ValueError: zip() argument 2 is shorter than argument 1)",
-            cosine=False,
+            lambda _seed: [BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
+            "whole backbone thawed at epoch 1 (when ours starts thawing), its defaults (0.1x LR, x2 per epoch "
+            "capped at the head's current LR, train_bn); optimizer filtered on requires_grad as it requires; "
+            "the cosine LR on the head's group only (CosineOwnGroups), because the backbone's group it adds "
+            "has its LR set by the callback every epoch and breaks a plain LambdaLR",
+            schedule="cosine, own groups",
             filter_trainable=True,
         ),
         Spec(
             FTS,
             fts,
-            "our phases (head; then one block per epoch from the top at LR / 2.6^k), restore_best=False",
+            f"our default's phases (head; then one block per epoch from the top at LR / {lr_decay:g}^k), "
+            "restore_best=False",
         ),
         # variants that test what would change a missed goal (the goals are judged on the defaults above)
         Spec(
-            PROGRESSIVE_FLAT,
-            lambda: [ProgressiveUnfreezing(task.blocks, every_n_epochs=1, lr_decay=1.0, plot=False)],
-            "variant: the same thaw order with every block at the full LR (no ULMFiT decay)",
+            PROGRESSIVE_ULMFIT,
+            lambda _seed: [
+                ProgressiveUnfreezing(task.blocks, every_n_epochs=1, lr_decay=ULMFIT_LR_DECAY, plot=False)
+            ],
+            f"variant: the same thaw order with ULMFiT's discriminative LR (LR / {ULMFIT_LR_DECAY} per level "
+            "below the head), the default before the evidence here",
         ),
         Spec(
             ADAPTIVE_CAUTIOUS,
-            lambda: [
+            lambda _seed: [
                 AdaptiveFreeze(body, check_every_n_steps=check, percentile=10, plot=False),
                 FrozenPrefixCache(),
             ],
@@ -200,8 +219,8 @@ def contenders(
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         pl.seed_everything(seed, verbose=False)
-        callbacks = spec.callbacks()
-        model = task.make_module(spec.cosine, spec.filter_trainable)
+        callbacks = spec.callbacks(seed)
+        model = task.make_module(spec.schedule, spec.filter_trainable)
         snapshots = StepTimer(ctx.device, snapshots=True)
         with quiet(), tempfile.TemporaryDirectory(prefix="lf-bench-transfer-") as tmp:
             trainer = make_trainer(
@@ -517,7 +536,7 @@ def goals_table(per_task: dict) -> Table:
         peers = [s[BACKBONE_FT], s[FTS]]
         for name, label in (
             (PROGRESSIVE, "ProgressiveUnfreezing"),
-            (PROGRESSIVE_FLAT, "variant: lr_decay=1"),
+            (PROGRESSIVE_ULMFIT, "variant: lr_decay=2.6 (ULMFiT)"),
         ):
             if name not in s:
                 continue
@@ -540,13 +559,15 @@ def run(ctx: BenchContext) -> Result:
         description=(
             "Each backbone is pretrained once on MNIST-1D digits 0-4 (cached), then fine-tuned on a few labelled "
             "signals of digits 5-9 by every contender, one round per seed, contenders alternating within a round. "
-            "Accuracy is the validation accuracy on 1000 held-out signals after each epoch. " + PAPERS
+            f"Accuracy is the validation accuracy on {ctx.pick(250, 1000)} held-out signals after each epoch. "
+            + PAPERS
         ),
         config={"seeds": seeds, "device": str(ctx.device), "torch_threads": torch.get_num_threads()},
     )
     per_task: dict = {}
     for kind in ("resnet1d", "bert1d"):
-        task = make_task(kind, ctx.quick, log=ctx.log, device=ctx.device)
+        # quick mode validates on 250 signals: evaluating 1000 after every epoch took most of its time
+        task = make_task(kind, ctx.quick, log=ctx.log, device=ctx.device, n_val=ctx.pick(250, 1000))
         ctx.log(f"  {task.name}: {task.description}")
         curves: dict = {}
         froze: dict = {}
