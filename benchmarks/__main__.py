@@ -19,6 +19,7 @@ from benchmarks.harness import RESULTS_DIR, BenchContext, discover, format_error
 from benchmarks.report import write_readme, write_result
 
 STARTED = time.perf_counter()  # a budget counts from here: imports and discovery are part of it
+QUICK_GOAL_S = 180.0  # `--quick` is a smoke run of every comparison: about 3 minutes on 2 shared cores
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads",
         default="auto",
         help="torch intra-op threads: a number, 'default' (torch's choice: one per core), or 'auto' "
-        "(the default: 1 when the machine is already busy, i.e. 1-minute load average >= cores, "
-        "because multi-threaded kernels on oversubscribed cores stall; torch's choice otherwise)",
+        "(the default: 1 with --quick on the CPU, or when the machine is already busy, i.e. 1-minute load "
+        "average >= cores, because multi-threaded kernels on oversubscribed cores stall; torch's choice "
+        "otherwise)",
     )
     p.add_argument("--results-dir", type=Path, default=None, help="where json files and README.md go")
     p.add_argument("--list", action="store_true", help="list the comparisons and exit")
@@ -63,10 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def choose_threads(arg: str) -> tuple[int | None, str]:
+def choose_threads(arg: str, quick: bool = False, device_type: str = "cpu") -> tuple[int | None, str]:
     """The torch thread count to use (None: leave torch's default) and why."""
     if arg == "default":
         return None, "--threads default"
+    if arg == "auto" and quick and device_type == "cpu":
+        # A smoke run's length must not depend on the neighbours: with 2 threads on 2 cores shared with other
+        # jobs, one comparison took 281 s instead of 28 s on 1 thread.
+        return 1, "--threads auto: quick mode on the CPU runs on 1 thread"
     if arg == "auto":
         cores = os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--budget must be a positive number of seconds, got {args.budget}")
         log = print if not args.quiet else lambda _m: None
         return run_budget(args, device, results_dir, order, log, started)
-    threads, why = choose_threads(args.threads)
+    threads, why = choose_threads(args.threads, args.quick, device.type)
     if threads is not None:
         import torch
 
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
     ctx.log(f"torch threads: {threads or 'torch default'} ({why})")
     selected = [registry[n] for n in (args.only or registry)]
     failures = 0
-    t_all = time.perf_counter()
+    took: dict[str, float] = {}
     for comp in selected:
         ctx.log(f"== {comp.name} ({ctx.mode}, {device}) ==")
         machine = machine_info(device)
@@ -219,13 +225,27 @@ def main(argv=None) -> int:
             ctx.log(f"  FAILED: {payload['error']}")
         payload["machine"]["load_avg_1_5_15_end"] = machine_info(device)["load_avg_1_5_15"]
         path = write_result(payload, results_dir)
-        ctx.log(f"  wrote {path} ({time.perf_counter() - t0:.1f} s)")
-    if args.no_readme:
-        ctx.log(f"total {time.perf_counter() - t_all:.1f} s")
-    else:
-        readme = write_readme(results_dir, order)
-        ctx.log(f"wrote {readme}; total {time.perf_counter() - t_all:.1f} s")
+        took[comp.name] = time.perf_counter() - t0
+        ctx.log(f"  wrote {path} ({took[comp.name]:.1f} s)")
+    if not args.no_readme:
+        ctx.log(f"wrote {write_readme(results_dir, order)}")
+    # the total counts from the interpreter's start (imports included) when run from the command line
+    ctx.log(timing_summary(took, time.perf_counter() - started, args.quick and not args.only))
     return 1 if failures else 0
+
+
+def timing_summary(took: dict[str, float], total: float, whole_quick_run: bool) -> str:
+    """Each comparison's seconds, slowest first, and the total; for a whole ``--quick`` run, whether it kept to
+    :data:`QUICK_GOAL_S`."""
+    lines = [f"  {name:24s} {s:7.1f} s" for name, s in sorted(took.items(), key=lambda kv: -kv[1])]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines.append(f"total {total:.1f} s (1-minute load average now {load:.1f} on {os.cpu_count()} cores)")
+    if whole_quick_run and total > QUICK_GOAL_S:
+        lines.append(
+            f"quick mode took longer than its goal of {QUICK_GOAL_S:.0f} s: shrink the quick sizes of the slowest "
+            "comparisons above (or the machine is busy: see the load)"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

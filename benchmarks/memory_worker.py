@@ -1,7 +1,9 @@
-"""Worker for the memory comparison: ``python -m benchmarks.memory_worker NAME CONFIG_JSON``.
+"""Worker for the memory comparison: ``python -m benchmarks.memory_worker CONFIG_JSON NAME [NAME ...]``.
 
-Runs one registered memory contender in this (fresh) process and prints its measurements as one JSON
-line; a failure is printed as ``{"error": "..."}`` so the comparison can report it.
+Runs the registered memory contenders named, one after the other, in this (fresh) process and prints one JSON
+line per contender (``{"name": ..., <measurements>}``); a failure is printed as ``{"name": ..., "error": "..."}``
+so the comparison can report it. The full benchmark names one contender per process; quick mode names them all
+in one process, whose peak is reset before each (see :func:`benchmarks.comparisons.memory.measure`).
 """
 
 from __future__ import annotations
@@ -11,22 +13,22 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    name, cfg = argv[0], json.loads(argv[1])
-    try:
-        from benchmarks.comparisons.memory import MEMORY_CONTENDERS
-        from benchmarks.harness import discover
+    cfg, names = json.loads(argv[0]), argv[1:]
+    for name in names:
+        try:
+            from benchmarks.comparisons.memory import MEMORY_CONTENDERS
+            from benchmarks.harness import discover
 
-        if name not in MEMORY_CONTENDERS:
-            discover()  # registered by another benchmark module (imported only then: keeps this process lean)
-        if name not in MEMORY_CONTENDERS:
-            raise KeyError(f"no memory contender {name!r}; known: {sorted(MEMORY_CONTENDERS)}")
-        out = MEMORY_CONTENDERS[name][0](cfg)
-    except Exception as exc:  # noqa: BLE001 - reported by the parent
-        from benchmarks.harness import format_error
+            if name not in MEMORY_CONTENDERS:
+                discover()  # registered by another benchmark module (imported only then: keeps this process lean)
+            if name not in MEMORY_CONTENDERS:
+                raise KeyError(f"no memory contender {name!r}; known: {sorted(MEMORY_CONTENDERS)}")
+            out = {"name": name, **MEMORY_CONTENDERS[name][0](cfg)}
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            from benchmarks.harness import format_error
 
-        print(json.dumps({"error": format_error(exc)}), flush=True)
-        return 0
-    print(json.dumps(out), flush=True)
+            out = {"name": name, "error": format_error(exc)}
+        print(json.dumps(out), flush=True)
     return 0
 
 

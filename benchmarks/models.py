@@ -37,7 +37,7 @@ class NetSpec:
 
     @classmethod
     def quick(cls) -> NetSpec:
-        return cls(width=16, blocks_per_stage=5, image=32, batch=16)
+        return cls(width=16, blocks_per_stage=5, image=16, batch=16)  # a smoke run: a quarter of the pixels
 
     @classmethod
     def full(cls) -> NetSpec:

@@ -184,11 +184,15 @@ def test_hand_frozen_lightning_baseline_really_keeps_the_backbone_in_eval_mode()
 
 
 def test_memory_worker_counts_fewer_grad_and_state_bytes_when_frozen():
-    from benchmarks.comparisons.memory import run_worker
+    from benchmarks.comparisons.memory import run_worker, run_workers
 
     cfg = {"net": TINY.to_json(), "k": 3, "steps": 2, "device": "cpu"}
-    full = run_worker("PyTorch, nothing frozen", cfg)
-    frozen = run_worker("PyTorch, hand-frozen (optimum)", cfg)
+    full = run_worker("PyTorch, nothing frozen", cfg)  # full mode: one fresh process per contender
+    # quick mode: several contenders in one process, each measured alike; an unknown one is named, not fatal
+    shared = run_workers(["PyTorch, hand-frozen (optimum)", "PyTorch, nothing frozen", "no such"], cfg)
+    frozen = shared["PyTorch, hand-frozen (optimum)"]
+    assert shared["PyTorch, nothing frozen"]["grad_state_bytes"] == full["grad_state_bytes"]
+    assert "no memory contender 'no such'" in shared["no such"]["error"]
     assert frozen["grad_state_bytes"] < full["grad_state_bytes"]
     # exact: SGD with momentum holds one grad and one momentum buffer per trainable parameter
     net = SplitNet.from_blocks(make_blocks(TINY), 3, TINY.num_classes)

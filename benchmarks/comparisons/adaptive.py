@@ -42,7 +42,9 @@ def bert_mnist1d_task(ctx: BenchContext) -> Task:
     from mnist1d.data import get_dataset_args, make_dataset
     from torch.utils.data import DataLoader, TensorDataset
 
-    data = make_dataset(get_dataset_args())
+    args = get_dataset_args()
+    args.num_samples = ctx.pick(1600, args.num_samples)  # quick: a smoke run on 1280 train / 320 val signals
+    data = make_dataset(args)
     bins = 32
 
     def tokens(x) -> torch.Tensor:

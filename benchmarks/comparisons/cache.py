@@ -28,14 +28,14 @@ NAME, TITLE = "cache", "FrozenPrefixCache: the frozen prefix computed once"
 def run(ctx: BenchContext) -> Result:
     # Intra-op threads are the harness's choice (--threads; auto: 1 on a loaded machine).
     device = torch.device(ctx.device)
-    rounds = ctx.n_rounds(2, 4)
+    rounds = ctx.n_rounds(1, 4)
     result = cache_result(device, rounds)
     for w in (cnn_workload(ctx, device), resnet_workload(ctx, device), digits_workload(ctx, device)):
         ctx.log(
             f"  {w.name}: {w.description}; prefix = {w.prefix_share:.1%} of forward FLOPs; {w.epochs} epochs"
         )
         cs, infos = contenders(w, device)
-        ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
+        ms = alternate(cs, rounds=rounds, warmup_rounds=ctx.pick(0, 1), log=ctx.log)
         result.config[w.name] = {
             "description": w.description,
             "prefix_forward_flops_share": w.prefix_share,

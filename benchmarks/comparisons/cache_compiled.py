@@ -27,7 +27,7 @@ def run(ctx: BenchContext) -> Result:
     result = cache_result(device, rounds, {"description": resnet.description, "epochs": resnet.epochs})
     ctx.log(f"  {resnet.description}")
     cs, infos = compile_contenders(resnet, device)
-    ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    ms = alternate(cs, rounds=rounds, warmup_rounds=ctx.pick(0, 1), log=ctx.log)
     uncached = {f"{LF_CACHE}, compiled": f"{LF}, compiled"}
     for metric, what in (
         ("fit_s", f"whole fit ({resnet.epochs} epochs, compilation included), wall time"),

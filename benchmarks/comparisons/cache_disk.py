@@ -23,7 +23,7 @@ NAME, TITLE = "cache_disk", "FrozenPrefixCache: the disk tier past the RAM budge
 @comparison(NAME, TITLE, order=42)
 def run(ctx: BenchContext) -> Result:
     device = torch.device(ctx.device)
-    rounds = ctx.n_rounds(2, 4)
+    rounds = ctx.n_rounds(1, 4)
     w = cnn_workload(ctx, device, n_batches=ctx.pick(8, 12))
     row_bytes = prefix_row_bytes(w)
     ram = row_bytes * sum(x.shape[0] for x, _ in w.batches) // 4
@@ -32,7 +32,7 @@ def run(ctx: BenchContext) -> Result:
     )
     ctx.log(f"  {w.description}; RAM budget {ram / 1e6:.1f} MB = a quarter of the rows")
     cs, infos = disk_contenders(w, device, ram)
-    ms = alternate(cs, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    ms = alternate(cs, rounds=rounds, warmup_rounds=ctx.pick(0, 1), log=ctx.log)
     uncached = {m.name: LF for m in ms if m.name != LF}
     for metric, what in (("step_cpu_s", "warm step, CPU time"), ("step_s", "warm step, wall time")):
         result.tables.append(

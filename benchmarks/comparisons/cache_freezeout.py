@@ -16,7 +16,7 @@ NAME, TITLE = "cache_freezeout", "FrozenPrefixCache under FreezeOut: a whole fit
 @comparison(NAME, TITLE, order=41)
 def run(ctx: BenchContext) -> Result:
     device = torch.device(ctx.device)
-    rounds = ctx.n_rounds(2, 4)
+    rounds = ctx.n_rounds(1, 4)
     w = cnn_workload(ctx, device)
     w.epochs = ctx.pick(6, 8)
     result = cache_result(device, rounds, {"description": w.description, "epochs": w.epochs})

@@ -109,7 +109,7 @@ def digits_task(ctx: BenchContext) -> Task:
         train_idx += idx[:cut].tolist()
         val_idx += idx[cut:].tolist()
     batch = 32
-    epochs = ctx.pick(6, 15)
+    epochs = ctx.pick(3, 15)
     steps_per_epoch = math.ceil(len(train_idx) / batch)
     lr = 3e-3
     val_x = torch.stack([ds[i][0] for i in val_idx])
@@ -208,8 +208,8 @@ def cnn_task(ctx: BenchContext) -> Task:
     noise = 3.0
     n_train = 640
     train_x, train_y = synthetic_images(n_train, templates, noise, seed=1)
-    val_x, val_y = synthetic_images(2000, templates, noise, seed=2)
-    epochs = ctx.pick(3, 15)
+    val_x, val_y = synthetic_images(ctx.pick(500, 2000), templates, noise, seed=2)
+    epochs = ctx.pick(2, 15)
     steps_per_epoch = n_train // spec.batch
     lr = 0.05
 
@@ -423,7 +423,7 @@ def _quarter_table(task: Task, ms) -> Table:
 
 @comparison("freezeout", "FreezeOut: wall-clock and accuracy against a cosine-LR baseline", order=30)
 def run(ctx: BenchContext) -> Result:
-    n_rounds = ctx.n_rounds(2, 5)
+    n_rounds = ctx.n_rounds(1, 5)
     seeds = list(range(n_rounds))
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

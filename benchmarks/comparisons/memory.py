@@ -2,7 +2,8 @@
 contender and round, plus the exact bytes of gradients + optimizer state read from the live objects.
 
 Peak RSS is process-wide and only grows, so each measurement runs in its own subprocess
-(``python -m benchmarks.memory_worker NAME CONFIG``).  The table reports the growth of the peak during
+(``python -m benchmarks.memory_worker CONFIG NAME``); quick mode, a smoke run, measures every contender in one
+worker, resetting the peak before each.  The table reports the growth of the peak during
 training (peak after the steps minus resident memory just before them), which removes the cost of
 importing torch/Lightning and building the model and data.
 
@@ -198,6 +199,15 @@ register_memory_contender("Lightning + finetuning-scheduler (phase 0)", peers.NO
 
 def run_worker(name: str, cfg: dict[str, Any], timeout: float = 600) -> dict[str, float]:
     """Run one memory contender in a fresh interpreter and return what it measured."""
+    out = run_workers([name], cfg, timeout)[name]
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    return out
+
+
+def run_workers(names: list[str], cfg: dict[str, Any], timeout: float = 600) -> dict[str, dict[str, Any]]:
+    """Run the memory contenders ``names`` one after the other in one fresh interpreter: ``{name: what it
+    measured}``, or ``{name: {"error": ...}}`` for one that failed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # glibc's dynamic mmap threshold lets freed activations stay on the heap, so the peak RSS would depend
@@ -205,21 +215,21 @@ def run_worker(name: str, cfg: dict[str, Any], timeout: float = 600) -> dict[str
     # buffers back to the OS on free, and the peak then follows live memory (repeatable to 0.1 MiB).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory_worker", name, json.dumps(cfg)],
+        [sys.executable, "-m", "benchmarks.memory_worker", json.dumps(cfg), *names],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise RuntimeError(f"worker exited with {proc.returncode}: {tail}")
-    out = json.loads(lines[-1])
-    if "error" in out:
-        raise RuntimeError(out["error"])
-    return out
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            out = json.loads(line)
+            found[out.pop("name")] = out
+    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+    why = f"worker exited with {proc.returncode} before measuring it: {tail}"
+    return {name: found.get(name, {"error": why}) for name in names}
 
 
 def _mb(x: float) -> str:
@@ -229,18 +239,35 @@ def _mb(x: float) -> str:
 @comparison("memory", "Memory: full vs frozen training", order=30)
 def run(ctx: BenchContext) -> Result:
     spec = ctx.pick(
-        NetSpec(width=16, blocks_per_stage=5, batch=64), NetSpec(width=16, blocks_per_stage=6, batch=128)
+        NetSpec(width=16, blocks_per_stage=3, batch=16), NetSpec(width=16, blocks_per_stage=6, batch=128)
     )
     rounds = ctx.n_rounds(1, 3)
-    steps = ctx.pick(3, 5)
+    steps = ctx.pick(2, 5)
     device = torch.device(ctx.device)
     k, flop_share = pick_prefix(make_blocks(spec, seed=0), spec, 0.7)
     cfg = {"net": spec.to_json(), "k": k, "steps": steps, "device": str(device)}
+    shared: dict[str, dict[str, Any]] = {}
+
+    def one_worker_for_all(name: str) -> dict[str, float]:
+        # quick mode: one process measures every contender (each round), saving a start-up per contender
+        if name not in shared:
+            shared.update(run_workers(list(MEMORY_CONTENDERS), cfg))
+        out = shared.pop(name)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def measure_one(name: str) -> dict[str, float]:
+        return one_worker_for_all(name) if ctx.quick else run_worker(name, cfg)
+
     contenders = [
-        Contender(name, (lambda name=name: run_worker(name, cfg)), note=note)
+        Contender(name, (lambda name=name: measure_one(name)), note=note)
         for name, (_, note) in MEMORY_CONTENDERS.items()
     ]
-    ctx.log(f"  {len(contenders)} contenders x {rounds} rounds, one fresh process each")
+    ctx.log(
+        f"  {len(contenders)} contenders x {rounds} rounds, "
+        + ("all in one process per round (quick mode)" if ctx.quick else "one fresh process each")
+    )
     ms = alternate(contenders, rounds=rounds, warmup_rounds=0, log=ctx.log)
     by_name = {m.name: m for m in ms}
 
@@ -259,8 +286,13 @@ def run(ctx: BenchContext) -> Result:
     result = Result(
         description=(
             f"{steps} training steps of the benchmark ResNet (batch {spec.batch}) with the first {k} blocks "
-            f"({flop_share:.0%} of forward FLOPs) frozen, each contender in a fresh process per round. "
-            "'Peak RSS growth' is the process's peak resident memory after the steps minus its resident "
+            f"({flop_share:.0%} of forward FLOPs) frozen, "
+            + (
+                "all contenders in one process (quick mode), the peak reset before each. "
+                if ctx.quick
+                else "each contender in a fresh process per round. "
+            )
+            + "'Peak RSS growth' is the process's peak resident memory after the steps minus its resident "
             "memory just before them (activations, gradients, optimizer state, allocator slack). "
             "'Grads + optimizer state' is counted exactly from the live `.grad` tensors and `optimizer.state` "
             "after the last step. Workers run with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers go "

@@ -179,8 +179,9 @@ def run(ctx: BenchContext) -> Result:
         NetSpec(width=16, blocks_per_stage=5, batch=8), NetSpec(width=16, blocks_per_stage=6, batch=16)
     )
     skip = ctx.pick(3, 5)
-    measured = ctx.pick(20, 60)
-    rounds = ctx.n_rounds(3, 9)
+    measured = ctx.pick(10, 60)
+    rounds = ctx.n_rounds(1, 9)
+    warmup_rounds = ctx.pick(0, 1)  # quick mode is a smoke run: every case, no evidence
     device = torch.device(ctx.device)
     blocks = make_blocks(spec, seed=0)
     k, flop_share = pick_prefix(blocks, spec, 0.7)
@@ -212,7 +213,7 @@ def run(ctx: BenchContext) -> Result:
 
         contenders.append(lightning(case.name, case.module_kw, make_callbacks, case.note))
     ctx.log(f"  {len(OVERHEAD_CASES)} case(s), {measured} measured steps per round, {rounds} rounds")
-    ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    ms = alternate(contenders, rounds=rounds, warmup_rounds=warmup_rounds, log=ctx.log)
     by_name = {m.name: m for m in ms}
     for name, clock in clocks.items():
         by_name[name].extra["hook_us_per_step"] = clock.us_per_step()

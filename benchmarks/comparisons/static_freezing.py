@@ -117,8 +117,9 @@ def build_contenders(
 def run(ctx: BenchContext) -> Result:
     spec = ctx.pick(NetSpec.quick(), NetSpec.full())
     skip = ctx.pick(2, 3)
-    measured = ctx.pick(6, 12)
-    rounds = ctx.n_rounds(3, 7)
+    measured = ctx.pick(4, 12)
+    rounds = ctx.n_rounds(1, 7)
+    warmup_rounds = ctx.pick(0, 1)  # quick mode is a smoke run: every table, no evidence
     device = torch.device(ctx.device)
     blocks = make_blocks(spec, seed=0)
     batches = make_batches(spec, skip + measured, device=device, seed=1)
@@ -135,7 +136,7 @@ def run(ctx: BenchContext) -> Result:
             "warmup_steps_per_round": skip,
             "measured_steps_per_round": measured,
             "rounds": rounds,
-            "warmup_rounds": 1,
+            "warmup_rounds": warmup_rounds,
             "device": str(device),
             "optimizer": "SGD(lr=0.05, momentum=0.9)",
         },
@@ -146,13 +147,13 @@ def run(ctx: BenchContext) -> Result:
         def make_net(k=k) -> SplitNet:
             return SplitNet.from_blocks(blocks, k, spec.num_classes)
 
-        time_share = measured_time_share(make_net(), batches[0][0], reps=ctx.pick(5, 15), device=device)
+        time_share = measured_time_share(make_net(), batches[0][0], reps=ctx.pick(2, 15), device=device)
         ctx.log(
             f"  prefix ~{target:.0%}: {k}/{len(blocks)} blocks, FLOPs share {flop_share:.1%}, "
             f"time share {time_share:.1%}"
         )
         contenders = build_contenders(make_net, batches, skip, device)
-        ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
+        ms = alternate(contenders, rounds=rounds, warmup_rounds=warmup_rounds, log=ctx.log)
         title = (
             f"Frozen prefix ≈ {target:.0%} of forward compute (measured: {flop_share:.1%} of forward FLOPs, "
             f"{time_share:.1%} of no-grad forward time; {k} of {len(blocks)} blocks)"
@@ -177,7 +178,7 @@ def run(ctx: BenchContext) -> Result:
             }
         )
     for kind in ("resnet", "bert"):
-        _transformers_table(ctx, result, kind, skip, measured, rounds, device)
+        _transformers_table(ctx, result, kind, skip, measured, rounds, warmup_rounds, device)
     return result
 
 
@@ -200,7 +201,14 @@ def _step_table(title: str, ms, notes: Sequence[str] = ()) -> Table:
 
 
 def _transformers_table(
-    ctx: BenchContext, result: Result, kind: str, skip: int, measured: int, rounds: int, device
+    ctx: BenchContext,
+    result: Result,
+    kind: str,
+    skip: int,
+    measured: int,
+    rounds: int,
+    warmup_rounds: int,
+    device,
 ) -> None:
     """The same contenders on a transformers model, its first ~70% of blocks frozen."""
     spec = ctx.pick(hf.HFSpec.quick(kind), hf.HFSpec.full(kind))
@@ -208,7 +216,7 @@ def _transformers_table(
     prefix = hf.prefix_blocks(hf.build_model(spec), spec)
     ctx.log(f"  transformers {kind}: frozen prefix {prefix}")
     contenders = build_contenders(lambda: hf.build_model(spec), batches, skip, device, prefix=prefix)
-    ms = alternate(contenders, rounds=rounds, warmup_rounds=1, log=ctx.log)
+    ms = alternate(contenders, rounds=rounds, warmup_rounds=warmup_rounds, log=ctx.log)
     model = {"resnet": "ResNetForImageClassification", "bert": "BertForSequenceClassification"}[kind]
     table = _step_table(
         f"transformers {model} (random init), frozen prefix: {len(prefix)} blocks ({', '.join(prefix)})",
