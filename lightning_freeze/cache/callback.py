@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import time
 import warnings
 from collections import deque
 from typing import Any, Literal
@@ -241,15 +242,19 @@ class FrozenPrefixCache(Callback):
         if self._changed():
             self._refresh(pl_module)
         if self._server is not None:
+            start = time.perf_counter()
             ids = ids_of_batch(batch, self._id_source, _WHERE) if self._id_source is not None else None
             self._server.begin_step(ids)
+            self._epoch.overhead_seconds += time.perf_counter() - start
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         server = self._server
         if server is None:
             return
+        start = time.perf_counter()
         called = server.end_step()
+        self._epoch.overhead_seconds += time.perf_counter() - start
         if not called and server.cut.kind == "graph" and not server.cut.recorded and not self._use_fallback:
             # the root never ran in a training step: try a module the step does call
             self._use_fallback, self._cut_key = True, None

@@ -151,14 +151,16 @@ class Fingerprinter:
         if (scheme or ("cpu" if x.device.type == "cpu" else "device")) == "device":
             packed = self.device_rows(x).cpu().numpy()
             return [bytes(row) for row in packed.view(np.uint8).reshape(packed.shape[0], 16)]
-        with torch.no_grad():
-            data = x.detach()
-            if data.is_complex():
-                data = torch.view_as_real(data)
-            data = data.reshape(data.shape[0], -1).contiguous()
-            if data.dtype == torch.bool:
-                data = data.view(torch.uint8)
-            raw = data.view(torch.uint8).numpy() if data.numel() else np.zeros((data.shape[0], 0), np.uint8)
+        data = x.detach()
+        if data.is_complex() or data.dtype == torch.bool:
+            data = torch.view_as_real(data) if data.is_complex() else data.view(torch.uint8)
+        if not data.is_contiguous():
+            data = data.contiguous()
+        raw = (
+            data.view(torch.uint8).numpy().reshape(data.shape[0], -1)
+            if data.numel()
+            else np.zeros((len(data), 0), np.uint8)
+        )
         digest = _row_digest()
         return [digest(row).digest()[:16] for row in raw]
 

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from lightning_freeze.cache.fingerprint import Fingerprinter
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+_LEAVES = (torch.Tensor, *_PLAIN)  # what torch's pytree never descends into
 
 
 def _constant(x: Any) -> Any:
@@ -59,8 +60,11 @@ class CallKeys:
     @staticmethod
     def split(args: tuple, kwargs: dict) -> tuple[int, list[tuple[Any, Any]]]:
         """The batch size and the (position, leaf) pairs of all arguments (0 when no tensor has a batch dim)."""
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            flat: list[tuple[Any, Any]] = list(enumerate(args))  # the common call f(x): no tree to walk
+        if all(isinstance(a, _LEAVES) for a in args) and all(isinstance(v, _LEAVES) for v in kwargs.values()):
+            flat: list[tuple[Any, Any]] = [
+                *enumerate(args),
+                *kwargs.items(),
+            ]  # no containers: no tree to walk
         else:
             flat = [(pytree.keystr(p), x) for p, x in pytree.tree_flatten_with_path((args, kwargs))[0]]
         batch = next((int(x.shape[0]) for _, x in flat if isinstance(x, torch.Tensor) and x.dim() > 0), 0)

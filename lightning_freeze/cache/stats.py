@@ -31,7 +31,9 @@ class EpochStats:
     bypassed: int = 0  # calls computed without a lookup (tiny batch, a stale cut, inputs that need grad)
     verified: int = 0  # checks of stored rows against a fresh computation
     compute_seconds: float = 0.0  # time in the skipped blocks when they were computed
-    overhead_seconds: float = 0.0  # our work: keys, lookups, gathering and storing (not the blocks)
+    overhead_seconds: float = (
+        0.0  # our work: the step hooks, keys, lookups, gathering, serving, storing (not the blocks)
+    )
     record_seconds: float = 0.0  # time recording a new cut
     per_row: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent compute s/sample
 

@@ -180,12 +180,10 @@ class RowStore:
             return None
         out = []
         for t in table.chunks[0].tensors:
-            part = t[first : first + n]
-            if part.data_ptr() % _ALIGN:  # a fresh tensor is aligned: kernels may take other paths otherwise
-                return None
-            with torch.no_grad():
-                out.append(torch.empty(0, dtype=t.dtype).set_(part.untyped_storage(), part.storage_offset(),
-                                                             part.shape, part.stride()))  # fmt: skip
+            offset = t.storage_offset() + first * t.stride(0)
+            if (t.data_ptr() + first * t.stride(0) * t.element_size()) % _ALIGN:
+                return None  # a fresh tensor is aligned: kernels may take other paths otherwise
+            out.append(t.new_empty(0).set_(t.untyped_storage(), offset, (n, *t.shape[1:]), t.stride()))
         return out
 
     def forget(self, table_key: Hashable, keys: Sequence[bytes]) -> None:
