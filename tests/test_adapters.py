@@ -213,10 +213,10 @@ def test_a_block_peft_froze_is_kept_in_eval_mode_so_the_cache_serves_it():
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
 
 
-def test_a_cut_the_cache_cannot_serve_on_gpt2_switches_it_off_and_the_fit_is_as_without_it():
-    # GPT-2 with LoRA on the top blocks and the un-adapted bottom (wte, wpe, block 0) frozen: the cache's own
-    # check of a stored batch could not re-run the prefix as recorded, and that used to fail the fit. Now the
-    # cache switches itself off with its reason, and training is exactly as without it.
+def test_the_cache_serves_gpt2s_frozen_bottom_under_lora_bit_exactly():
+    # GPT-2 with LoRA on the top blocks and the un-adapted bottom (wte, wpe, block 0) frozen. wpe's output has no
+    # batch dimension, so it is never skipped and runs as glue; the cache used to count its call among the calls
+    # it intercepts, so its own check of a stored batch saw "block 0" where it expected wpe and switched off.
     def run(with_cache: bool):
         torch.manual_seed(0)
         model = AdaptedText("gpt2", "lora", head=True, top_blocks=2)
@@ -224,12 +224,12 @@ def test_a_cut_the_cache_cannot_serve_on_gpt2_switches_it_off_and_the_fit_is_as_
         cache = FrozenPrefixCache() if with_cache else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _fit(model, [freeze, cache] if cache else [freeze], epochs=2)
+            _fit(model, [freeze, cache] if cache else [freeze], epochs=3)
         return model, cache
 
     cached, cache = run(True)
     plain, _ = run(False)
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), plain.state_dict().values()))
-    off = [e for e in cache.events if e["action"] == "off"]
-    assert len(off) == 1 and "stopped calling its frozen blocks as recorded" in off[0]["why"]
-    assert sum(epoch["hits"] for epoch in cache.history) == 0
+    assert "off" not in [e["action"] for e in cache.events]
+    assert [(h["hits"], h["lookups"]) for h in cache.history] == [(0, 32), (32, 32), (32, 32)]
+    assert cache.history[0]["verified"] == 1  # the check of a stored batch ran, and found the rows exact

@@ -703,3 +703,34 @@ def test_a_forward_that_writes_into_rows_served_without_a_copy_gets_copies():
         and hist[2]["stored"] == 8
     )
     assert hist[3]["hits"] == 64 and all(h["uncopied"] == 0 for h in hist[2:])
+
+
+class SkipsABlockForSmallBatches(Net):
+    """Calls its last frozen block only for batches of 8 or more: which blocks run depends on the data."""
+
+    def __init__(self):
+        super().__init__()
+        blocks = list(self.backbone)
+        del self.backbone
+        self.b0, self.b1, self.b2 = blocks
+
+    def forward(self, x):
+        h = self.b1(self.b0(x))
+        return self.head(self.b2(h) if len(x) >= 8 else h)
+
+
+def test_a_prefix_that_calls_other_blocks_for_a_smaller_batch_switches_the_cache_off():
+    # The check of a stored batch re-runs half of it; here that half calls fewer blocks than the recorded call,
+    # so the cache cannot compute a sub-batch's rows: it switches off with its reason and training is unchanged.
+    def run(cache):
+        torch.manual_seed(0)
+        return fit([LayerFreeze("re:b[012]")], cache=cache, model=SkipsABlockForSmallBatches())[0]
+
+    cache = FrozenPrefixCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on = run(cache)
+    same(run(None), on)
+    off = [e for e in cache.events if e["action"] == "off"]
+    assert len(off) == 1 and "stopped calling its frozen blocks as recorded" in off[0]["why"]
+    assert sum(h["hits"] for h in cache.history) == 0

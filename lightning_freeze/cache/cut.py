@@ -70,6 +70,9 @@ class Cut:
     reads: list[torch.Tensor] = field(default_factory=list, repr=False)  # weights/buffers the glue reads
     prefix_ok: bool = True  # the slots of a sub-batch can be computed without running the rest
     last_needed: int = -1  # index of the last call that produces a slot
+    # indices of the calls that reach the server once only the skipped blocks are patched: every call of a module
+    # skipped in at least one call (a frozen block never skipped, e.g. GPT-2's position embedding, runs unseen)
+    patched_calls: list[int] = field(default_factory=list)
     # parameter-free glue modules whose result depends on their mode, with the mode they were recorded in
     modes: list[tuple[nn.Module, bool]] = field(default_factory=list, repr=False)
     stop: str | None = None  # why the cut ends before the frozen prefix does (None: it serves all of it)
@@ -117,6 +120,8 @@ class Cut:
                 return f"{self.root_name or 'the model'}'s forward called none of the frozen blocks {list(self.blocks)}"
             return "no output of the frozen blocks is used by the rest of the network"
         self.last_needed = max(vid[0] for vid in rec.needed)
+        skipped = {id(m) for m in self.skipped_modules()}
+        self.patched_calls = [i for i, c in enumerate(self.calls) if id(c.module) in skipped]
         self.prefix_ok = rec.live_before is None or rec.live_before > self.last_needed
         return None
 

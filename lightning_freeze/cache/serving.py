@@ -211,7 +211,9 @@ class Server:
         ctx = self.context
         if ctx is None:
             return run(*args, **kwargs)
-        index, ctx.at = ctx.at, ctx.at + 1
+        at, ctx.at = ctx.at, ctx.at + 1
+        order = self.cut.patched_calls
+        index = order[at] if at < len(order) else len(self.cut.calls)
         plan = self.cut.calls[index] if index < len(self.cut.calls) else None
         if plan is None or plan.module is not module:
             ctx.broken = f"call {index} of the frozen blocks is not {plan.name if plan else 'recorded'}"
