@@ -564,6 +564,24 @@ def test_sample_ids_key_the_rows_once_every_id_came_back_with_the_same_input(id_
     assert [h["hashed"] for h in hashing.history] == [64] * 4
 
 
+def test_sample_ids_follow_the_rows_when_freezeout_moves_the_boundary():
+    def run(cache):
+        torch.manual_seed(0)
+        model = IdNet()
+        cbs = [FreezeOut(layers="backbone.*", t0=0.3)] + ([cache] if cache else [])
+        t = trainer(max_epochs=4, callbacks=cbs, default_root_dir=tempfile.mkdtemp(prefix="lf-cache-"))
+        t.fit(model, DataLoader(Indexed(), batch_size=8, shuffle=True))
+        return model
+
+    cache = FrozenPrefixCache(sample_ids=-1)
+    same(run(None), run(cache))
+    actions = [e["action"] for e in cache.events]
+    assert "extend" in actions and "ids_off" not in actions
+    assert (
+        cache.history[-1]["hit_rate"] == 1.0 and cache.history[-1]["hashed"] == 8
+    )  # ids kept across the moves
+
+
 def test_sample_ids_from_a_dict_batch_key_or_a_callable(id_baseline):
     def as_dict(samples):
         x, y, i = (
