@@ -69,7 +69,7 @@ class Setting:
 
 def _setting(ctx: BenchContext, kind: str) -> Setting:
     return ctx.pick(
-        Setting(kind, 64, 4, 24, 96, 384, 128, 32, 3, 2e-3, 0.7),  # a smoke run: 3 epochs of 12 steps
+        Setting(kind, 64, 4, 24, 96, 384, 128, 32, 2, 2e-3, 0.7),  # a smoke run: 2 epochs of 12 steps
         Setting(kind, 128, 6, 48, 192, 4096, 1024, 32, 8, 2e-3, 0.9),
     )
 

@@ -43,7 +43,7 @@ def bert_mnist1d_task(ctx: BenchContext) -> Task:
     from torch.utils.data import DataLoader, TensorDataset
 
     args = get_dataset_args()
-    args.num_samples = ctx.pick(1600, args.num_samples)  # quick: a smoke run on 1280 train / 320 val signals
+    args.num_samples = ctx.pick(1000, args.num_samples)  # quick: a smoke run on 800 train / 200 val signals
     data = make_dataset(args)
     bins = 32
 

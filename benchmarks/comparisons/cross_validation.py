@@ -104,8 +104,8 @@ def run(ctx: BenchContext) -> Result:
     from lightning_freeze.splitrun import oof_predictions
     from lightning_freeze.splitrun.report import write_summary
 
-    rounds = ctx.n_rounds(3, 5)
-    n_oof = ctx.pick(1_000_000, 1_000_000)
+    rounds = ctx.n_rounds(1, 5)
+    n_oof = ctx.pick(200_000, 1_000_000)
     result = Result(
         description=(
             f"The sweep report on a {OUTER_K}x{INNER_K} nested sweep of {CONDITIONS} conditions "

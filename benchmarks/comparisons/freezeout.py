@@ -109,7 +109,7 @@ def digits_task(ctx: BenchContext) -> Task:
         train_idx += idx[:cut].tolist()
         val_idx += idx[cut:].tolist()
     batch = 32
-    epochs = ctx.pick(3, 15)
+    epochs = ctx.pick(2, 15)
     steps_per_epoch = math.ceil(len(train_idx) / batch)
     lr = 3e-3
     val_x = torch.stack([ds[i][0] for i in val_idx])
@@ -206,7 +206,7 @@ def cnn_task(ctx: BenchContext) -> Task:
     coarse = torch.randn(spec.num_classes, 3, 4, 4, generator=g)
     templates = F.interpolate(coarse, size=(spec.image, spec.image), mode="bilinear", align_corners=False)
     noise = 3.0
-    n_train = 640
+    n_train = ctx.pick(320, 640)
     train_x, train_y = synthetic_images(n_train, templates, noise, seed=1)
     val_x, val_y = synthetic_images(ctx.pick(500, 2000), templates, noise, seed=2)
     epochs = ctx.pick(2, 15)
