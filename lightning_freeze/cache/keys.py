@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -31,6 +32,7 @@ from lightning_freeze.cache.fingerprint import Fingerprinter
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 _LEAVES = (torch.Tensor, *_PLAIN)  # what torch's pytree never descends into
+_INTEGER_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
 
 
 def _constant(x: Any) -> Any:
@@ -152,12 +154,9 @@ def ids_of_batch(batch: Any, source: SampleIdSource, where: str) -> list[int]:
         raise ValueError(
             f"{where}: sample_ids={source!r} finds nothing in the training batch ({err!r})"
         ) from None
-    if (
-        isinstance(ids, torch.Tensor)
-        and ids.dim() == 1
-        and not ids.is_floating_point()
-        and not ids.is_complex()
-    ):
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(ids) if ids.dtype.kind in "iu" else ids
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.dtype in _INTEGER_DTYPES:
         return ids.tolist()
     if isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         return list(ids)
