@@ -153,6 +153,9 @@ class Server:
         self.guard: Guard | None = None
         self.metas: dict[Any, list[dict[int, Any]]] = {}  # per table key: the shapes of placeholder outputs
         self.full_placeholders: set[tuple[int, int]] = set()  # (call, leaf) the glue reads: zeros, not a view
+        self.placeholders: dict[
+            Any, torch.Tensor
+        ] = {}  # the others, made once (expanded zeros cannot be written)
         self.active = False  # inside a training step
         self.calls = 0  # calls of the cut in the current training step
         self.context: _Context | None = None
@@ -229,7 +232,9 @@ class Server:
         if ctx.mode is Mode.SERVE:
             start = time.perf_counter()
             metas = ctx.metas[index] if ctx.metas is not None else {}
-            out = _rebuild(plan, ctx.values, metas, ctx.batch, self.full_placeholders, index)
+            out = _rebuild(
+                plan, ctx.values, metas, ctx.batch, self.full_placeholders, index, self.placeholders
+            )
             self.stats.overhead_seconds += time.perf_counter() - start
             return out
         start = time.perf_counter()
@@ -295,7 +300,7 @@ class Server:
             self.reporter.switch_off(str(err))
             return Step()
         if self.cut.kind == "module":
-            result = _rebuild(self.cut.calls[0], values, {}, batch, set(), 0)
+            result = _rebuild(self.cut.calls[0], values, {}, batch, set(), 0, {})
             stats.overhead_seconds += time.perf_counter() - start
             return Step(result=result)
         self.context = _Context(Mode.SERVE, batch, values=values, metas=self.metas[table_key])
@@ -408,6 +413,7 @@ class Server:
             self.cut.skipped_modules(), self.fp, self.cut.reads, self.cut.modes, self.settings.lasting
         )
         self.install(prune=True)  # the blocks as recorded: a promoted module is skipped whole
+        self.placeholders = {}
         self.full_placeholders = {
             (i, j)
             for i, c in enumerate(self.cut.calls)
@@ -600,6 +606,7 @@ def _rebuild(
     batch: int,
     full: set[tuple[int, int]],
     index: int,
+    shared: dict[Any, torch.Tensor],
 ) -> Any:
     """A skipped block's output: stored rows in the slots, placeholders elsewhere, constants as recorded."""
     leaves = []
@@ -611,7 +618,10 @@ def _rebuild(
             if (index, j) in full:
                 leaves.append(torch.zeros((batch, *tail), dtype=dtype, device=device))
             else:  # only skipped blocks and shape queries see it
-                leaves.append(torch.zeros((), dtype=dtype, device=device).expand(batch, *tail))
+                key = (index, j, batch, tail, dtype, device)
+                if key not in shared:
+                    shared[key] = torch.zeros((), dtype=dtype, device=device).expand(batch, *tail)
+                leaves.append(shared[key])
         else:
             leaves.append(what[1])
     return pytree.tree_unflatten(leaves, plan.spec)
