@@ -37,7 +37,7 @@ def shard_fsdp2(module: nn.Module, mesh: Any, units: Sequence[str] = ()) -> None
     from torch.distributed.fsdp import fully_shard
 
     classes = block_classes(module)
-    for name, sub in list(module.named_modules()):
+    for name, sub in reversed(list(module.named_modules())):  # inner units first
         if type(sub) in classes or name in units:
             fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)

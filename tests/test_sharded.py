@@ -95,11 +95,13 @@ def test_fsdp1_flat_params_refuse_split_units_and_freeze_whole_units(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_cache_under_fsdp2_never_gathers_the_frozen_units_once_warm(tmp_path):
-    """FSDP2, BERT with the embeddings and each block in their own unit, embeddings and blocks 0-1 frozen: from
-    epoch 2 on no frozen module runs and no frozen unit is all-gathered, the losses and the final weights are those
-    of the cache-off run bit for bit, and both ranks serve alike."""
-    reports = run_ddp_script("sharded_cache.py", tmp_path, "fsdp2", "bert", timeout=300)
+@pytest.mark.parametrize("units", ["model.bert.embeddings", "model.bert.embeddings,model.bert"])
+def test_cache_under_fsdp2_never_gathers_the_frozen_units_once_warm(tmp_path, units):
+    """FSDP2, BERT with the embeddings and each block in their own unit (and, in the second case, the cut's root
+    ``model.bert`` a unit too), embeddings and blocks 0-1 frozen: from epoch 2 on no frozen module runs and no frozen
+    unit is all-gathered, the losses and the final weights are those of the cache-off run bit for bit, and both
+    ranks serve alike."""
+    reports = run_ddp_script("sharded_cache.py", tmp_path, "fsdp2", "bert", units, timeout=300)
     frozen_units = ["model.bert.embeddings", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
     for report in reports:
         off, on = report["off"], report["on"]
@@ -117,7 +119,11 @@ def test_cache_under_fsdp2_never_gathers_the_frozen_units_once_warm(tmp_path):
             assert all(unit not in epoch for epoch in on["gathers"][1:]), (
                 f"{where}: {unit} gathered once warm"
             )
-        trained = ["<root>", "model.bert.encoder.layer.2"]
+        trained = [
+            "<root>",
+            "model.bert.encoder.layer.2",
+            *(["model.bert"] if "model.bert" in units.split(",") else []),
+        ]
         assert all(epoch[unit] == off["gathers"][-1][unit] for epoch in on["gathers"] for unit in trained), (
             where
         )

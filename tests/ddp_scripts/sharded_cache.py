@@ -1,6 +1,7 @@
 """FrozenPrefixCache under a sharded strategy (fsdp2 | fsdp1), 2 CPU processes (gloo), on a tiny transformers model.
 
-Usage: ``python sharded_cache.py OUT_DIR STRATEGY KIND``. Every rank runs the same fit twice, without and with the
+Usage: ``python sharded_cache.py OUT_DIR STRATEGY KIND [UNITS]`` (UNITS: modules made FSDP2 units besides every
+block and the root, comma-separated, e.g. ``model.bert.embeddings,model.bert``). Every rank runs the same fit twice, without and with the
 cache (``fixed_shards=True``: each rank keeps its samples across epochs), with the embeddings and the bottom blocks
 frozen for the whole fit, and writes ``rank<r>.json`` with, per run: the loss of every step, the full state dict's
 fingerprint at the end, and per FSDP unit the number of all-gathers (unshards) in every epoch; for the cached run also
@@ -26,6 +27,7 @@ from lightning_freeze.engine.sharding import clean_name  # noqa: E402
 from lightning_freeze.splitrun.sampling import ResumableDataLoader, TrainShardSampler  # noqa: E402
 
 EPOCHS = 3
+UNITS: list[str] = []  # FSDP2 units besides the blocks and the root (argument 4, comma-separated)
 FROZEN = r"re:model\.(bert\.embeddings|bert\.encoder\.layer\.[01]|transformer\.(wpe|h\.[01]))$"
 
 
@@ -33,7 +35,7 @@ class ShardedText(TextModule):
     def configure_model(self):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None and not getattr(self, "_sharded", False):
-            shard_fsdp2(self, mesh["data_parallel"], units=["model.bert.embeddings"])
+            shard_fsdp2(self, mesh["data_parallel"], units=UNITS)
             self._sharded = True
 
 
@@ -146,10 +148,8 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     out_dir, strategy, kind = sys.argv[1:4]
     result = {"rank": int(os.environ.get("LOCAL_RANK", 0))}
-    runs = sys.argv[4].split(",") if len(sys.argv) > 4 else ["off", "on"]
-    for i, name in enumerate(runs):
-        result[name if name not in result else f"{name}{i}"] = run(
-            strategy, kind, out_dir, cached=name == "on"
-        )
+    UNITS[:] = sys.argv[4].split(",") if len(sys.argv) > 4 else []
+    result["off"] = run(strategy, kind, out_dir, cached=False)
+    result["on"] = run(strategy, kind, out_dir, cached=True)
     write_rank_report(out_dir, result)
     shutdown()
