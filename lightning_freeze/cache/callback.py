@@ -182,6 +182,11 @@ class FrozenPrefixCache(Callback):
             self.max_disk_bytes, free_bytes(folder), processes, budget.DEFAULT_DISK_FRACTION
         )
         self._disk = DiskTier(folder, self._disk_budget) if self._disk_budget > 0 else None
+        # under FSDP2 modules may come into being in configure_model: found at train start
+        if strategy_kind(trainer.strategy) != "fsdp2":
+            self._find_modules(pl_module)
+
+    def _find_modules(self, pl_module: pl.LightningModule) -> None:
         self._named = named_modules(pl_module)  # names as users write them (no torch.compile _orig_mod)
         if self.module != "auto" and self.module not in self._named:
             close = difflib.get_close_matches(self.module, [n for n in self._named if n], n=5, cutoff=0.3)
@@ -191,6 +196,8 @@ class FrozenPrefixCache(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._named:
+            self._find_modules(pl_module)
         self._freezer = self._engine()
         if self.module == "auto" and self._freezer is None:
             self._warn_once(
