@@ -322,6 +322,10 @@ def test_transfer_statistics_and_goal_verdicts():
     }
     reach = tr.time_to_target(curves, "x")
     assert reach[0] == 0.5 and np.isnan(reach[1])
+    # the same on the CPU clock, the third element of a point (wall s, accuracy, CPU s)
+    curves = {name: [[(t, acc, 10 * t) for t, acc in run] for run in runs] for name, runs in curves.items()}
+    assert tr.time_to_target(curves, "x", tr.CPU)[0] == 5.0 and tr.time_to_target(curves, "x")[0] == 0.5
+    assert tr.speedups([20.0, 20.0], tr.time_to_target(curves, "x", tr.CPU))[0] == 4.0
     # the finetuning-scheduler plan mirrors ProgressiveUnfreezing's: head, then one block per epoch from the top
     plan = tr.fts_schedule(["a", "b", "head"], lr=1.0, lr_decay=2.6)
     assert plan[0]["params"] == ["head.*"] and plan[1]["params"] == ["b.*"] and plan[2]["params"] == ["a.*"]
