@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import shutdown, write_rank_report  # noqa: E402
-from hf_models import FIXTURES, TextModule  # noqa: E402
+from hf_models import FIXTURES, TextModule, VisionModule  # noqa: E402
 from models import trainer  # noqa: E402
 from sharded import full_state, make_strategy, shard_fsdp2  # noqa: E402
 
@@ -28,15 +28,28 @@ from lightning_freeze.splitrun.sampling import ResumableDataLoader, TrainShardSa
 
 EPOCHS = 3
 UNITS: list[str] = []  # FSDP2 units besides the blocks and the root (argument 4, comma-separated)
-FROZEN = r"re:model\.(bert\.embeddings|bert\.encoder\.layer\.[01]|transformer\.(wpe|h\.[01]))$"
+FROZEN = {  # the frozen prefix per model kind
+    "bert": r"re:model\.bert\.(embeddings|encoder\.layer\.[01])",
+    "resnet": r"re:model\.resnet\.(embedder|encoder\.stages\.0)",
+}
 
 
-class ShardedText(TextModule):
+class Sharded:
+    """The user's module with FSDP2 applied in ``configure_model``: every block, the ``UNITS``, the root."""
+
     def configure_model(self):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None and not getattr(self, "_sharded", False):
             shard_fsdp2(self, mesh["data_parallel"], units=UNITS)
             self._sharded = True
+
+
+class ShardedText(Sharded, TextModule):
+    pass
+
+
+class ShardedVision(Sharded, VisionModule):
+    pass
 
 
 class Probe(pl.Callback):
@@ -112,8 +125,8 @@ def install_gather_counter(model, count):
 
 def run(strategy, kind, out_dir, cached):
     torch.manual_seed(0)
-    model = ShardedText(kind=kind, dropout=0.0)
-    freezer = LayerFreeze(FROZEN)
+    model = ShardedText(kind=kind, dropout=0.0) if kind == "bert" else ShardedVision(kind=kind)
+    freezer = LayerFreeze(FROZEN[kind])
     cache = FrozenPrefixCache(max_disk_bytes=0) if cached else None
     probe = Probe()
     data = FIXTURES[kind].data(64, 0)
