@@ -115,6 +115,10 @@ def lasting_params(model: nn.Module, tensors: Iterable[torch.Tensor]) -> list[to
     watch a parameter across steps (the cache's guard) holds the sharded parameter instead: the one the optimizer
     holds, whose local shard lasts. Reading the buffer through numpy would also pin its storage (numpy makes a
     storage non-resizable) and make FSDP2's next reshard fail. A no-op for any other model.
+
+    Args:
+        model: the model the tensors belong to (its FSDP2 units are found in it).
+        tensors: parameters and buffers as the modules hold them now.
     """
     pairs: dict[int, torch.Tensor] = {}
     for module in model.modules():
@@ -132,7 +136,12 @@ def lasting_params(model: nn.Module, tensors: Iterable[torch.Tensor]) -> list[to
 def parameter_counts(model: nn.Module, strategy: object) -> tuple[int, int]:
     """(trainable, total) parameter elements of ``model``, whole also under FSDP1, whose original parameters are
     views of this rank's shard outside a forward (their counts are summed over the ranks; every rank must call
-    this then). A DTensor (FSDP2) counts its global elements already."""
+    this then). A DTensor (FSDP2) counts its global elements already.
+
+    Args:
+        model: the LightningModule (or any module) whose parameters are counted.
+        strategy: the Trainer's strategy (FSDP1: the counts are all-reduced).
+    """
     params = list(model.parameters())
     trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     if strategy_kind(strategy) != "fsdp1" or not torch.distributed.is_initialized():
