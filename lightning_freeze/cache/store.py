@@ -212,7 +212,7 @@ class RowStore:
                 if len(parts) == 1:
                     torch.index_select(chunk.tensors[s], 0, local, out=got)
                 else:
-                    got[where] = chunk.tensors[s].index_select(0, local)
+                    got.index_copy_(0, where, chunk.tensors[s].index_select(0, local))
             out.append(got)
         return out
 
