@@ -397,6 +397,8 @@ def run(ctx: BenchContext) -> Result:
             "Process RSS is not separable per contender here: all fits share two processes.",
             "Frozen-unit all-gathers: the FSDP2 all-gathers of the embeddings' and frozen blocks' units per timed "
             "step (forward, plus the backward prefetch of the last frozen block).",
+            "finetuning-scheduler runs the same steps in one longer epoch ended by max_steps: with an epoch end "
+            "under ModelParallelStrategy its ranks ran different collectives here and a fit took minutes.",
         ],
     )
     goals = _goals(by_name)
