@@ -207,6 +207,8 @@ class FrozenPrefixCache(Callback):
                 "FrozenPrefixCache(module='backbone').",
             )
         self._id_source = self._where_ids_are(trainer)
+        batches = trainer.num_training_batches
+        self._settings.batches_per_epoch = int(batches) if batches != float("inf") else 0
         if trainer.world_size > 1:
             self._check_shards(trainer)
 

@@ -123,6 +123,7 @@ class Settings:
     min_rows: int
     verify_left: int
     off_on_rounding: bool  # on_mismatch='off'
+    batches_per_epoch: int = 0  # training batches per epoch on this process (0: unknown)
     # what the guard watches for a parameter (FSDP2: the sharded one; engine.sharding.lasting_params)
     lasting: Callable[[Iterable[torch.Tensor]], list[torch.Tensor]] = list
 
@@ -553,6 +554,8 @@ class Server:
     def _insert(self, call: CallKeys, values: list[torch.Tensor], rows: torch.Tensor | None) -> None:
         keys = call.keys if rows is None else [call.keys[i] for i in rows.tolist()]
         start = time.perf_counter()
+        if not self.store.tables:  # room for an epoch of samples from the start
+            self.store.expected_rows = self.settings.batches_per_epoch * call.batch
         self.stats.stored += self.store.insert(call.table_key, keys, values)
         self.stats.overhead_seconds += time.perf_counter() - start
 

@@ -106,6 +106,9 @@ class RowStore:
         self.tables: dict[Hashable, Table] = {}
         self.full = False
         self.pending: object = None  # CUDA event of the last device-to-host copy
+        # the rows one epoch should store (0: unknown): the first table's RAM tensor is made that large at once, so
+        # filling it copies no row twice (growing copies every row so far)
+        self.expected_rows = 0
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -323,7 +326,8 @@ class RowStore:
         start = table.capacity
         ram_rows = (self.ram_budget - self.ram_bytes) // table.row_bytes
         if ram_rows > 0:
-            rows = int(min(per_chunk, ram_rows))
+            first = not table.chunks and len(self.tables) == 1
+            rows = int(min(max(per_chunk, self.expected_rows if first else 0), ram_rows))
             with torch.inference_mode(False):
                 tensors = [
                     torch.empty((rows, *layout.row_shape), dtype=layout.dtype, pin_memory=self.pin)
