@@ -752,3 +752,20 @@ def test_a_prefix_that_calls_other_blocks_for_a_smaller_batch_switches_the_cache
     off = [e for e in cache.events if e["action"] == "off"]
     assert len(off) == 1 and "stopped calling its frozen blocks as recorded" in off[0]["why"]
     assert sum(h["hits"] for h in cache.history) == 0
+
+
+def test_the_ram_tensor_is_sized_for_an_epoch_at_the_first_store():
+    rows = torch.randn(300, 32, 32, 8)  # 32 KiB rows: 256 of them fill the default first chunk
+    keys = [i.to_bytes(16, "little") for i in range(300)]
+    store = RowStore(ram_budget=1 << 30)
+    store.expected_rows = 300
+    store.insert("t", keys[:10], [rows[:10]])
+    first = store.tables["t"].chunks[0].tensors[0]
+    store.insert("t", keys[10:], [rows[10:]])
+    assert (
+        store.tables["t"].chunks[0].tensors[0] is first and store.tables["t"].capacity == 300
+    )  # no regrowth
+    assert torch.equal(store.gather("t", store.lookup("t", keys), torch.device("cpu"))[0], rows)
+    capped = RowStore(ram_budget=100 * 32 * 32 * 8 * 4)  # within the budget only
+    capped.expected_rows = 300
+    assert capped.insert("t", keys, [rows]) == 100 and capped.full
