@@ -1,5 +1,9 @@
-"""FrozenPrefixCache on three workloads: the warm step, the step while the cache fills and the whole fit, against
+"""FrozenPrefixCache on four workloads: the warm step, the step while the cache fills and the whole fit, against
 plain PyTorch, the hand-written limit (prefix outputs computed once) and LayerFreeze / FreezeOut without the cache.
+
+The CNN runs twice: on fixed batches shuffled in their order (``cnn``: a warm cache serves its rows without a
+copy) and on the same samples shuffled every epoch by ``DataLoader(batch_size=32, shuffle=True)``
+(``cnn_shuffled``: the cache gathers the rows with one indexed copy, and so does the limit's loader).
 
 Workloads, contenders and rounds: :mod:`benchmarks.cache_bench`. The longer FreezeOut fit, the disk tier and the
 compiled model are their own comparisons (``cache_freezeout``, ``cache_disk``, ``cache_compiled``). Run alone:
@@ -30,7 +34,12 @@ def run(ctx: BenchContext) -> Result:
     device = torch.device(ctx.device)
     rounds = ctx.n_rounds(1, 4)
     result = cache_result(device, rounds)
-    for w in (cnn_workload(ctx, device), resnet_workload(ctx, device), digits_workload(ctx, device)):
+    for w in (
+        cnn_workload(ctx, device),
+        cnn_workload(ctx, device, shuffle_samples=True),
+        resnet_workload(ctx, device),
+        digits_workload(ctx, device),
+    ):
         ctx.log(
             f"  {w.name}: {w.description}; prefix = {w.prefix_share:.1%} of forward FLOPs; {w.epochs} epochs"
         )
