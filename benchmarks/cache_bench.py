@@ -25,12 +25,11 @@ precomputed prefix outputs instead of the inputs. Two cases, both reported:
 
 - **fixed batches** (cnn, resnet, digits): the batches are fixed and only their order is shuffled, as the
   limit's precomputed feature batches are, so a warm cache asks for each batch's rows in the order it stored
-  them and serves them without a copy (full mode, 2 shared cores, CPU time: CNN 0.97 of the limit keyed by
-  sample id, 0.96 hashing; our work per warm step 0.27 ms by id, 0.45 ms hashing);
+  them and serves them without a copy;
 - **shuffled samples** (cnn_shuffled): the cache gathers each batch's rows with one indexed copy, and the limit
-  gathers its precomputed rows the same way (the loader stacks them), so the comparison stays fair (same run:
-  0.95 of the limit hashing, 0.86 by id in a disturbed run; our work per warm step 0.79 ms by id, 1.01 ms
-  hashing, most of it the 4 MB copy). docs/cache.md (*Numbers*) has both cases.
+  gathers its precomputed rows the same way (the loader stacks them), so the comparison stays fair.
+
+The figures of the latest full run are in benchmarks/results/README.md and docs/cache.md (*Numbers*).
 
 A round is one fit of a few epochs; its samples are the median step time of the *last* epoch (the
 cache is warm there), the median step time of the first epoch (the cache is filling), and the time
