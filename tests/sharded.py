@@ -43,6 +43,19 @@ def shard_fsdp2(module: nn.Module, mesh: Any, units: Sequence[str] = ()) -> None
     fully_shard(module, mesh=mesh)
 
 
+class ShardInConfigureModel:
+    """Mixin: the user's LightningModule with FSDP2 applied in ``configure_model`` (every transformer block, the
+    submodules named in ``fsdp2_units``, then the root); a no-op under other strategies."""
+
+    fsdp2_units: Sequence[str] = ()
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not getattr(self, "_sharded", False):
+            shard_fsdp2(self, mesh["data_parallel"], units=self.fsdp2_units)
+            self._sharded = True
+
+
 def make_strategy(kind: str, module: nn.Module, use_orig_params: bool = True, **kwargs: Any):
     """The strategy ``kind`` (ddp | fsdp1 | fsdp2) for 2 CPU processes; FSDP1 wraps each transformer block."""
     if kind == "ddp":

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import shutdown, write_rank_report  # noqa: E402
 from hf_models import FIXTURES, TextModule, VisionModule  # noqa: E402
 from models import trainer  # noqa: E402
-from sharded import full_state, make_strategy, shard_fsdp2  # noqa: E402
+from sharded import ShardInConfigureModel, full_state, make_strategy  # noqa: E402
 
 from lightning_freeze import FrozenPrefixCache, LayerFreeze  # noqa: E402
 from lightning_freeze.engine.sharding import clean_name  # noqa: E402
@@ -34,14 +34,10 @@ FROZEN = {  # the frozen prefix per model kind
 }
 
 
-class Sharded:
+class Sharded(ShardInConfigureModel):
     """The user's module with FSDP2 applied in ``configure_model``: every block, the ``UNITS``, the root."""
 
-    def configure_model(self):
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None and not getattr(self, "_sharded", False):
-            shard_fsdp2(self, mesh["data_parallel"], units=UNITS)
-            self._sharded = True
+    fsdp2_units = UNITS  # filled from argv before the model is built
 
 
 class ShardedText(Sharded, TextModule):

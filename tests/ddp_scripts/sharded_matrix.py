@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import shutdown, write_rank_report  # noqa: E402
 from hf_models import FIXTURES, TextModule  # noqa: E402
 from models import trainer  # noqa: E402
-from sharded import full_state, make_strategy, shard_fsdp2  # noqa: E402
+from sharded import ShardInConfigureModel, full_state, make_strategy  # noqa: E402
 
 from lightning_freeze import (  # noqa: E402
     AdaptiveFreeze,
@@ -56,14 +56,8 @@ FLAT = {"use_orig_params": False, "state_dict_type": "sharded"}
 BLOCKS = r"re:model\.(bert\.encoder\.layer|transformer\.h)\.\d+"
 
 
-class ShardedText(TextModule):
+class ShardedText(ShardInConfigureModel, TextModule):
     """The user's module with FSDP2 applied in ``configure_model`` (a no-op under other strategies)."""
-
-    def configure_model(self):
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None and not getattr(self, "_sharded", False):
-            shard_fsdp2(self, mesh["data_parallel"])
-            self._sharded = True
 
 
 class Probe(pl.Callback):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import shutdown, write_rank_report  # noqa: E402
 from hf_models import FIXTURES, TextModule  # noqa: E402
 from models import trainer  # noqa: E402
-from sharded import full_state, make_strategy, shard_fsdp2  # noqa: E402
+from sharded import ShardInConfigureModel, full_state, make_strategy  # noqa: E402
 
 from lightning_freeze import ProgressiveUnfreezing  # noqa: E402
 from lightning_freeze.splitrun import ResumableDataLoader  # noqa: E402
@@ -33,12 +33,8 @@ from lightning_freeze.splitrun import ResumableDataLoader  # noqa: E402
 STEPS, EVERY = 18, 4
 
 
-class ShardedText(TextModule):
-    def configure_model(self):
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None and not getattr(self, "_sharded", False):
-            shard_fsdp2(self, mesh["data_parallel"])
-            self._sharded = True
+class ShardedText(ShardInConfigureModel, TextModule):
+    pass
 
 
 def fit(out_dir, seed, ckpt_dir, ckpt_path=None):
